@@ -1,0 +1,11 @@
+"""numba_kd: fused multi-teacher knowledge-distillation losses compiled with Numba.
+
+``import numba_kd`` compiles nothing; each kernel is compiled (or loaded from
+numba's on-disk cache) on its first call.
+"""
+
+from numba_kd.distiller import DistillationLoss, EnsembleDistiller
+
+__all__ = ["DistillationLoss", "EnsembleDistiller", "__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""CPU kernels: ``@njit(parallel=True)`` loops over rows."""

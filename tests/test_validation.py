@@ -1,0 +1,188 @@
+"""Bad input raises TypeError/ValueError naming the argument; nothing is read out of bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numba_kd as kd
+
+
+@pytest.fixture
+def d():
+    return kd.EnsembleDistiller([1.0, 2.0], temperature=2.0)
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    student = rng.normal(size=(4, 5))
+    teachers = [rng.normal(size=(4, 5)), rng.normal(size=(4, 5))]
+    labels = np.array([0, 1, 4, 2])
+    return student, teachers, labels
+
+
+@pytest.mark.parametrize(
+    "weights, error, match",
+    [
+        ([], ValueError, "Must have at least one teacher"),
+        ([0.0, 0.0], ValueError, "Teacher weights must sum to positive value"),
+        ([1.0, -0.5], ValueError, "finite and non-negative"),
+        ([1.0, np.nan], ValueError, "finite and non-negative"),
+        ([1.0, np.inf], ValueError, "finite and non-negative"),
+        ([[1.0, 2.0]], ValueError, "weights must be a 1-D"),
+        (["a", "b"], TypeError, "weights must be a sequence of real numbers"),
+    ],
+)
+def test_bad_weights(weights, error, match):
+    with pytest.raises(error, match=match):
+        kd.EnsembleDistiller(weights, temperature=1.0)
+
+
+@pytest.mark.parametrize("t", [np.nan, np.inf])
+def test_non_finite_temperature(t):
+    with pytest.raises(ValueError, match="Temperature must be"):
+        kd.EnsembleDistiller([1.0], temperature=t)
+
+
+@pytest.mark.parametrize("value", ["2", None, True, 1j])
+def test_temperature_and_alpha_types(value):
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        kd.EnsembleDistiller([1.0], temperature=value)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        kd.DistillationLoss(temperature=1.0, alpha=value)
+
+
+def test_alpha_validated_per_call(d, batch):
+    student, teachers, labels = batch
+    for a in (-1e-9, 1.0 + 1e-9, np.nan):
+        with pytest.raises(ValueError, match=r"Alpha must be in \[0, 1\]"):
+            d.distillation_loss(student, teachers, labels, a)
+
+
+def test_uniform_arguments():
+    with pytest.raises(ValueError, match="Must have at least one teacher"):
+        kd.EnsembleDistiller.uniform(0, temperature=1.0)
+    with pytest.raises(TypeError, match="num_teachers must be an integer"):
+        kd.EnsembleDistiller.uniform(2.0, temperature=1.0)
+
+
+def test_no_teachers(d, batch):
+    student, _, labels = batch
+    with pytest.raises(ValueError, match="Must have at least one teacher"):
+        d.combine_teachers([])
+    with pytest.raises(ValueError, match="Must have at least one teacher"):
+        d.distillation_loss(student, np.zeros((0, 4, 5)), labels, 0.5)
+
+
+def test_teacher_count(d, batch):
+    student, teachers, labels = batch
+    with pytest.raises(ValueError, match="Number of teachers must match number of weights"):
+        d.distillation_loss(student, teachers * 2, labels, 0.5)
+    with pytest.raises(ValueError, match="Number of teachers must match number of weights"):
+        d.combine_via_probabilities(np.stack(teachers * 2))
+
+
+def test_teacher_shapes(d, batch):
+    student, teachers, labels = batch
+    with pytest.raises(ValueError, match="All teacher logits must have the same shape"):
+        d.distillation_loss(student, [teachers[0], teachers[1][:3]], labels, 0.5)
+    with pytest.raises(ValueError, match=r"teachers\[1\] must be a 2-D"):
+        d.combine_teachers([teachers[0], teachers[1][0]])
+    with pytest.raises(ValueError, match="teachers must be a list of"):
+        d.combine_teachers(teachers[0])
+
+
+def test_student_shape(d, batch):
+    student, teachers, labels = batch
+    with pytest.raises(ValueError, match=r"student logits shape .* does not match teacher"):
+        d.distillation_loss(student[:, :4], teachers, labels, 0.5)
+    with pytest.raises(ValueError, match="student must be a 2-D"):
+        d.distillation_loss(student[0], teachers, labels, 0.5)
+    loss_fn = kd.DistillationLoss(temperature=2.0, alpha=0.5)
+    with pytest.raises(ValueError, match="does not match teacher"):
+        loss_fn(student, teachers[0][:2], labels)
+    with pytest.raises(ValueError, match="teacher must be a 2-D"):
+        loss_fn(student, np.stack(teachers), labels)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, bool, np.complex128, object])
+def test_non_float_logits(d, batch, dtype):
+    student, teachers, labels = batch
+    with pytest.raises(TypeError, match="student must hold floating-point logits"):
+        d.distillation_loss(student.astype(dtype), teachers, labels, 0.5)
+    with pytest.raises(TypeError, match=r"teachers\[0\] must hold floating-point logits"):
+        d.combine_teachers([teachers[0].astype(dtype), teachers[1]])
+    with pytest.raises(TypeError, match="teachers must hold floating-point logits"):
+        d.combine_teachers(np.stack(teachers).astype(dtype))
+
+
+def test_label_count(d, batch):
+    student, teachers, labels = batch
+    with pytest.raises(ValueError, match="labels has 3 entries but the logits have 4 rows"):
+        d.distillation_loss(student, teachers, labels[:3], 0.5)
+    with pytest.raises(ValueError, match="labels must be a 1-D"):
+        d.distillation_loss(student, teachers, labels[:, None], 0.5)
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 10**6, np.iinfo(np.int64).min])
+def test_label_range(d, batch, bad):
+    student, teachers, labels = batch
+    labels = labels.copy()
+    labels[2] = bad
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\): labels\[2\]"):
+        d.distillation_loss(student, teachers, labels, 0.5)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        kd.DistillationLoss(2.0, 0.5)(student, teachers[0], labels)
+
+
+def test_huge_unsigned_label(d, batch):
+    student, teachers, _ = batch
+    labels = np.array([0, 1, np.iinfo(np.uint64).max, 2], dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        d.distillation_loss(student, teachers, labels, 0.5)
+
+
+@pytest.mark.parametrize("labels", [[0.0, 1.0, 2.0, 3.0], [True, False, True, False], ["0", "1", "2", "3"]])
+def test_label_dtype(d, batch, labels):
+    student, teachers, _ = batch
+    with pytest.raises(TypeError, match="labels must be integer class indices"):
+        d.distillation_loss(student, teachers, labels, 0.5)
+
+
+def test_empty_shapes(d):
+    empty_rows = np.zeros((0, 5))
+    with pytest.raises(ValueError, match="student logits must have at least one row"):
+        d.distillation_loss(empty_rows, [empty_rows, empty_rows], np.zeros(0, dtype=int), 0.5)
+    # Array results of zero rows are empty arrays, as in NumPy.
+    assert d.combine_teachers([empty_rows, empty_rows]).shape == (0, 5)
+    assert d.combine_via_probabilities([empty_rows, empty_rows]).shape == (0, 5)
+    no_classes = np.zeros((3, 0))
+    with pytest.raises(ValueError, match="must have at least one class"):
+        d.combine_teachers([no_classes, no_classes])
+
+
+def test_eps(d, batch):
+    _, teachers, _ = batch
+    for eps in (-1e-3, np.nan, np.inf):
+        with pytest.raises(ValueError, match="eps must be finite and non-negative"):
+            d.combine_via_probabilities(teachers, eps=eps)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        d.combine_via_probabilities(teachers, eps="0")
+
+
+def test_unsupported_float_width(d, batch):
+    _, teachers, _ = batch
+    if np.dtype(np.longdouble).itemsize <= 8:
+        pytest.skip("longdouble is float64 on this platform")
+    with pytest.raises(TypeError, match="floating-point logits"):
+        d.combine_teachers([t.astype(np.longdouble) for t in teachers])
+
+
+def test_non_native_byte_order(d, batch):
+    student, teachers, labels = batch
+    swapped = [t.astype(t.dtype.newbyteorder(">")) for t in teachers]
+    np.testing.assert_array_equal(d.combine_teachers(swapped), d.combine_teachers(teachers))
+    assert d.distillation_loss(student, swapped, labels, 0.5) == d.distillation_loss(
+        student, teachers, labels, 0.5
+    )
