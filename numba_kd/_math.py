@@ -18,28 +18,53 @@ NEG_INF = -math.inf
 
 
 @njit(inline="always")
-def rescale(m_old, m_new):
-    """exp(m_old - m_new), with the empty state (m_old = -inf) mapping to 0."""
-    if m_old == m_new:
-        # Also covers -inf == -inf, where the difference would be NaN.
-        return 1.0
-    return math.exp(m_old - m_new)
-
-
-@njit(inline="always")
 def merge_lse(m1, s1, m2, s2):
-    """Merge two (max, sum-of-exp) states into one."""
+    """Merge two (max, sum-of-exp) states into one.
+
+    The empty state is (-inf, 0); two empty states merge to an empty state
+    rather than to the NaN that exp(-inf - -inf) would give.
+    """
     m = max(m1, m2)
-    return m, s1 * rescale(m1, m) + s2 * rescale(m2, m)
+    if m == NEG_INF:
+        return m, s1 + s2
+    return m, s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m)
 
 
 @njit(inline="always")
 def merge_weighted_lse(m1, s1, w1, m2, s2, w2):
     """Merge two (max, sum-of-exp, weighted-sum-of-exp) states into one."""
     m = max(m1, m2)
-    f1 = rescale(m1, m)
-    f2 = rescale(m2, m)
+    if m == NEG_INF:
+        return m, s1 + s2, w1 + w2
+    f1 = math.exp(m1 - m)
+    f2 = math.exp(m2 - m)
     return m, s1 * f1 + s2 * f2, w1 * f1 + w2 * f2
+
+
+@njit(inline="always")
+def online_lse_step(m, s, x, one):
+    """Fold one value ``x`` into a (max, sum-of-exp) state.
+
+    ``one`` is 1 in the accumulation type, so that float32 states stay float32.
+    """
+    if x > m:
+        return x, s * math.exp(m - x) + one
+    if m == NEG_INF:
+        # x and m are both -inf: exp(x - m) would be NaN, the true term is 0.
+        return m, s
+    return m, s + math.exp(x - m)
+
+
+@njit(inline="always")
+def online_weighted_step(m, s, w, x, v, one):
+    """Fold ``x`` into (max, sum exp(x - max), sum exp(x - max) * v)."""
+    if x > m:
+        f = math.exp(m - x)
+        return x, s * f + one, w * f + v
+    if m == NEG_INF:
+        return m, s, w
+    e = math.exp(x - m)
+    return m, s + e, w + e * v
 
 
 @njit(inline="always")
@@ -80,12 +105,13 @@ def tempered_log(p, eps, temperature):
 
 @njit(inline="always")
 def ensemble_logit(teachers, weights, i, j):
-    """z_ij = sum_k w_k t_k[i, j], accumulated in float64.
+    """z_ij = sum_k w_k t_k[i, j], accumulated in the type of ``weights``.
 
     ``teachers`` is either a homogeneous tuple of 2-D arrays or one 3-D array;
     ``teachers[k]`` is a 2-D array in both cases, so one source serves both.
     """
-    z = 0.0
-    for k in range(weights.shape[0]):
+    # Starting from the first product (not 0.0) keeps z in the weights' type.
+    z = weights[0] * teachers[0][i, j]
+    for k in range(1, weights.shape[0]):
         z += weights[k] * teachers[k][i, j]
     return z

@@ -1,0 +1,232 @@
+"""Fused ``@cuda.jit`` kernels, one set per accumulation type.
+
+Layout: a block of ``BLOCK_THREADS`` threads is a ``(threads_per_row,
+rows_per_block)`` grid; the ``threads_per_row`` threads of one row stride over
+its columns keeping online-softmax states, then merge them with a fixed
+shared-memory tree (``_tree_merge*``).  ``threads_per_row`` is chosen per call
+from C (``launch.row_config``), so C = 10 packs many rows into a block and
+C = 128000 gives a row a whole block.  The tree uses only shared memory and
+``syncthreads``, so the same code runs under the CUDA simulator.
+
+float32 inputs accumulate in float32, float64 in float64: the kernels close over
+the accumulation type ``acc`` and build every constant and shared array from it.
+The scalar math is ``numba_kd._math``, shared with the CPU kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from numba import cuda
+
+from numba_kd._math import (
+    NEG_INF,
+    distillation_terms,
+    ensemble_logit,
+    kl_from_stats,
+    log_mixture_term,
+    lse_from_stats,
+    merge_lse,
+    merge_weighted_lse,
+    online_lse_step,
+    online_weighted_step,
+    tempered_log,
+)
+
+# Threads per block; the shared arrays of the row reductions have this size.
+BLOCK_THREADS = 256
+
+
+@cuda.jit(device=True)
+def _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row):
+    """Merge the states of one row's threads into slot ``base``, fixed tree order."""
+    stride = threads_per_row // 2
+    while stride > 0:
+        cuda.syncthreads()
+        if tx < stride:
+            i = base + tx
+            sm_m[i], sm_s[i] = merge_lse(sm_m[i], sm_s[i], sm_m[i + stride], sm_s[i + stride])
+        stride //= 2
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _tree_merge_weighted(sm_m, sm_s, sm_w, base, tx, threads_per_row):
+    stride = threads_per_row // 2
+    while stride > 0:
+        cuda.syncthreads()
+        if tx < stride:
+            i = base + tx
+            j = i + stride
+            sm_m[i], sm_s[i], sm_w[i] = merge_weighted_lse(
+                sm_m[i], sm_s[i], sm_w[i], sm_m[j], sm_s[j], sm_w[j]
+            )
+        stride //= 2
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _tree_sum(sm, base, tx, width):
+    stride = width // 2
+    while stride > 0:
+        cuda.syncthreads()
+        if tx < stride:
+            sm[base + tx] += sm[base + tx + stride]
+        stride //= 2
+    cuda.syncthreads()
+
+
+def make_kernels(acc) -> SimpleNamespace:
+    """The kernels for accumulation type ``acc`` (numba.float32 or numba.float64)."""
+
+    @cuda.jit(cache=True)
+    def combine_logits(teachers, weights, out):
+        n_rows, n_classes = out.shape
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        for flat in range(start, n_rows * n_classes, step):
+            i = flat // n_classes
+            j = flat - i * n_classes
+            out[i, j] = ensemble_logit(teachers, weights, i, j)
+
+    @cuda.jit(cache=True)
+    def teacher_lse(teachers, inv_t, lse):
+        """lse[k, i] = logsumexp(t_k[i] / T): one row-group per (teacher, row)."""
+        n_teachers, n_rows = lse.shape
+        n_classes = teachers[0].shape[1]
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        threads_per_row = cuda.blockDim.x
+        rows_per_block = cuda.blockDim.y
+        sm_m = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_s = cuda.shared.array(BLOCK_THREADS, acc)
+        base = ty * threads_per_row
+        one = acc(1.0)
+        for first in range(cuda.blockIdx.x * rows_per_block, n_teachers * n_rows, cuda.gridDim.x * rows_per_block):
+            pair = first + ty
+            m = acc(NEG_INF)
+            s = acc(0.0)
+            if pair < n_teachers * n_rows:
+                k = pair // n_rows
+                i = pair - k * n_rows
+                t = teachers[k]
+                for j in range(tx, n_classes, threads_per_row):
+                    m, s = online_lse_step(m, s, t[i, j] * inv_t, one)
+            sm_m[base + tx] = m
+            sm_s[base + tx] = s
+            _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row)
+            if tx == 0 and pair < n_teachers * n_rows:
+                lse[k, i] = lse_from_stats(sm_m[base], sm_s[base])
+
+    @cuda.jit(cache=True)
+    def mix_probabilities(teachers, weights, log_weights, lse, temperature, inv_t, eps, out):
+        n_rows, n_classes = out.shape
+        n_teachers = weights.shape[0]
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        for flat in range(start, n_rows * n_classes, step):
+            i = flat // n_classes
+            j = flat - i * n_classes
+            if eps > 0:
+                p = acc(0.0)
+                for k in range(n_teachers):
+                    p += weights[k] * math.exp(teachers[k][i, j] * inv_t - lse[k, i])
+                out[i, j] = tempered_log(p, eps, temperature)
+            else:
+                # Exact log-mixture: logsumexp over the teachers with positive weight.
+                m = acc(NEG_INF)
+                s = acc(0.0)
+                for k in range(n_teachers):
+                    if weights[k] > 0:
+                        term = log_mixture_term(log_weights[k], teachers[k][i, j] * inv_t, lse[k, i])
+                        m, s = online_lse_step(m, s, term, acc(1.0))
+                out[i, j] = temperature * lse_from_stats(m, s)
+
+    @cuda.jit(cache=True)
+    def loss_rows(student, teachers, weights, labels, inv_t, kl_rows, ce_rows, bad_labels):
+        """Per row: KL(softmax(z / T) || softmax(s / T)) and CE(s, y), one read of the row."""
+        n_rows, n_classes = student.shape
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        threads_per_row = cuda.blockDim.x
+        rows_per_block = cuda.blockDim.y
+        sm_ma = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_sa = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_wa = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_mb = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_sb = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_ms = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_ss = cuda.shared.array(BLOCK_THREADS, acc)
+        base = ty * threads_per_row
+        slot = base + tx
+        one = acc(1.0)
+        for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
+            i = first + ty
+            m_a = acc(NEG_INF)
+            s_a = acc(0.0)
+            w_a = acc(0.0)
+            m_b = acc(NEG_INF)
+            s_b = acc(0.0)
+            m_s = acc(NEG_INF)
+            s_s = acc(0.0)
+            if i < n_rows:
+                for j in range(tx, n_classes, threads_per_row):
+                    a = ensemble_logit(teachers, weights, i, j) * inv_t
+                    x = student[i, j]
+                    b = x * inv_t
+                    m_a, s_a, w_a = online_weighted_step(m_a, s_a, w_a, a, a - b, one)
+                    m_b, s_b = online_lse_step(m_b, s_b, b, one)
+                    m_s, s_s = online_lse_step(m_s, s_s, x, one)
+            sm_ma[slot] = m_a
+            sm_sa[slot] = s_a
+            sm_wa[slot] = w_a
+            sm_mb[slot] = m_b
+            sm_sb[slot] = s_b
+            sm_ms[slot] = m_s
+            sm_ss[slot] = s_s
+            _tree_merge_weighted(sm_ma, sm_sa, sm_wa, base, tx, threads_per_row)
+            _tree_merge_lse(sm_mb, sm_sb, base, tx, threads_per_row)
+            _tree_merge_lse(sm_ms, sm_ss, base, tx, threads_per_row)
+            if tx == 0 and i < n_rows:
+                lse_a = lse_from_stats(sm_ma[base], sm_sa[base])
+                lse_b = lse_from_stats(sm_mb[base], sm_sb[base])
+                kl_rows[i] = kl_from_stats(sm_sa[base], sm_wa[base], lse_a, lse_b)
+                y = labels[i]
+                if y < 0 or y >= n_classes:
+                    # Never read out of bounds: flag the row, poison the loss.
+                    cuda.atomic.add(bad_labels, 0, 1)
+                    ce_rows[i] = acc(math.nan)
+                else:
+                    ce_rows[i] = lse_from_stats(sm_ms[base], sm_ss[base]) - student[i, y]
+
+    @cuda.jit(cache=True)
+    def reduce_loss(kl_rows, ce_rows, temperature, alpha, out):
+        """out = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree."""
+        n_rows = kl_rows.shape[0]
+        tx = cuda.threadIdx.x
+        width = cuda.blockDim.x
+        sm_kl = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_ce = cuda.shared.array(BLOCK_THREADS, acc)
+        kl = acc(0.0)
+        ce = acc(0.0)
+        for i in range(tx, n_rows, width):
+            kl += kl_rows[i]
+            ce += ce_rows[i]
+        sm_kl[tx] = kl
+        sm_ce[tx] = ce
+        _tree_sum(sm_kl, 0, tx, width)
+        _tree_sum(sm_ce, 0, tx, width)
+        if tx == 0:
+            soft, hard = distillation_terms(sm_kl[0], sm_ce[0], n_rows, alpha, temperature)
+            out[0] = soft + hard
+            out[1] = soft
+            out[2] = hard
+
+    return SimpleNamespace(
+        combine_logits=combine_logits,
+        teacher_lse=teacher_lse,
+        mix_probabilities=mix_probabilities,
+        loss_rows=loss_rows,
+        reduce_loss=reduce_loss,
+    )
