@@ -1,27 +1,30 @@
-"""Target choice and the compiled-kernel cache.
+"""Target choice, the compiled-kernel cache, and the CPU backend.
 
-The wrapper in ``distiller.py`` hands this module NumPy arrays that are already
-validated and of one float dtype; this module picks the compiled
-specialization and calls it.  Specializations are compiled on first use with an
-explicit signature, one per (operation, target, dtype, layout, teacher layout,
-K), and kept in ``_COMPILED``; numba's on-disk cache makes a later process
-load them instead of compiling.
+``distiller.py`` validates arguments and then talks to a *backend*: the
+``HostBackend`` here for NumPy inputs, or ``numba_kd.cuda.backend.CudaBackend``
+(imported lazily) for inputs that live on a CUDA device.  Both offer the same
+methods: ``asarray``, ``cast``, ``labels``, ``empty``, ``combine_logits``,
+``combine_probabilities``, ``loss`` and ``wrap``.
+
+Kernel specializations are compiled on first use with an explicit signature,
+one per (operation, target, dtype, layout, teacher layout, K), and kept in
+``_COMPILED``; numba's on-disk cache lets a later process load them instead of
+compiling them again.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from numba import from_dtype, types
 
-# (operation, target, dtype name, layout, teacher kind, K or None) -> entry point
-_COMPILED: dict[tuple, Callable[..., Any]] = {}
+_COMPILED: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
 
-Teachers = tuple[np.ndarray, ...] | np.ndarray
+Teachers = tuple[Any, ...] | Any
 
 
 def compiled_signature_count() -> int:
@@ -29,16 +32,81 @@ def compiled_signature_count() -> int:
     return len(_COMPILED)
 
 
-def _layout(*arrays: np.ndarray | tuple[np.ndarray, ...]) -> str:
-    """'C' when every array is C-contiguous, else the generic strided 'A'.
+def cached_kernel(key: tuple, build: Callable[[], Any]) -> Any:
+    """The kernel for ``key``, built (compiled or loaded from disk) once per process."""
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        with _COMPILE_LOCK:
+            kernel = _COMPILED.get(key)
+            if kernel is None:
+                kernel = _COMPILED[key] = build()
+    return kernel
 
-    Tuples of teacher arrays are looked into; a stacked teacher array is judged
-    as a whole (its slices can be contiguous while the stack is not).
+
+def teacher_key(teachers: Teachers) -> tuple[str, int | None]:
+    """('list', K) for a tuple of arrays (compiled per K), ('stacked', None) for [K, B, C]."""
+    if isinstance(teachers, tuple):
+        return "list", len(teachers)
+    return "stacked", None
+
+
+# ---------------------------------------------------------------- device detection
+
+
+def is_device_array(x: object) -> bool:
+    """True for objects whose data lives on a CUDA device.
+
+    Looks at ``__cuda_array_interface__`` (numba, CuPy, torch CUDA tensors)
+    without importing any of those libraries; a torch tensor that requires grad
+    refuses the attribute with RuntimeError, which still means "on the device".
+    Simulator device arrays have no interface and are recognized by their type.
     """
-    flat: list[np.ndarray] = []
-    for a in arrays:
-        flat.extend(a if isinstance(a, tuple) else (a,))
-    return "C" if all(a.flags.c_contiguous for a in flat) else "A"
+    try:
+        x.__cuda_array_interface__  # noqa: B018
+    except AttributeError:
+        module = type(x).__module__
+        return module.startswith("numba") and "cuda" in module and hasattr(x, "copy_to_host")
+    except RuntimeError:
+        return True
+    return True
+
+
+def _flatten(inputs: Iterable[object]) -> list[object]:
+    flat: list[object] = []
+    for x in inputs:
+        if isinstance(x, (list, tuple)):
+            flat.extend(x)
+        else:
+            flat.append(x)
+    return flat
+
+
+def backend_for(inputs: Iterable[object], device: str | None, stream: object = None):
+    """The backend for these inputs: from where they live, or from ``device``."""
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f'device must be "cpu", "cuda" or None, got {device!r}')
+    arrays = _flatten(inputs)
+    if device is None:
+        on_device = [is_device_array(x) for x in arrays]
+        if all(on_device):
+            device = "cuda"
+        elif not any(on_device):
+            device = "cpu"
+        else:
+            raise ValueError(
+                "inputs mix host (NumPy) arrays and CUDA device arrays; numba_kd does not copy "
+                'silently: move them to one device, or pass device="cpu" or device="cuda" to copy'
+            )
+    if device == "cpu":
+        if stream is not None:
+            raise ValueError("stream= applies to CUDA inputs only")
+        return HOST
+    from numba_kd.cuda import backend as cuda_backend
+
+    return cuda_backend.CudaBackend(cuda_backend.stream_of(arrays, stream))
+
+
+# ---------------------------------------------------------------- CPU backend
 
 
 def _input_array_type(dtype: np.dtype, ndim: int, layout: str):
@@ -51,87 +119,135 @@ def _teachers_type(teachers: Teachers, dtype: np.dtype, layout: str):
     return _input_array_type(dtype, 3, layout)
 
 
-def _teacher_key(teachers: Teachers) -> tuple[str, int | None]:
-    if isinstance(teachers, tuple):
-        return "list", len(teachers)
-    return "stacked", None
-
-
-def _cpu_entry_point(
-    op: str, dtype: np.dtype, layout: str, teachers: Teachers, arg_types: Callable[[], tuple]
-):
-    kind, n_teachers = _teacher_key(teachers)
-    key = (op, "cpu", dtype.name, layout, kind, n_teachers)
-    entry = _COMPILED.get(key)
-    if entry is None:
-        with _COMPILE_LOCK:
-            entry = _COMPILED.get(key)
-            if entry is None:
-                from numba_kd.cpu import kernels
-
-                entry = getattr(kernels, op).compile(arg_types())
-                _COMPILED[key] = entry
-    return entry
-
-
-def _weights_type():
-    return types.Array(types.float64, 1, "C", readonly=True)
+_WEIGHTS_TYPE = types.Array(types.float64, 1, "C", readonly=True)
+_LABELS_TYPE = types.Array(types.int64, 1, "C", readonly=True)
 
 
 def _output_type(dtype: np.dtype):
     return types.Array(from_dtype(dtype), 2, "C")
 
 
-def combine_logits(teachers: Teachers, weights: np.ndarray, out: np.ndarray) -> None:
-    dtype = out.dtype
-    layout = _layout(teachers)
+def _cpu_kernel(op: str, dtype: np.dtype, layout: str, teachers: Teachers, arg_types: Callable[[], tuple]):
+    key = (op, "cpu", dtype.name, layout, *teacher_key(teachers))
 
-    def arg_types():
-        return (_teachers_type(teachers, dtype, layout), _weights_type(), _output_type(dtype))
+    def build():
+        from numba_kd.cpu import kernels
 
-    _cpu_entry_point("combine_logits", dtype, layout, teachers, arg_types)(teachers, weights, out)
+        return getattr(kernels, op).compile(arg_types())
 
-
-def combine_probabilities(
-    teachers: Teachers, weights: np.ndarray, temperature: float, eps: float, out: np.ndarray
-) -> None:
-    dtype = out.dtype
-    layout = _layout(teachers)
-
-    def arg_types():
-        return (
-            _teachers_type(teachers, dtype, layout),
-            _weights_type(),
-            types.float64,
-            types.float64,
-            _output_type(dtype),
-        )
-
-    entry = _cpu_entry_point("combine_probabilities", dtype, layout, teachers, arg_types)
-    entry(teachers, weights, float(temperature), float(eps), out)
+    return cached_kernel(key, build)
 
 
-def distillation_loss_terms(
-    student: np.ndarray,
-    teachers: Teachers,
-    weights: np.ndarray,
-    labels: np.ndarray,
-    temperature: float,
-    alpha: float,
-) -> tuple[float, float]:
-    """(soft, hard) parts of the distillation loss; the loss is their sum."""
-    dtype = student.dtype
-    layout = _layout(student, teachers)
+class HostBackend:
+    """NumPy arrays, CPU kernels."""
 
-    def arg_types():
-        return (
-            _input_array_type(dtype, 2, layout),
-            _teachers_type(teachers, dtype, layout),
-            _weights_type(),
-            types.Array(types.int64, 1, "C", readonly=True),
-            types.float64,
-            types.float64,
-        )
+    target = "cpu"
 
-    entry = _cpu_entry_point("distillation_loss_terms", dtype, layout, teachers, arg_types)
-    return entry(student, teachers, weights, labels, float(temperature), float(alpha))
+    def asarray(self, x: object) -> np.ndarray:
+        if is_device_array(x):
+            return _to_host(x)
+        return np.asarray(x)
+
+    def cast(self, arr: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+        return arr.astype(dtype)
+
+    def layout(self, *arrays: np.ndarray | tuple[np.ndarray, ...]) -> str:
+        """'C' when every array is C-contiguous, else the generic strided 'A'.
+
+        Tuples of teacher arrays are looked into; a stacked teacher array is
+        judged as a whole (its slices can be contiguous while the stack is not).
+        """
+        flat: list[np.ndarray] = []
+        for a in arrays:
+            flat.extend(a if isinstance(a, tuple) else (a,))
+        return "C" if all(a.flags.c_contiguous for a in flat) else "A"
+
+    def labels(self, y: object, n_rows: int, n_classes: int) -> np.ndarray:
+        arr = self.asarray(y)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise ValueError(f"labels must be a 1-D array with one label per row, got shape {arr.shape}")
+        if arr.shape[0] != n_rows:
+            raise ValueError(f"labels has {arr.shape[0]} entries but the logits have {n_rows} rows")
+        bad = (arr < 0) | (arr >= n_classes)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"labels must be in [0, {n_classes}): labels[{first}] = {arr[first]}")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def combine_logits(self, teachers: Teachers, weights: np.ndarray, out: np.ndarray) -> None:
+        dtype = out.dtype
+        layout = self.layout(teachers)
+
+        def arg_types():
+            return (_teachers_type(teachers, dtype, layout), _WEIGHTS_TYPE, _output_type(dtype))
+
+        _cpu_kernel("combine_logits", dtype, layout, teachers, arg_types)(teachers, weights, out)
+
+    def combine_probabilities(
+        self, teachers: Teachers, weights: np.ndarray, temperature: float, eps: float, out: np.ndarray
+    ) -> None:
+        dtype = out.dtype
+        layout = self.layout(teachers)
+
+        def arg_types():
+            teachers_type = _teachers_type(teachers, dtype, layout)
+            return (teachers_type, _WEIGHTS_TYPE, types.float64, types.float64, _output_type(dtype))
+
+        kernel = _cpu_kernel("combine_probabilities", dtype, layout, teachers, arg_types)
+        kernel(teachers, weights, temperature, eps, out)
+
+    def loss_terms(
+        self,
+        student: np.ndarray,
+        teachers: Teachers,
+        weights: np.ndarray,
+        labels: np.ndarray,
+        temperature: float,
+        alpha: float,
+    ) -> tuple[float, float]:
+        """(soft, hard) parts of the distillation loss; the loss is their sum."""
+        dtype = student.dtype
+        layout = self.layout(student, teachers)
+
+        def arg_types():
+            return (
+                _input_array_type(dtype, 2, layout),
+                _teachers_type(teachers, dtype, layout),
+                _WEIGHTS_TYPE,
+                _LABELS_TYPE,
+                types.float64,
+                types.float64,
+            )
+
+        kernel = _cpu_kernel("distillation_loss_terms", dtype, layout, teachers, arg_types)
+        return kernel(student, teachers, weights, labels, temperature, alpha)
+
+    def loss(
+        self, student, teachers, weights, labels, temperature, alpha, return_device_scalar=False
+    ) -> float:
+        soft, hard = self.loss_terms(student, teachers, weights, labels, temperature, alpha)
+        return soft + hard
+
+    def wrap(self, out: np.ndarray, like: object) -> np.ndarray:
+        return out
+
+
+HOST = HostBackend()
+
+
+def _to_host(x: object) -> np.ndarray:
+    """An explicit device="cpu" copy of a device array."""
+    if hasattr(x, "copy_to_host"):
+        return x.copy_to_host()
+    if hasattr(x, "get"):  # CuPy
+        return x.get()
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    from numba import cuda
+
+    return cuda.as_cuda_array(x).copy_to_host()

@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from numba_kd import _dispatch
 
-FloatArray = NDArray[np.floating[Any]]
 TeacherLogits = Sequence[ArrayLike] | ArrayLike
+Device = Literal["cpu", "cuda"] | None
 
 
 def _real(value: object, name: str) -> float:
@@ -52,39 +52,38 @@ def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
     return np.dtype(np.float64) if dtype.itemsize == 8 else np.dtype(np.float32)
 
 
-def _logits(x: ArrayLike, name: str, ndim: int = 2) -> np.ndarray:
-    arr = np.asarray(x)
-    target = _float_dtype(arr.dtype, name)
-    if arr.ndim != ndim:
+def _logits(backend, x: object, name: str, ndim: int = 2):
+    arr = backend.asarray(x)
+    target = _float_dtype(np.dtype(arr.dtype), name)
+    shape = tuple(arr.shape)
+    if len(shape) != ndim:
         expected = "[batch, classes]" if ndim == 2 else "[teachers, batch, classes]"
-        raise ValueError(f"{name} must be a {ndim}-D {expected} array, got shape {arr.shape}")
-    if arr.shape[-1] == 0:
-        raise ValueError(f"{name} must have at least one class, got shape {arr.shape}")
-    # Casts only for float16 or non-native byte order; float32/float64 pass as views.
-    return arr if arr.dtype == target else arr.astype(target)
+        raise ValueError(f"{name} must be a {ndim}-D {expected} array, got shape {shape}")
+    if shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one class, got shape {shape}")
+    # Casts only float16 or non-native byte order; float32/float64 pass as they are.
+    return arr if np.dtype(arr.dtype) == target else backend.cast(arr, target, name)
 
 
-def _teachers(teachers: TeacherLogits, n_weights: int) -> tuple[np.ndarray, ...] | np.ndarray:
+def _teachers(backend, teachers: TeacherLogits, n_weights: int):
     """A tuple of 2-D arrays (a list, read in place) or one 3-D array."""
     if isinstance(teachers, (list, tuple)):
         if len(teachers) == 0:
             raise ValueError("Must have at least one teacher")
-        result: tuple[np.ndarray, ...] | np.ndarray = tuple(
-            _logits(t, f"teachers[{k}]") for k, t in enumerate(teachers)
-        )
-        shapes = {t.shape for t in result}
+        result = tuple(_logits(backend, t, f"teachers[{k}]") for k, t in enumerate(teachers))
+        shapes = {tuple(t.shape) for t in result}
         if len(shapes) > 1:
             raise ValueError(f"All teacher logits must have the same shape, got {sorted(shapes)}")
     else:
-        arr = np.asarray(teachers)
+        arr = backend.asarray(teachers)
         if arr.ndim != 3:
             raise ValueError(
                 "teachers must be a list of [batch, classes] arrays or one "
-                f"[teachers, batch, classes] array, got an array of shape {arr.shape}"
+                f"[teachers, batch, classes] array, got an array of shape {tuple(arr.shape)}"
             )
         if arr.shape[0] == 0:
             raise ValueError("Must have at least one teacher")
-        result = _logits(arr, "teachers", ndim=3)
+        result = _logits(backend, arr, "teachers", ndim=3)
     if len(result) != n_weights:
         raise ValueError(
             f"Number of teachers must match number of weights: {len(result)} teachers, {n_weights} weights"
@@ -92,53 +91,39 @@ def _teachers(teachers: TeacherLogits, n_weights: int) -> tuple[np.ndarray, ...]
     return result
 
 
-def _teacher_shape(teachers: tuple[np.ndarray, ...] | np.ndarray) -> tuple[int, int]:
-    first = teachers[0]
-    return first.shape[0], first.shape[1]
+def _teacher_shape(teachers) -> tuple[int, int]:
+    shape = teachers[0].shape if isinstance(teachers, tuple) else teachers.shape[1:]
+    return int(shape[0]), int(shape[1])
 
 
-def _teacher_dtypes(teachers: tuple[np.ndarray, ...] | np.ndarray) -> list[np.dtype]:
-    return [t.dtype for t in teachers] if isinstance(teachers, tuple) else [teachers.dtype]
+def _teacher_dtypes(teachers) -> list[np.dtype]:
+    arrays = teachers if isinstance(teachers, tuple) else (teachers,)
+    return [np.dtype(t.dtype) for t in arrays]
 
 
-def _cast_teachers(
-    teachers: tuple[np.ndarray, ...] | np.ndarray, dtype: np.dtype
-) -> tuple[np.ndarray, ...] | np.ndarray:
-    """Promote to ``dtype`` (NumPy's rules); arrays already of it are not copied."""
+def _cast_teachers(backend, teachers, dtype: np.dtype):
+    """Teachers as ``dtype``; only those of another dtype are converted."""
     if isinstance(teachers, tuple):
-        return tuple(t if t.dtype == dtype else t.astype(dtype) for t in teachers)
-    return teachers if teachers.dtype == dtype else teachers.astype(dtype)
+        return tuple(
+            t if np.dtype(t.dtype) == dtype else backend.cast(t, dtype, f"teachers[{k}]")
+            for k, t in enumerate(teachers)
+        )
+    return teachers if np.dtype(teachers.dtype) == dtype else backend.cast(teachers, dtype, "teachers")
 
 
-def _labels(labels: ArrayLike, n_rows: int, n_classes: int) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"labels must be a 1-D array with one label per row, got shape {arr.shape}")
-    if arr.shape[0] != n_rows:
-        raise ValueError(f"labels has {arr.shape[0]} entries but the logits have {n_rows} rows")
-    bad = (arr < 0) | (arr >= n_classes)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"labels must be in [0, {n_classes}): labels[{first}] = {arr[first]}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def _loss_inputs(
-    student: ArrayLike, teachers: TeacherLogits, labels: ArrayLike, n_weights: int
-) -> tuple[np.ndarray, tuple[np.ndarray, ...] | np.ndarray, np.ndarray]:
-    s = _logits(student, "student")
-    t = _teachers(teachers, n_weights)
-    if s.shape != _teacher_shape(t):
+def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: object, n_weights: int):
+    s = _logits(backend, student, "student")
+    t = _teachers(backend, teachers, n_weights)
+    if tuple(s.shape) != _teacher_shape(t):
         raise ValueError(
-            f"student logits shape {s.shape} does not match teacher logits shape {_teacher_shape(t)}"
+            f"student logits shape {tuple(s.shape)} does not match teacher logits shape {_teacher_shape(t)}"
         )
     if s.shape[0] == 0:
         raise ValueError("student logits must have at least one row: the mean over rows is undefined")
     dtype = np.result_type(s.dtype, *_teacher_dtypes(t))
-    s = s if s.dtype == dtype else s.astype(dtype)
-    return s, _cast_teachers(t, dtype), _labels(labels, s.shape[0], s.shape[1])
+    if np.dtype(s.dtype) != dtype:
+        s = backend.cast(s, dtype, "student")
+    return s, _cast_teachers(backend, t, dtype), backend.labels(labels, s.shape[0], s.shape[1])
 
 
 class EnsembleDistiller:
@@ -196,14 +181,21 @@ class EnsembleDistiller:
     def __repr__(self) -> str:
         return f"EnsembleDistiller(weights={self._weights.tolist()}, temperature={self._temperature})"
 
-    def combine_teachers(self, teachers: TeacherLogits) -> FloatArray:
-        """Weighted average of the teacher logits, ``sum_k w_k t_k``: ``[B, C]``."""
-        t = self._checked_teachers(teachers)
-        out = np.empty(_teacher_shape(t), dtype=np.result_type(*_teacher_dtypes(t)))
-        _dispatch.combine_logits(_cast_teachers(t, out.dtype), self._weights, out)
-        return out
+    def combine_teachers(
+        self, teachers: TeacherLogits, *, device: Device = None, stream: object = None
+    ) -> Any:
+        """Weighted average of the teacher logits, ``sum_k w_k t_k``: ``[B, C]``.
 
-    def combine_via_probabilities(self, teachers: TeacherLogits, eps: float = 1e-10) -> FloatArray:
+        The result lives where the teachers live (see :ref:`Devices <devices>`).
+        """
+        backend = _dispatch.backend_for([teachers], device, stream)
+        t, out = self._combine_inputs(backend, teachers)
+        backend.combine_logits(t, self._weights, out)
+        return backend.wrap(out, _first(teachers))
+
+    def combine_via_probabilities(
+        self, teachers: TeacherLogits, eps: float = 1e-10, *, device: Device = None, stream: object = None
+    ) -> Any:
         """``T * log(sum_k w_k softmax(t_k / T) + eps)``: ``[B, C]``.
 
         ``eps = 0`` gives the exact log-mixture, computed in log space.
@@ -211,25 +203,42 @@ class EnsembleDistiller:
         e = _real(eps, "eps")
         if not (e >= 0.0 and math.isfinite(e)):
             raise ValueError(f"eps must be finite and non-negative, got {e}")
-        t = self._checked_teachers(teachers)
-        out = np.empty(_teacher_shape(t), dtype=np.result_type(*_teacher_dtypes(t)))
-        _dispatch.combine_probabilities(
-            _cast_teachers(t, out.dtype), self._weights, self._temperature, e, out
-        )
-        return out
+        backend = _dispatch.backend_for([teachers], device, stream)
+        t, out = self._combine_inputs(backend, teachers)
+        backend.combine_probabilities(t, self._weights, self._temperature, e, out)
+        return backend.wrap(out, _first(teachers))
 
     def distillation_loss(
-        self, student: ArrayLike, teachers: TeacherLogits, labels: ArrayLike, alpha: float
-    ) -> float:
+        self,
+        student: ArrayLike,
+        teachers: TeacherLogits,
+        labels: ArrayLike,
+        alpha: float,
+        *,
+        device: Device = None,
+        stream: object = None,
+        return_device_scalar: bool = False,
+    ) -> Any:
         """``alpha * T^2 * mean KL(p || q) + (1 - alpha) * mean CE`` with ``p`` from the
-        weighted logit average of the teachers."""
-        a = _check_alpha(alpha)
-        s, t, y = _loss_inputs(student, teachers, labels, self.num_teachers)
-        soft, hard = _dispatch.distillation_loss_terms(s, t, self._weights, y, self._temperature, a)
-        return soft + hard
+        weighted logit average of the teachers, as a Python float.
 
-    def _checked_teachers(self, teachers: TeacherLogits) -> tuple[np.ndarray, ...] | np.ndarray:
-        return _teachers(teachers, self.num_teachers)
+        With CUDA inputs and ``return_device_scalar=True`` the loss stays on the
+        device as a 1-element array and the call does not synchronize.
+        """
+        a = _check_alpha(alpha)
+        backend = _dispatch.backend_for([student, teachers, labels], device, stream)
+        s, t, y = _loss_inputs(backend, student, teachers, labels, self.num_teachers)
+        loss = backend.loss(s, t, self._weights, y, self._temperature, a, return_device_scalar)
+        return backend.wrap(loss, student) if return_device_scalar else loss
+
+    def _combine_inputs(self, backend, teachers: TeacherLogits):
+        t = _teachers(backend, teachers, self.num_teachers)
+        dtype = np.result_type(*_teacher_dtypes(t))
+        return _cast_teachers(backend, t, dtype), backend.empty(_teacher_shape(t), dtype)
+
+
+def _first(teachers: TeacherLogits) -> object:
+    return teachers[0] if isinstance(teachers, (list, tuple)) and len(teachers) else teachers
 
 
 _SINGLE_TEACHER_WEIGHT = np.ones(1)
@@ -257,12 +266,24 @@ class DistillationLoss:
     def __repr__(self) -> str:
         return f"DistillationLoss(temperature={self._temperature}, alpha={self._alpha})"
 
-    def forward(self, student: ArrayLike, teacher: ArrayLike, labels: ArrayLike) -> float:
-        """The loss of ``student`` logits against one ``teacher``'s logits, as a float."""
-        s, t, y = _loss_inputs(student, (_logits(teacher, "teacher"),), labels, 1)
-        soft, hard = _dispatch.distillation_loss_terms(
-            s, t, _SINGLE_TEACHER_WEIGHT, y, self._temperature, self._alpha
+    def forward(
+        self,
+        student: ArrayLike,
+        teacher: ArrayLike,
+        labels: ArrayLike,
+        *,
+        device: Device = None,
+        stream: object = None,
+        return_device_scalar: bool = False,
+    ) -> Any:
+        """The loss of ``student`` logits against one ``teacher``'s logits, as a float
+        (or a 1-element device array with ``return_device_scalar=True``)."""
+        backend = _dispatch.backend_for([student, teacher, labels], device, stream)
+        t = (_logits(backend, teacher, "teacher"),)
+        s, t, y = _loss_inputs(backend, student, t, labels, 1)
+        loss = backend.loss(
+            s, t, _SINGLE_TEACHER_WEIGHT, y, self._temperature, self._alpha, return_device_scalar
         )
-        return soft + hard
+        return backend.wrap(loss, student) if return_device_scalar else loss
 
     __call__ = forward

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
-from conftest import assert_array_close, assert_loss_close, logit_scale, make_batch
+from helpers import assert_array_close, assert_loss_close, logit_scale, make_batch
 
 import numba_kd as kd
 

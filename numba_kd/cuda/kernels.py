@@ -18,27 +18,31 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from numba import cuda
+import numba
+from numba import cuda, njit
 
-from numba_kd._math import (
-    NEG_INF,
-    distillation_terms,
-    ensemble_logit,
-    kl_from_stats,
-    log_mixture_term,
-    lse_from_stats,
-    merge_lse,
-    merge_weighted_lse,
-    online_lse_step,
-    online_weighted_step,
-    tempered_log,
-)
+from numba_kd import _math
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+# The simulator runs kernels as Python threads and hands them fake arrays, which
+# @njit functions cannot take; there the helpers run as the plain Python they are.
+if SIMULATOR:
+    _m = SimpleNamespace(**{k: getattr(f, "py_func", f) for k, f in vars(_math).items()})
+else:
+    _m = _math
+
+
+def device_helper(fn):
+    """A helper inlined into the kernels (plain Python under the simulator)."""
+    return fn if SIMULATOR else njit(inline="always")(fn)
+
 
 # Threads per block; the shared arrays of the row reductions have this size.
 BLOCK_THREADS = 256
 
 
-@cuda.jit(device=True)
+@device_helper
 def _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row):
     """Merge the states of one row's threads into slot ``base``, fixed tree order."""
     stride = threads_per_row // 2
@@ -46,12 +50,12 @@ def _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row):
         cuda.syncthreads()
         if tx < stride:
             i = base + tx
-            sm_m[i], sm_s[i] = merge_lse(sm_m[i], sm_s[i], sm_m[i + stride], sm_s[i + stride])
+            sm_m[i], sm_s[i] = _m.merge_lse(sm_m[i], sm_s[i], sm_m[i + stride], sm_s[i + stride])
         stride //= 2
     cuda.syncthreads()
 
 
-@cuda.jit(device=True)
+@device_helper
 def _tree_merge_weighted(sm_m, sm_s, sm_w, base, tx, threads_per_row):
     stride = threads_per_row // 2
     while stride > 0:
@@ -59,14 +63,14 @@ def _tree_merge_weighted(sm_m, sm_s, sm_w, base, tx, threads_per_row):
         if tx < stride:
             i = base + tx
             j = i + stride
-            sm_m[i], sm_s[i], sm_w[i] = merge_weighted_lse(
+            sm_m[i], sm_s[i], sm_w[i] = _m.merge_weighted_lse(
                 sm_m[i], sm_s[i], sm_w[i], sm_m[j], sm_s[j], sm_w[j]
             )
         stride //= 2
     cuda.syncthreads()
 
 
-@cuda.jit(device=True)
+@device_helper
 def _tree_sum(sm, base, tx, width):
     stride = width // 2
     while stride > 0:
@@ -88,7 +92,7 @@ def make_kernels(acc) -> SimpleNamespace:
         for flat in range(start, n_rows * n_classes, step):
             i = flat // n_classes
             j = flat - i * n_classes
-            out[i, j] = ensemble_logit(teachers, weights, i, j)
+            out[i, j] = _m.ensemble_logit(teachers, weights, i, j)
 
     @cuda.jit(cache=True)
     def teacher_lse(teachers, inv_t, lse):
@@ -103,21 +107,23 @@ def make_kernels(acc) -> SimpleNamespace:
         sm_s = cuda.shared.array(BLOCK_THREADS, acc)
         base = ty * threads_per_row
         one = acc(1.0)
-        for first in range(cuda.blockIdx.x * rows_per_block, n_teachers * n_rows, cuda.gridDim.x * rows_per_block):
+        n_pairs = n_teachers * n_rows
+        step = cuda.gridDim.x * rows_per_block
+        for first in range(cuda.blockIdx.x * rows_per_block, n_pairs, step):
             pair = first + ty
-            m = acc(NEG_INF)
+            m = acc(_m.NEG_INF)
             s = acc(0.0)
-            if pair < n_teachers * n_rows:
+            if pair < n_pairs:
                 k = pair // n_rows
                 i = pair - k * n_rows
                 t = teachers[k]
                 for j in range(tx, n_classes, threads_per_row):
-                    m, s = online_lse_step(m, s, t[i, j] * inv_t, one)
+                    m, s = _m.online_lse_step(m, s, t[i, j] * inv_t, one)
             sm_m[base + tx] = m
             sm_s[base + tx] = s
             _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row)
-            if tx == 0 and pair < n_teachers * n_rows:
-                lse[k, i] = lse_from_stats(sm_m[base], sm_s[base])
+            if tx == 0 and pair < n_pairs:
+                lse[k, i] = _m.lse_from_stats(sm_m[base], sm_s[base])
 
     @cuda.jit(cache=True)
     def mix_probabilities(teachers, weights, log_weights, lse, temperature, inv_t, eps, out):
@@ -132,16 +138,16 @@ def make_kernels(acc) -> SimpleNamespace:
                 p = acc(0.0)
                 for k in range(n_teachers):
                     p += weights[k] * math.exp(teachers[k][i, j] * inv_t - lse[k, i])
-                out[i, j] = tempered_log(p, eps, temperature)
+                out[i, j] = _m.tempered_log(p, eps, temperature)
             else:
                 # Exact log-mixture: logsumexp over the teachers with positive weight.
-                m = acc(NEG_INF)
+                m = acc(_m.NEG_INF)
                 s = acc(0.0)
                 for k in range(n_teachers):
                     if weights[k] > 0:
-                        term = log_mixture_term(log_weights[k], teachers[k][i, j] * inv_t, lse[k, i])
-                        m, s = online_lse_step(m, s, term, acc(1.0))
-                out[i, j] = temperature * lse_from_stats(m, s)
+                        term = _m.log_mixture_term(log_weights[k], teachers[k][i, j] * inv_t, lse[k, i])
+                        m, s = _m.online_lse_step(m, s, term, acc(1.0))
+                out[i, j] = temperature * _m.lse_from_stats(m, s)
 
     @cuda.jit(cache=True)
     def loss_rows(student, teachers, weights, labels, inv_t, kl_rows, ce_rows, bad_labels):
@@ -163,21 +169,21 @@ def make_kernels(acc) -> SimpleNamespace:
         one = acc(1.0)
         for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
             i = first + ty
-            m_a = acc(NEG_INF)
+            m_a = acc(_m.NEG_INF)
             s_a = acc(0.0)
             w_a = acc(0.0)
-            m_b = acc(NEG_INF)
+            m_b = acc(_m.NEG_INF)
             s_b = acc(0.0)
-            m_s = acc(NEG_INF)
+            m_s = acc(_m.NEG_INF)
             s_s = acc(0.0)
             if i < n_rows:
                 for j in range(tx, n_classes, threads_per_row):
-                    a = ensemble_logit(teachers, weights, i, j) * inv_t
+                    a = _m.ensemble_logit(teachers, weights, i, j) * inv_t
                     x = student[i, j]
                     b = x * inv_t
-                    m_a, s_a, w_a = online_weighted_step(m_a, s_a, w_a, a, a - b, one)
-                    m_b, s_b = online_lse_step(m_b, s_b, b, one)
-                    m_s, s_s = online_lse_step(m_s, s_s, x, one)
+                    m_a, s_a, w_a = _m.online_weighted_step(m_a, s_a, w_a, a, a - b, one)
+                    m_b, s_b = _m.online_lse_step(m_b, s_b, b, one)
+                    m_s, s_s = _m.online_lse_step(m_s, s_s, x, one)
             sm_ma[slot] = m_a
             sm_sa[slot] = s_a
             sm_wa[slot] = w_a
@@ -189,16 +195,16 @@ def make_kernels(acc) -> SimpleNamespace:
             _tree_merge_lse(sm_mb, sm_sb, base, tx, threads_per_row)
             _tree_merge_lse(sm_ms, sm_ss, base, tx, threads_per_row)
             if tx == 0 and i < n_rows:
-                lse_a = lse_from_stats(sm_ma[base], sm_sa[base])
-                lse_b = lse_from_stats(sm_mb[base], sm_sb[base])
-                kl_rows[i] = kl_from_stats(sm_sa[base], sm_wa[base], lse_a, lse_b)
+                lse_a = _m.lse_from_stats(sm_ma[base], sm_sa[base])
+                lse_b = _m.lse_from_stats(sm_mb[base], sm_sb[base])
+                kl_rows[i] = _m.kl_from_stats(sm_sa[base], sm_wa[base], lse_a, lse_b)
                 y = labels[i]
                 if y < 0 or y >= n_classes:
                     # Never read out of bounds: flag the row, poison the loss.
                     cuda.atomic.add(bad_labels, 0, 1)
                     ce_rows[i] = acc(math.nan)
                 else:
-                    ce_rows[i] = lse_from_stats(sm_ms[base], sm_ss[base]) - student[i, y]
+                    ce_rows[i] = _m.lse_from_stats(sm_ms[base], sm_ss[base]) - student[i, y]
 
     @cuda.jit(cache=True)
     def reduce_loss(kl_rows, ce_rows, temperature, alpha, out):
@@ -218,7 +224,7 @@ def make_kernels(acc) -> SimpleNamespace:
         _tree_sum(sm_kl, 0, tx, width)
         _tree_sum(sm_ce, 0, tx, width)
         if tx == 0:
-            soft, hard = distillation_terms(sm_kl[0], sm_ce[0], n_rows, alpha, temperature)
+            soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], n_rows, alpha, temperature)
             out[0] = soft + hard
             out[1] = soft
             out[2] = hard

@@ -1,0 +1,1 @@
+"""CUDA kernels (``@cuda.jit``) and their launch code; imported only for CUDA inputs."""

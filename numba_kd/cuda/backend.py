@@ -1,0 +1,331 @@
+"""CUDA side of the dispatcher: array import, launch configuration, compiled-kernel
+cache and the three operations.
+
+Imported only when an input lives on a CUDA device (or ``device="cuda"``), so
+``import numba_kd`` and every CPU call leave the CUDA driver alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda, types
+
+from numba_kd import _dispatch
+from numba_kd.cuda.kernels import BLOCK_THREADS, make_kernels
+
+# The simulator runs every CUDA thread as a Python thread: keep launches tiny.
+SIMULATOR_THREADS = 8
+SIMULATOR_MAX_BLOCKS = 4
+MAX_BLOCKS = 65535
+
+_KERNELS: dict[str, Any] = {}
+LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def simulating() -> bool:
+    return bool(numba.config.ENABLE_CUDASIM)
+
+
+def kernels_for(dtype: np.dtype):
+    kernels = _KERNELS.get(dtype.name)
+    if kernels is None:
+        kernels = _KERNELS[dtype.name] = make_kernels(numba.from_dtype(dtype))
+    return kernels
+
+
+# ---------------------------------------------------------------- launch shapes
+
+
+def _block_threads() -> int:
+    return SIMULATOR_THREADS if simulating() else BLOCK_THREADS
+
+
+def _grid(n_blocks: int) -> int:
+    cap = SIMULATOR_MAX_BLOCKS if simulating() else MAX_BLOCKS
+    return max(1, min(n_blocks, cap))
+
+
+def row_config(n_items: int, n_classes: int) -> tuple[int, tuple[int, int]]:
+    """(grid, (threads_per_row, rows_per_block)) for row-wise reductions.
+
+    Threads per row grow in powers of two until each has about four columns, so
+    small C packs many rows into one block and large C spreads a row over all.
+    """
+    total = _block_threads()
+    per_row = 1
+    while per_row < total and per_row * 4 < n_classes:
+        per_row *= 2
+    rows_per_block = total // per_row
+    return _grid(-(-n_items // rows_per_block)), (per_row, rows_per_block)
+
+
+def elementwise_config(n_elements: int) -> tuple[int, int]:
+    threads = _block_threads()
+    return _grid(-(-n_elements // threads)), threads
+
+
+# ---------------------------------------------------------------- signatures
+
+
+def _array_type(dtype: np.dtype, ndim: int, layout: str):
+    return types.Array(numba.from_dtype(dtype), ndim, layout)
+
+
+def _teachers_type(kind: str, n_teachers: int | None, dtype: np.dtype, layout: str):
+    if kind == "list":
+        return types.UniTuple(_array_type(dtype, 2, layout), n_teachers)
+    return _array_type(dtype, 3, layout)
+
+
+def signature(
+    op: str, dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype=None
+) -> tuple:
+    """Argument types of kernel ``op``; the runtime and the PTX tests both use this."""
+    acc = numba.from_dtype(dtype)
+    teachers = _teachers_type(kind, n_teachers, dtype, layout)
+    vector = _array_type(dtype, 1, "C")
+    matrix = _array_type(dtype, 2, "C")
+    if op == "combine_logits":
+        return (teachers, vector, matrix)
+    if op == "teacher_lse":
+        return (teachers, acc, matrix)
+    if op == "mix_probabilities":
+        return (teachers, vector, vector, matrix, acc, acc, acc, matrix)
+    if op == "loss_rows":
+        labels = _array_type(np.dtype(label_dtype), 1, layout)
+        counter = types.Array(types.int32, 1, "C")
+        return (_array_type(dtype, 2, layout), teachers, vector, labels, acc, vector, vector, counter)
+    if op == "reduce_loss":
+        return (vector, vector, acc, acc, vector)
+    raise ValueError(op)
+
+
+def kernel_signatures():
+    """Every (op, dtype, layout, kind, K, label dtype) the dispatcher can produce,
+    with K = 1 and 3 standing for all list lengths."""
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        for layout in ("C", "A"):
+            for kind, n_teachers in (("list", 1), ("list", 3), ("stacked", None)):
+                for op in ("combine_logits", "teacher_lse", "mix_probabilities"):
+                    yield op, dtype, layout, kind, n_teachers, None
+                for label_dtype in LABEL_DTYPES:
+                    yield "loss_rows", dtype, layout, kind, n_teachers, label_dtype
+        yield "reduce_loss", dtype, "C", "none", None, None
+
+
+def _launch(
+    op: str, dtype: np.dtype, layout: str, teachers, griddim, blockdim, stream, args, label_dtype=None
+):
+    """Launch kernel ``op``, compiling its specialization on first use."""
+    if teachers is None:
+        kind, n_teachers = "none", None
+    else:
+        kind, n_teachers = _dispatch.teacher_key(teachers)
+    key = (
+        op,
+        "cuda",
+        dtype.name,
+        layout,
+        kind,
+        n_teachers,
+        None if label_dtype is None else label_dtype.name,
+    )
+
+    def build():
+        dispatcher = getattr(kernels_for(dtype), op)
+        if simulating():
+            return dispatcher
+        return dispatcher.compile(signature(op, dtype, layout, kind, n_teachers, label_dtype))
+
+    kernel = _dispatch.cached_kernel(key, build)
+    if simulating():
+        kernel[griddim, blockdim, stream](*args)
+    else:
+        kernel.launch(args, griddim, blockdim, stream, 0)
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def _interface(x) -> dict | None:
+    try:
+        return x.__cuda_array_interface__
+    except AttributeError:
+        return None
+    except RuntimeError:
+        # torch refuses the interface of tensors that require grad.
+        return x.detach().__cuda_array_interface__
+
+
+def stream_of(arrays, stream) -> Any:
+    """The stream to launch on: ``stream=`` if given, else the inputs' own stream."""
+    if stream is not None:
+        if isinstance(stream, int):
+            return cuda.external_stream(stream) if stream > 2 else 0
+        return stream
+    if simulating():
+        return 0
+    for a in arrays:
+        iface = _interface(a)
+        handle = iface.get("stream") if iface else None
+        if isinstance(handle, int) and handle > 2:
+            return cuda.external_stream(handle)
+    return 0
+
+
+def _c_contiguous(shape, strides, itemsize) -> bool:
+    expected = itemsize
+    for extent, stride in zip(reversed(shape), reversed(strides), strict=True):
+        if extent > 1 and stride != expected:
+            return False
+        expected *= extent
+    return True
+
+
+class CudaBackend:
+    """Array handling and kernel launches for inputs on a CUDA device."""
+
+    target = "cuda"
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def asarray(self, x):
+        if _dispatch.is_device_array(x):
+            if simulating():
+                return x
+            try:
+                x.__cuda_array_interface__  # noqa: B018
+            except RuntimeError:
+                x = x.detach()  # a torch tensor that requires grad: the data alone
+            # The kernels run on the inputs' stream, so no synchronization is needed.
+            return cuda.as_cuda_array(x, sync=False)
+        # Explicit device="cuda" with host data: the caller asked for the copy.
+        return cuda.to_device(np.ascontiguousarray(np.asarray(x)), stream=self.stream)
+
+    def cast(self, arr, dtype: np.dtype, name: str):
+        raise TypeError(
+            f"{name} has dtype {arr.dtype} but the CUDA kernels need {dtype} here; "
+            "cast on the device first (CUDA inputs must be float32 or float64 and share one dtype)"
+        )
+
+    def layout(self, *arrays) -> str:
+        flat = []
+        for a in arrays:
+            flat.extend(a if isinstance(a, tuple) else (a,))
+        ok = all(_c_contiguous(a.shape, a.strides, a.dtype.itemsize) for a in flat)
+        return "C" if ok else "A"
+
+    def labels(self, y, n_rows: int, n_classes: int):
+        arr = self.asarray(y)
+        if np.dtype(arr.dtype).kind not in "iu":
+            raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
+        if np.dtype(arr.dtype) not in LABEL_DTYPES:
+            raise TypeError(f"CUDA labels must be int32 or int64, got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise ValueError(f"labels must be a 1-D array with one label per row, got shape {arr.shape}")
+        if arr.shape[0] != n_rows:
+            raise ValueError(f"labels has {arr.shape[0]} entries but the logits have {n_rows} rows")
+        return arr  # range is checked by the kernel: see loss()
+
+    def empty(self, shape, dtype: np.dtype):
+        return cuda.device_array(shape, dtype=dtype, stream=self.stream)
+
+    def vector(self, values: np.ndarray, dtype: np.dtype):
+        return cuda.to_device(np.ascontiguousarray(values, dtype=dtype), stream=self.stream)
+
+    # ------------------------------------------------------------ operations
+
+    def combine_logits(self, teachers, weights: np.ndarray, out) -> None:
+        dtype = np.dtype(out.dtype)
+        grid, block = elementwise_config(out.shape[0] * out.shape[1])
+        args = (teachers, self.vector(weights, dtype), out)
+        _launch("combine_logits", dtype, self.layout(teachers), teachers, grid, block, self.stream, args)
+
+    def combine_probabilities(
+        self, teachers, weights: np.ndarray, temperature: float, eps: float, out
+    ) -> None:
+        dtype = np.dtype(out.dtype)
+        n_rows = out.shape[0]
+        if n_rows == 0:
+            return
+        scalar = dtype.type
+        layout = self.layout(teachers)
+        lse = self.empty((len(weights), n_rows), dtype)
+        grid, block = row_config(len(weights) * n_rows, out.shape[1])
+        args = (teachers, scalar(1.0 / temperature), lse)
+        _launch("teacher_lse", dtype, layout, teachers, grid, block, self.stream, args)
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(weights)
+        grid, block = elementwise_config(n_rows * out.shape[1])
+        args = (
+            teachers,
+            self.vector(weights, dtype),
+            self.vector(log_weights, dtype),
+            lse,
+            scalar(temperature),
+            scalar(1.0 / temperature),
+            scalar(eps),
+            out,
+        )
+        _launch("mix_probabilities", dtype, layout, teachers, grid, block, self.stream, args)
+
+    def loss(
+        self,
+        student,
+        teachers,
+        weights: np.ndarray,
+        labels,
+        temperature: float,
+        alpha: float,
+        return_device_scalar: bool,
+    ):
+        dtype = np.dtype(student.dtype)
+        scalar = dtype.type
+        n_rows, n_classes = student.shape
+        kl_rows = self.empty((n_rows,), dtype)
+        ce_rows = self.empty((n_rows,), dtype)
+        bad_labels = cuda.to_device(np.zeros(1, dtype=np.int32), stream=self.stream)
+        grid, block = row_config(n_rows, n_classes)
+        label_dtype = np.dtype(labels.dtype)
+        args = (
+            student,
+            teachers,
+            self.vector(weights, dtype),
+            labels,
+            scalar(1.0 / temperature),
+            kl_rows,
+            ce_rows,
+            bad_labels,
+        )
+        layout = self.layout(student, teachers, labels)
+        _launch("loss_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
+        out = self.empty((3,), dtype)
+        args = (kl_rows, ce_rows, scalar(temperature), scalar(alpha), out)
+        _launch("reduce_loss", dtype, "C", None, 1, _block_threads(), self.stream, args)
+        if return_device_scalar:
+            return out[0:1]
+        values = out.copy_to_host(stream=self.stream)
+        n_bad = int(bad_labels.copy_to_host(stream=self.stream)[0])
+        if self.stream:
+            self.stream.synchronize()
+        if n_bad:
+            raise ValueError(f"labels must be in [0, {n_classes}): {n_bad} labels are outside it")
+        return float(values[0])
+
+    def wrap(self, out, like):
+        """Return ``out`` as the array type of ``like`` when that type can wrap
+        CUDA memory without a copy (CuPy, torch), else as a numba device array."""
+        module = type(like).__module__.split(".")[0]
+        if module == "cupy":
+            import cupy
+
+            return cupy.asarray(out)
+        if module == "torch":
+            import torch
+
+            return torch.as_tensor(out, device="cuda")
+        return out
