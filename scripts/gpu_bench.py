@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import statistics
 
 import numba
@@ -104,11 +105,10 @@ def main() -> None:
         array_bytes = rows * classes * 4
         bandwidth = copy_bandwidth((N_TEACHERS + 1) * array_bytes, args.repeats)
 
-        def loss():
-            distiller.distillation_loss(student, teachers, d_labels, ALPHA, return_device_scalar=True)
-
-        def combine():
-            distiller.combine_teachers(teachers)
+        loss = functools.partial(
+            distiller.distillation_loss, student, teachers, d_labels, ALPHA, return_device_scalar=True
+        )
+        combine = functools.partial(distiller.combine_teachers, teachers)
 
         torch_time = None
         if have_torch:
