@@ -1,4 +1,4 @@
-"""Command line: ``python -m numba_kd demo`` (also installed as ``numba-kd``)."""
+"""Command line: ``python -m numba_kd demo|bench`` (also installed as ``numba-kd``)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+
+    b = sub.add_parser("bench", help="numba_kd vs NumPy, torch CPU and the memory roofline")
+    b.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
+    b.add_argument("--repeats", type=int, default=9, help="timed calls per measurement (default 9)")
+    b.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
+    b.set_defaults(func=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from numba_kd import bench
+
+    return bench.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

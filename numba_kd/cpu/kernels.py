@@ -16,6 +16,8 @@ FMA contraction, never "no NaNs" or "no infinities": NaN inputs still give NaN.
 or one ``[K, B, C]`` array; numba compiles one specialization for each.
 """
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -106,58 +108,128 @@ def combine_logits(teachers, weights, out):
 
 
 @njit(inline="always")
-def _teacher_lse(t, i, n_classes, inv_t):
-    """lse(t[i] / T): a max sweep, then an exp-sum sweep."""
-    m = _max(t[i])
-    like = t[i, 0]
-    s = 0.0
-    for j in range(n_classes):
-        s += exp_like((t[i, j] - m) * inv_t, like)
-    return lse_from_stats(m * inv_t, s)
+def _exp_row(row, shift, scale, out):
+    """out[j] = exp((row[j] - shift) * scale); returns sum_j out[j] (float32 partials of
+    CHUNK terms, float64 total)."""
+    n = row.shape[0]
+    like = out[0]
+    zero = as_type_of(0.0, like)
+    total = 0.0
+    for start in range(0, n, CHUNK):
+        partial = zero
+        for j in range(start, min(start + CHUNK, n)):
+            e = exp_like((row[j] - shift) * scale, like)
+            out[j] = e
+            partial += e
+        total += partial
+    return total
+
+
+# Below this a float32 mixture has lost digits to underflow: the exact
+# log-mixture recomputes such entries in log space.
+_TINY_MIXTURE = 1e-30
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def combine_probabilities(teachers, weights, temperature, eps, out):
+    """T * log(sum_k w_k softmax(t_k / T) + eps); eps = 0: the exact log-mixture.
+
+    Per row: one sweep per teacher computes e_kj = exp((t_kj - max_k) / T) into a
+    scratch row and their sum S_k; the mixture is sum_k (w_k / S_k) e_kj, so each
+    exponential is computed once.  Entries whose mixture underflows (possible
+    only for extreme logits) are recomputed in log space when eps = 0.
+    """
     n_rows, n_classes = out.shape
     n_teachers = weights.shape[0]
     inv_t = 1.0 / temperature
-    log_weights = np.log(weights)
     for block in prange(_n_blocks(n_rows)):
+        # float32 rows stay in float32 per element (8 lanes); a mixture of K
+        # terms each <= 1 loses nothing measurable to it.
+        exps = np.empty((n_teachers, n_classes), out.dtype)
+        coeff = np.empty(n_teachers, out.dtype)
         lse = np.empty(n_teachers)
-        acc = np.empty(n_classes)
-        top = np.empty(n_classes)
+        acc = np.empty(n_classes, out.dtype)
+        like = acc[0]
+        scale = as_type_of(inv_t, like)
+        t_out = as_type_of(temperature, like)
+        eps_c = as_type_of(eps, like)
         for i in _block_rows(block, n_rows):
-            like = out[i, 0]
             for k in range(n_teachers):
-                lse[k] = _teacher_lse(teachers[k], i, n_classes, inv_t)
+                row = teachers[k][i]
+                m = _max(row)
+                total = _exp_row(row, m, scale, exps[k])
+                coeff[k] = as_type_of(weights[k] / total, like)
+                lse[k] = m * inv_t + math.log(total)
+            acc[:] = 0.0
+            for k in range(n_teachers):
+                c = coeff[k]
+                e = exps[k]
+                for j in range(n_classes):
+                    acc[j] += c * e[j]
             if eps > 0.0:
-                # p_j = sum_k w_k softmax(t_k / T)_j, then T * log(p_j + eps).
-                acc[:] = 0.0
-                for k in range(n_teachers):
-                    t = teachers[k]
-                    w = weights[k]
-                    for j in range(n_classes):
-                        acc[j] += w * exp_like(t[i, j] * inv_t - lse[k], like)
                 for j in range(n_classes):
-                    out[i, j] = temperature * log_like(acc[j] + eps, like)
+                    out[i, j] = t_out * log_like(acc[j] + eps_c, like)
             else:
-                # Exact log-mixture: logsumexp over teachers (positive weights only).
-                top[:] = NEG_INF
-                for k in range(n_teachers):
-                    if weights[k] > 0.0:
-                        t = teachers[k]
-                        for j in range(n_classes):
-                            term = log_mixture_term(log_weights[k], t[i, j] * inv_t, lse[k])
-                            top[j] = term if term > top[j] else top[j]
-                acc[:] = 0.0
-                for k in range(n_teachers):
-                    if weights[k] > 0.0:
-                        t = teachers[k]
-                        for j in range(n_classes):
-                            term = log_mixture_term(log_weights[k], t[i, j] * inv_t, lse[k])
-                            acc[j] += exp_like(term - top[j], like)
                 for j in range(n_classes):
-                    out[i, j] = temperature * (top[j] + log_like(acc[j], like))
+                    out[i, j] = t_out * log_like(acc[j], like)
+                for j in range(n_classes):
+                    if acc[j] < _TINY_MIXTURE:
+                        out[i, j] = temperature * _log_mixture_entry(teachers, weights, lse, i, j, inv_t)
+
+
+@njit(inline="always")
+def _log_mixture_entry(teachers, weights, lse, i, j, inv_t):
+    """logsumexp_k(log w_k + t_kj / T - lse_k) in float64, teachers with w_k > 0."""
+    m = NEG_INF
+    for k in range(weights.shape[0]):
+        if weights[k] > 0.0:
+            m = max(m, log_mixture_term(math.log(weights[k]), teachers[k][i, j] * inv_t, lse[k]))
+    s = 0.0
+    for k in range(weights.shape[0]):
+        if weights[k] > 0.0:
+            s += math.exp(log_mixture_term(math.log(weights[k]), teachers[k][i, j] * inv_t, lse[k]) - m)
+    return m + math.log(s)
+
+
+@njit(inline="always")
+def _kl_and_lse(z, s, inv_t):
+    """(KL(softmax(z / T) || softmax(s / T)), lse(s)) of one row.
+
+    Sweep 1 takes the two row maxima; sweep 2, over data still in cache, sums
+    with a = z / T and b = s / T: S_a = sum exp(a - max a),
+    W = sum exp(a - max a) (a - b), S_b = sum exp(b - max b), S_s = sum exp(s - max s).
+    """
+    n_classes = s.shape[0]
+    m_z = _max(z)
+    m_s = _max(s)
+    like = s[0]
+    scale = as_type_of(inv_t, like)
+    zero = as_type_of(0.0, like)
+    s_a = 0.0
+    w_a = 0.0
+    s_b = 0.0
+    s_s = 0.0
+    for start in range(0, n_classes, CHUNK):
+        p_a = zero
+        p_w = zero
+        p_b = zero
+        p_s = zero
+        for j in range(start, min(start + CHUNK, n_classes)):
+            zj = z[j]
+            sj = s[j]
+            e_a = exp_like((zj - m_z) * scale, like)
+            p_a += e_a
+            p_w += e_a * (zj - sj)
+            d_s = sj - m_s
+            p_b += exp_like(d_s * scale, like)
+            p_s += exp_like(d_s, like)
+        s_a += p_a
+        w_a += p_w
+        s_b += p_b
+        s_s += p_s
+    lse_a = lse_from_stats(m_z * inv_t, s_a)
+    lse_b = lse_from_stats(m_s * inv_t, s_b)
+    return kl_from_stats(s_a, w_a * inv_t, lse_a, lse_b), lse_from_stats(np.float64(m_s), s_s)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -169,45 +241,17 @@ def distillation_loss_terms(student, teachers, weights, labels, temperature, alp
     ce_rows = np.empty(n_rows)
     for block in prange(_n_blocks(n_rows)):
         # The ensemble row in the input precision: float32 rows keep the exp
-        # sweep in float32 (8 lanes); the sums below are float64.
+        # sweep in float32 (8 lanes); the sums are float64.
         z = np.empty(n_classes, student.dtype)
         for i in _block_rows(block, n_rows):
-            # Sweep 1: the ensemble row and the two row maxima.
-            _ensemble_row(teachers, weights, i, z)
-            m_z = _max(z)
-            m_s = _max(student[i])
-            # Sweep 2, over data in cache: with a = z / T and b = s / T,
-            # S_a = sum exp(a - max a), W = sum exp(a - max a) (a - b),
-            # S_b = sum exp(b - max b), S_s = sum exp(s - max s).
-            like = z[0]
-            scale = as_type_of(inv_t, like)
-            zero = as_type_of(0.0, like)
-            s_a = 0.0
-            w_a = 0.0
-            s_b = 0.0
-            s_s = 0.0
-            for start in range(0, n_classes, CHUNK):
-                p_a = zero
-                p_w = zero
-                p_b = zero
-                p_s = zero
-                for j in range(start, min(start + CHUNK, n_classes)):
-                    zj = z[j]
-                    sj = student[i, j]
-                    e_a = exp_like((zj - m_z) * scale, like)
-                    p_a += e_a
-                    p_w += e_a * (zj - sj)
-                    d_s = sj - m_s
-                    p_b += exp_like(d_s * scale, like)
-                    p_s += exp_like(d_s, like)
-                s_a += p_a
-                w_a += p_w
-                s_b += p_b
-                s_s += p_s
-            lse_a = lse_from_stats(m_z * inv_t, s_a)
-            lse_b = lse_from_stats(m_s * inv_t, s_b)
-            kl_rows[i] = kl_from_stats(s_a, w_a * inv_t, lse_a, lse_b)
-            ce_rows[i] = lse_from_stats(np.float64(m_s), s_s) - student[i, labels[i]]
+            if weights.shape[0] == 1:
+                # One teacher (weight exactly 1): the ensemble row is the teacher's.
+                kl, lse_s = _kl_and_lse(teachers[0][i], student[i], inv_t)
+            else:
+                _ensemble_row(teachers, weights, i, z)
+                kl, lse_s = _kl_and_lse(z, student[i], inv_t)
+            kl_rows[i] = kl
+            ce_rows[i] = lse_s - student[i, labels[i]]
     kl_sum = 0.0
     ce_sum = 0.0
     for i in range(n_rows):
