@@ -1,31 +1,41 @@
-"""airspeed velocity suite for numba_kd's public operations."""
+"""airspeed velocity suite: every public operation, from numba_kd.registry.
 
-import numpy as np
+time_*     wall time of one call (compiled and warmed up in setup)
+peakmem_*  peak resident memory of one call
+track_*    % of the memory roofline (np.copyto of as many bytes, timed in the
+           same run) and the max relative error against the float64 reference
+"""
 
-import numba_kd as kd
+from numba_kd.bench import paired_with_copy
+from numba_kd.registry import OPERATIONS, Case, relative_error
 
-
-def _batch(n_teachers, rows, classes, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    signal = rng.normal(scale=3.0, size=(rows, classes))
-    teachers = [(signal + rng.normal(size=(rows, classes))).astype(dtype) for _ in range(n_teachers)]
-    student = (0.5 * signal + rng.normal(scale=2.0, size=(rows, classes))).astype(dtype)
-    labels = rng.integers(0, classes, size=rows)
-    return student, teachers, labels
+SHAPES = [(8192, 1000), (512, 32000)]
 
 
-class DistillationLoss:
-    params = ([4], [(8192, 1000), (512, 32000)], ["float32", "float64"])
-    param_names = ["K", "shape", "dtype"]  # noqa: RUF012
+class Operations:
+    params = (list(OPERATIONS), [2, 4], SHAPES, ["float32", "float64"])
+    param_names = ["operation", "K", "shape", "dtype"]  # noqa: RUF012
+    timeout = 300
 
-    def setup(self, n_teachers, shape, dtype):
-        self.student, self.teachers, self.labels = _batch(n_teachers, *shape, dtype)
-        self.distiller = kd.EnsembleDistiller.uniform(n_teachers, temperature=2.0)
-        # Compile (or load from the cache) outside the timed region.
-        self.distiller.distillation_loss(self.student, self.teachers, self.labels, 0.7)
+    def setup(self, operation, n_teachers, shape, dtype):
+        self.op = OPERATIONS[operation]
+        self.case = Case(n_teachers, shape[0], shape[1], dtype)
+        self.args = self.case.arrays()
+        self.op.numba_kd(*self.args)  # compile, or load from the on-disk cache
 
-    def time_distillation_loss(self, n_teachers, shape, dtype):
-        self.distiller.distillation_loss(self.student, self.teachers, self.labels, 0.7)
+    def time_call(self, operation, n_teachers, shape, dtype):
+        self.op.numba_kd(*self.args)
 
-    def peakmem_distillation_loss(self, n_teachers, shape, dtype):
-        self.distiller.distillation_loss(self.student, self.teachers, self.labels, 0.7)
+    def peakmem_call(self, operation, n_teachers, shape, dtype):
+        self.op.numba_kd(*self.args)
+
+    def track_roofline_percent(self, operation, n_teachers, shape, dtype):
+        call = lambda: self.op.numba_kd(*self.args)  # noqa: E731
+        return 100.0 * paired_with_copy(call, self.op.bytes_moved(self.case), 5)[2]
+
+    track_roofline_percent.unit = "%"
+
+    def track_max_relative_error(self, operation, n_teachers, shape, dtype):
+        return relative_error(self.op.numba_kd(*self.args), self.op.numpy(*self.args))
+
+    track_max_relative_error.unit = "relative"

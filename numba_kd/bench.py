@@ -57,7 +57,7 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _paired_with_copy(fn: Callable[[], object], n_bytes: int, repeats: int) -> tuple[float, float, float]:
+def paired_with_copy(fn: Callable[[], object], n_bytes: int, repeats: int) -> tuple[float, float, float]:
     """(median time of fn, median copy time, median of copy/fn ratios)."""
     src = np.ones(n_bytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
@@ -92,7 +92,7 @@ def measure(
             result = op.numba_kd(*args)
             expected = op.numpy(*args)
             n_bytes = op.bytes_moved(case)
-            t_op, t_copy, ratio = _paired_with_copy(functools.partial(op.numba_kd, *args), n_bytes, repeats)
+            t_op, t_copy, ratio = paired_with_copy(functools.partial(op.numba_kd, *args), n_bytes, repeats)
             t_numpy = _median_time(functools.partial(op.numpy, *args), peer_repeats) if peers else None
             t_torch = None
             if peers and op.torch is not None and torch_available():
