@@ -79,3 +79,154 @@ def distillation_loss(student, teachers, labels, weights, temperature: float, al
     """entrenar's EnsembleDistiller.distillation_loss: the teachers' logit average as target."""
     z = combine_teachers(teachers, weights)
     return distillation_loss_single(student, z, labels, temperature, alpha)
+
+
+# ---------------------------------------------------------------------------
+# Generalized losses: masks, reductions, combine modes, divergences, per-row
+# teacher weights.  Rows are [N, C] here; 3-D inputs are reshaped by the caller.
+
+
+def row_teacher_weights(
+    teachers, weights, labels, temperature: float, weighting: str, ignore_index: int | None = None
+) -> np.ndarray:
+    """[N, K] per-row teacher weights, each row summing to 1.
+
+    static: w_k.  confidence: w_k * softmax(t_k)[y] (rows with an ignored label,
+    or whose confidences all underflow, keep w_k).  entropy: w_k * exp(-H(softmax(t_k / T))).
+    """
+    t = stack_teachers(teachers)  # [K, N, C]
+    w = normalized_weights(weights)
+    n_rows = t.shape[1]
+    if weighting == "static":
+        raw = np.broadcast_to(w, (n_rows, w.size)).copy()
+    elif weighting == "confidence":
+        y = np.asarray(labels)
+        valid = _valid_rows(y, ignore_index)
+        safe_y = np.where(valid, y, 0)
+        log_conf = np.take_along_axis(log_softmax(t), safe_y[None, :, None], axis=-1)[..., 0]  # [K, N]
+        raw = w[None, :] * np.exp(log_conf.T)
+        fallback = ~valid | (raw.sum(axis=1) <= 0)
+        raw[fallback] = w
+    elif weighting == "entropy":
+        log_p = log_softmax(t / temperature)
+        entropy = -np.sum(np.exp(log_p) * log_p, axis=-1)  # [K, N]
+        raw = w[None, :] * np.exp(-entropy.T)
+    else:
+        raise ValueError(weighting)
+    return raw / raw.sum(axis=1, keepdims=True)
+
+
+def target_log_probs(teachers, row_weights: np.ndarray, temperature: float, combine: str) -> np.ndarray:
+    """log p, [N, C]: softmax of the weighted logit average, or log of the weighted
+    probability average (in log space)."""
+    t = stack_teachers(teachers)
+    if combine == "logits":
+        z = np.einsum("nk,knc->nc", row_weights, t)
+        return log_softmax(z / temperature)
+    if combine == "probs":
+        with np.errstate(divide="ignore"):
+            log_w = np.log(row_weights.T)[:, :, None]  # [K, N, 1]
+        return logsumexp(log_w + log_softmax(t / temperature), axis=0)
+    raise ValueError(combine)
+
+
+def divergence_rows(log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta: float = 0.5) -> np.ndarray:
+    p, q = np.exp(log_p), np.exp(log_q)
+    if divergence == "forward_kl":
+        return np.sum(p * (log_p - log_q), axis=-1)
+    if divergence == "reverse_kl":
+        return np.sum(q * (log_q - log_p), axis=-1)
+    if divergence == "jsd":
+        log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
+        return beta * np.sum(p * (log_p - log_m), axis=-1) + (1 - beta) * np.sum(q * (log_q - log_m), axis=-1)
+    raise ValueError(divergence)
+
+
+def _valid_rows(labels: np.ndarray, ignore_index: int | None) -> np.ndarray:
+    labels = np.asarray(labels)
+    if ignore_index is None:
+        return np.ones(labels.shape, dtype=bool)
+    return labels != ignore_index
+
+
+def general_rows(
+    student,
+    teachers,
+    labels,
+    weights,
+    temperature: float,
+    combine: str = "logits",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    teacher_weighting: str = "static",
+    ignore_index: int | None = None,
+):
+    """(divergence per row, CE per row, valid mask), float64, rows [N, C]."""
+    s = np.asarray(student, dtype=np.float64)
+    y = np.asarray(labels)
+    valid = _valid_rows(y, ignore_index)
+    row_w = row_teacher_weights(teachers, weights, y, temperature, teacher_weighting, ignore_index)
+    log_p = target_log_probs(teachers, row_w, temperature, combine)
+    log_q = log_softmax(s / temperature)
+    d = divergence_rows(log_p, log_q, divergence, beta)
+    safe_y = np.where(valid, y, 0)
+    ce = logsumexp(s) - np.take_along_axis(s, safe_y[:, None], axis=-1)[:, 0]
+    return np.where(valid, d, 0.0), np.where(valid, ce, 0.0), valid
+
+
+def general_loss(
+    student, teachers, labels, weights, temperature: float, alpha: float, reduction: str = "mean", **options
+):
+    """(loss, soft, hard): the soft part alpha*T^2*D and the hard part (1-alpha)*CE,
+    reduced over rows ("mean" over valid rows, at least 1; "sum"; "none": per row)."""
+    d, ce, valid = general_rows(student, teachers, labels, weights, temperature, **options)
+    soft = alpha * temperature**2 * d
+    hard = (1.0 - alpha) * ce
+    if reduction == "none":
+        return soft + hard, soft, hard
+    n = max(int(valid.sum()), 1) if reduction == "mean" else 1
+    soft_total, hard_total = soft.sum() / n, hard.sum() / n
+    return soft_total + hard_total, soft_total, hard_total
+
+
+def general_grad(
+    student, teachers, labels, weights, temperature: float, alpha: float, reduction: str = "mean", **options
+) -> np.ndarray:
+    """Gradient of the reduced loss with respect to the student logits (for "none",
+    of the sum of the per-row losses).
+
+    With q = softmax(s / T) and g = dD/dq:  dD/ds = q * (g - sum(q * g)) / T, where
+    g = -p/q (forward KL), log(q/p) + 1 (reverse KL), (1 - beta) log(q/m) (JSD).
+    """
+    s = np.asarray(student, dtype=np.float64)
+    y = np.asarray(labels)
+    ignore_index = options.get("ignore_index")
+    valid = _valid_rows(y, ignore_index)
+    row_w = row_teacher_weights(
+        teachers, weights, y, temperature, options.get("teacher_weighting", "static"), ignore_index
+    )
+    log_p = target_log_probs(teachers, row_w, temperature, options.get("combine", "logits"))
+    log_q = log_softmax(s / temperature)
+    p, q = np.exp(log_p), np.exp(log_q)
+    divergence = options.get("divergence", "forward_kl")
+    if divergence == "forward_kl":
+        dd_ds = (q - p) / temperature
+    else:
+        if divergence == "reverse_kl":
+            g = log_q - log_p + 1.0
+        elif divergence == "jsd":
+            beta = options.get("beta", 0.5)
+            log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
+            g = (1.0 - beta) * (log_q - log_m)
+        else:
+            raise ValueError(divergence)
+        dd_ds = q * (g - np.sum(q * g, axis=-1, keepdims=True)) / temperature
+    r = np.exp(log_softmax(s))
+    onehot = np.zeros_like(s)
+    safe_y = np.where(valid, y, 0)
+    np.put_along_axis(onehot, safe_y[:, None], 1.0, axis=-1)
+    grad = alpha * temperature**2 * dd_ds + (1.0 - alpha) * (r - onehot)
+    grad[~valid] = 0.0
+    if reduction == "mean":
+        grad /= max(int(valid.sum()), 1)
+    return grad

@@ -1,0 +1,47 @@
+"""The registry that drives the benchmarks: each operation's numba_kd call agrees with
+its NumPy reference and with torch (when installed), and the bench machinery runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from numba_kd import bench
+from numba_kd.registry import OPERATIONS, Case, relative_error, torch_available
+
+# Max error relative to the largest magnitude of the float64 reference.
+RTOL = {"float32": 1e-6, "float64": 1e-12}
+# torch computes in the input precision with its own kernels: float32 agrees to ~1e-6.
+TORCH_RTOL = {"float32": 1e-5, "float64": 1e-11}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(OPERATIONS))
+def test_operation_matches_its_reference(name, dtype):
+    op = OPERATIONS[name]
+    args = Case(3, 17, 130, dtype, seed=4).arrays()
+    result = op.numba_kd(*args)
+    assert relative_error(result, op.numpy(*args)) <= RTOL[dtype]
+    if op.scalar:
+        assert isinstance(result, float)
+    else:
+        assert result.dtype == np.dtype(dtype)
+
+
+@pytest.mark.skipif(not torch_available(), reason="torch is not installed")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(OPERATIONS))
+def test_operation_matches_torch(name, dtype):
+    op = OPERATIONS[name]
+    args = Case(3, 17, 130, dtype, seed=5).arrays()
+    assert relative_error(op.numba_kd(*args), op.torch(*args)) <= TORCH_RTOL[dtype]
+
+
+def test_bench_measures_every_operation():
+    rows = bench.measure([(8, 40)], n_teachers=2, dtype="float32", repeats=2, peer_repeats=1, peers=False)
+    assert [r.operation for r in rows] == list(OPERATIONS)
+    for r in rows:
+        assert r.numba_kd_ms > 0 and r.gb_per_s > 0 and r.roofline_pct > 0
+        assert r.max_rel_error <= 1e-6
+    table = bench.format_table(rows)
+    assert all(name in table for name in OPERATIONS)
