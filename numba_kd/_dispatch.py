@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,84 @@ def _teachers_type(teachers: Teachers, dtype: np.dtype, layout: str):
 
 _WEIGHTS_TYPE = types.Array(types.float64, 1, "C", readonly=True)
 _LABELS_TYPE = types.Array(types.int64, 1, "C", readonly=True)
+_ROWS_TYPE = types.Array(types.float64, 1, "C")
+
+
+def _loss_arg_types(teachers: Teachers, dtype: np.dtype, layout: str, extra: tuple) -> Callable[[], tuple]:
+    """Argument types of distillation_rows (extra = ()) and general_rows (extra = option types)."""
+
+    def arg_types():
+        return (
+            _input_array_type(dtype, 2, layout),
+            _teachers_type(teachers, dtype, layout),
+            _WEIGHTS_TYPE,
+            _LABELS_TYPE,
+            types.int64,
+            types.float64,
+            *extra,
+            types.float64,
+            types.float64,
+            types.boolean,
+            _output_type(dtype),
+            _ROWS_TYPE,
+            _ROWS_TYPE,
+        )
+
+    return arg_types
+
+
+# Label value that never matches a validated label: "no ignore_index".
+NO_IGNORE = int(np.iinfo(np.int64).min)
+COMBINES = ("logits", "probs")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+WEIGHTINGS = ("static", "confidence", "entropy")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options of distillation_loss / loss_and_grad, validated."""
+
+    reduction: str = "mean"
+    ignore_index: int | None = None
+    combine: str = "logits"
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    teacher_weighting: str = "static"
+
+    @property
+    def is_default(self) -> bool:
+        """entrenar's loss (logit combine, forward KL, static weights): the fast kernel."""
+        return (
+            self.combine == "logits"
+            and self.divergence == "forward_kl"
+            and self.teacher_weighting == "static"
+        )
+
+    @property
+    def ignore_code(self) -> int:
+        return NO_IGNORE if self.ignore_index is None else self.ignore_index
+
+    def codes(self) -> tuple[int, int, int]:
+        return (
+            COMBINES.index(self.combine),
+            DIVERGENCES.index(self.divergence),
+            WEIGHTINGS.index(self.teacher_weighting),
+        )
+
+    def scales(self, labels: Any, n_rows: int, temperature: float, alpha: float) -> tuple[int, float, float]:
+        """(divisor, c_soft, c_hard): the mean divides by the valid rows (at least 1)."""
+        divisor = 1
+        if self.reduction == "mean":
+            valid = n_rows if self.ignore_index is None else n_rows - _count_equal(labels, self.ignore_index)
+            divisor = max(valid, 1)
+        return divisor, alpha * temperature * temperature / divisor, (1.0 - alpha) / divisor
+
+
+def _count_equal(labels: Any, value: int) -> int:
+    if isinstance(labels, np.ndarray):
+        return int(np.count_nonzero(labels == value))
+    return int(np.count_nonzero(labels.copy_to_host() == value))
 
 
 def _output_type(dtype: np.dtype):
@@ -162,7 +241,7 @@ class HostBackend:
             flat.extend(a if isinstance(a, tuple) else (a,))
         return "C" if all(a.flags.c_contiguous for a in flat) else "A"
 
-    def labels(self, y: object, n_rows: int, n_classes: int) -> np.ndarray:
+    def labels(self, y: object, n_rows: int, n_classes: int, ignore_index: int | None = None) -> np.ndarray:
         arr = self.asarray(y)
         if arr.dtype.kind not in "iu":
             raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
@@ -171,6 +250,8 @@ class HostBackend:
         if arr.shape[0] != n_rows:
             raise ValueError(f"labels has {arr.shape[0]} entries but the logits have {n_rows} rows")
         bad = (arr < 0) | (arr >= n_classes)
+        if ignore_index is not None:
+            bad &= arr != ignore_index
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise ValueError(f"labels must be in [0, {n_classes}): labels[{first}] = {arr[first]}")
@@ -201,7 +282,7 @@ class HostBackend:
         kernel = _cpu_kernel("combine_probabilities", dtype, layout, teachers, arg_types)
         kernel(teachers, weights, temperature, eps, out)
 
-    def loss_terms(
+    def loss(
         self,
         student: np.ndarray,
         teachers: Teachers,
@@ -209,29 +290,41 @@ class HostBackend:
         labels: np.ndarray,
         temperature: float,
         alpha: float,
-    ) -> tuple[float, float]:
-        """(soft, hard) parts of the distillation loss; the loss is their sum."""
+        options: LossOptions,
+        want_grad: bool = False,
+        return_device_scalar: bool = False,
+    ) -> tuple[Any, Any, Any, np.ndarray | None]:
+        """(loss, soft, hard, grad): floats for "mean"/"sum", per-row arrays for "none";
+        grad (like student) only with want_grad."""
+        from numba_kd.cpu import kernels
+
         dtype = student.dtype
+        n_rows = student.shape[0]
+        divisor, c_soft, c_hard = options.scales(labels, n_rows, temperature, alpha)
+        grad = np.empty(student.shape if want_grad else (0, 0), dtype=dtype)
+        d_rows = np.empty(n_rows)
+        ce_rows = np.empty(n_rows)
         layout = self.layout(student, teachers)
-
-        def arg_types():
-            return (
-                _input_array_type(dtype, 2, layout),
-                _teachers_type(teachers, dtype, layout),
-                _WEIGHTS_TYPE,
-                _LABELS_TYPE,
-                types.float64,
-                types.float64,
-            )
-
-        kernel = _cpu_kernel("distillation_loss_terms", dtype, layout, teachers, arg_types)
-        return kernel(student, teachers, weights, labels, temperature, alpha)
-
-    def loss(
-        self, student, teachers, weights, labels, temperature, alpha, return_device_scalar=False
-    ) -> float:
-        soft, hard = self.loss_terms(student, teachers, weights, labels, temperature, alpha)
-        return soft + hard
+        common = (weights, labels, np.int64(options.ignore_code), temperature)
+        tail = (c_soft, c_hard, want_grad, grad, d_rows, ce_rows)
+        if options.is_default:
+            types_of = _loss_arg_types(teachers, dtype, layout, extra=())
+            kernel = _cpu_kernel("distillation_rows", dtype, layout, teachers, types_of)
+            kernel(student, teachers, *common, *tail)
+        else:
+            extra = (types.float64, types.int64, types.int64, types.int64)
+            types_of = _loss_arg_types(teachers, dtype, layout, extra=extra)
+            kernel = _cpu_kernel("general_rows", dtype, layout, teachers, types_of)
+            codes = options.codes()
+            kernel(student, teachers, *common, options.beta, *codes, *tail)
+        if options.reduction == "none":
+            soft = (alpha * temperature * temperature * d_rows).astype(dtype)
+            hard = ((1.0 - alpha) * ce_rows).astype(dtype)
+            loss = soft + hard
+        else:
+            soft, hard = kernels.reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
+            loss = soft + hard
+        return loss, soft, hard, grad if want_grad else None
 
     def wrap(self, out: np.ndarray, like: object) -> np.ndarray:
         return out

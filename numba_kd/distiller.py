@@ -10,15 +10,20 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from numba_kd import _dispatch
+from numba_kd._dispatch import LossOptions
 
 TeacherLogits = Sequence[ArrayLike] | ArrayLike
 Device = Literal["cpu", "cuda"] | None
+Reduction = Literal["mean", "sum", "none"]
+Combine = Literal["logits", "probs"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+Weighting = Literal["static", "confidence", "entropy"]
 
 
 def _real(value: object, name: str) -> float:
@@ -52,38 +57,48 @@ def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
     return np.dtype(np.float64) if dtype.itemsize == 8 else np.dtype(np.float32)
 
 
-def _logits(backend, x: object, name: str, ndim: int = 2):
+_SHAPE_NAMES = {
+    2: "[batch, classes]",
+    3: "[batch, sequence, classes]",
+    4: "[teachers, batch, sequence, classes]",
+}
+
+
+def _logits(backend, x: object, name: str, ndim: int | tuple[int, ...] = 2):
     arr = backend.asarray(x)
     target = _float_dtype(np.dtype(arr.dtype), name)
     shape = tuple(arr.shape)
-    if len(shape) != ndim:
-        expected = "[batch, classes]" if ndim == 2 else "[teachers, batch, classes]"
-        raise ValueError(f"{name} must be a {ndim}-D {expected} array, got shape {shape}")
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if len(shape) not in allowed:
+        expected = " or ".join(f"{n}-D {_SHAPE_NAMES.get(n, '')}" for n in allowed)
+        if len(allowed) == 1 and allowed[0] == 3 and name == "teachers":
+            expected = "3-D [teachers, batch, classes]"
+        raise ValueError(f"{name} must be a {expected} array, got shape {shape}")
     if shape[-1] == 0:
         raise ValueError(f"{name} must have at least one class, got shape {shape}")
     # Casts only float16 or non-native byte order; float32/float64 pass as they are.
     return arr if np.dtype(arr.dtype) == target else backend.cast(arr, target, name)
 
 
-def _teachers(backend, teachers: TeacherLogits, n_weights: int):
-    """A tuple of 2-D arrays (a list, read in place) or one 3-D array."""
+def _teachers(backend, teachers: TeacherLogits, n_weights: int, ndim: int = 2):
+    """A tuple of ``ndim``-D arrays (a list, read in place) or one (ndim + 1)-D array."""
     if isinstance(teachers, (list, tuple)):
         if len(teachers) == 0:
             raise ValueError("Must have at least one teacher")
-        result = tuple(_logits(backend, t, f"teachers[{k}]") for k, t in enumerate(teachers))
+        result = tuple(_logits(backend, t, f"teachers[{k}]", ndim) for k, t in enumerate(teachers))
         shapes = {tuple(t.shape) for t in result}
         if len(shapes) > 1:
             raise ValueError(f"All teacher logits must have the same shape, got {sorted(shapes)}")
     else:
         arr = backend.asarray(teachers)
-        if arr.ndim != 3:
+        if arr.ndim != ndim + 1:
             raise ValueError(
-                "teachers must be a list of [batch, classes] arrays or one "
-                f"[teachers, batch, classes] array, got an array of shape {tuple(arr.shape)}"
+                f"teachers must be a list of {_SHAPE_NAMES[ndim]} arrays or one "
+                f"{ndim + 1}-D array stacking them, got an array of shape {tuple(arr.shape)}"
             )
         if arr.shape[0] == 0:
             raise ValueError("Must have at least one teacher")
-        result = _logits(backend, arr, "teachers", ndim=3)
+        result = _logits(backend, arr, "teachers", ndim + 1)
     if len(result) != n_weights:
         raise ValueError(
             f"Number of teachers must match number of weights: {len(result)} teachers, {n_weights} weights"
@@ -91,9 +106,9 @@ def _teachers(backend, teachers: TeacherLogits, n_weights: int):
     return result
 
 
-def _teacher_shape(teachers) -> tuple[int, int]:
+def _teacher_shape(teachers) -> tuple[int, ...]:
     shape = teachers[0].shape if isinstance(teachers, tuple) else teachers.shape[1:]
-    return int(shape[0]), int(shape[1])
+    return tuple(int(n) for n in shape)
 
 
 def _teacher_dtypes(teachers) -> list[np.dtype]:
@@ -111,19 +126,88 @@ def _cast_teachers(backend, teachers, dtype: np.dtype):
     return teachers if np.dtype(teachers.dtype) == dtype else backend.cast(teachers, dtype, "teachers")
 
 
-def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: object, n_weights: int):
-    s = _logits(backend, student, "student")
-    t = _teachers(backend, teachers, n_weights)
+def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: object, n_weights: int, options):
+    """Validated rows: (student [N, C], teachers, labels [N], shape of the labels).
+
+    3-D inputs [B, S, C] with labels [B, S] become B*S rows (a reshape, which is a
+    view for any array whose first two axes can be merged)."""
+    s = _logits(backend, student, "student", (2, 3))
+    t = _teachers(backend, teachers, n_weights, s.ndim)
     if tuple(s.shape) != _teacher_shape(t):
         raise ValueError(
             f"student logits shape {tuple(s.shape)} does not match teacher logits shape {_teacher_shape(t)}"
         )
-    if s.shape[0] == 0:
+    shape = tuple(int(n) for n in s.shape)
+    lead = shape[:-1]
+    n_rows, n_classes = math.prod(lead), shape[-1]
+    if n_rows == 0:
         raise ValueError("student logits must have at least one row: the mean over rows is undefined")
     dtype = np.result_type(s.dtype, *_teacher_dtypes(t))
     if np.dtype(s.dtype) != dtype:
         s = backend.cast(s, dtype, "student")
-    return s, _cast_teachers(backend, t, dtype), backend.labels(labels, s.shape[0], s.shape[1])
+    t = _cast_teachers(backend, t, dtype)
+    y = backend.asarray(labels)
+    if len(shape) == 3:
+        if tuple(y.shape) != lead:
+            raise ValueError(f"labels must have shape {lead} for student logits of shape {shape}")
+        s = s.reshape(n_rows, n_classes)
+        y = y.reshape(n_rows)
+        if isinstance(t, tuple):
+            t = tuple(x.reshape(n_rows, n_classes) for x in t)
+        else:
+            t = t.reshape(len(t), n_rows, n_classes)
+    return s, t, backend.labels(y, n_rows, n_classes, options.ignore_index), lead
+
+
+def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting) -> LossOptions:
+    for name, value, allowed in (
+        ("reduction", reduction, _dispatch.REDUCTIONS),
+        ("combine", combine, _dispatch.COMBINES),
+        ("divergence", divergence, _dispatch.DIVERGENCES),
+        ("teacher_weighting", teacher_weighting, _dispatch.WEIGHTINGS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+    ):
+        raise TypeError(f"ignore_index must be an integer or None, got {type(ignore_index).__name__}")
+    b = _real(beta, "beta")
+    if divergence == "jsd" and not 0.0 < b < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for divergence='jsd', got {b}")
+    return LossOptions(
+        reduction=reduction,
+        ignore_index=None if ignore_index is None else int(ignore_index),
+        combine=combine,
+        divergence=divergence,
+        beta=b,
+        teacher_weighting=teacher_weighting,
+    )
+
+
+class LossComponents(NamedTuple):
+    """A loss with its soft (divergence) and hard (cross-entropy) parts: loss = soft + hard."""
+
+    loss: Any
+    soft: Any
+    hard: Any
+
+
+def _evaluate(
+    backend, like, s, t, weights, y, lead, temperature, alpha, options, want_grad, components, device_scalar
+):
+    """Run the loss kernels and shape the results as the caller's inputs."""
+    loss, soft, hard, grad = backend.loss(
+        s, t, weights, y, temperature, alpha, options, want_grad, device_scalar
+    )
+    if options.reduction == "none":
+        loss, soft, hard = (backend.wrap(x.reshape(lead), like) for x in (loss, soft, hard))
+    elif device_scalar:
+        loss, soft, hard = (backend.wrap(x, like) for x in (loss, soft, hard))
+    result = LossComponents(loss, soft, hard) if components else loss
+    if not want_grad:
+        return result
+    return result, backend.wrap(grad.reshape((*lead, s.shape[1])), like)
 
 
 class EnsembleDistiller:
@@ -215,21 +299,68 @@ class EnsembleDistiller:
         labels: ArrayLike,
         alpha: float,
         *,
+        reduction: Reduction = "mean",
+        ignore_index: int | None = None,
+        combine: Combine = "logits",
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        teacher_weighting: Weighting = "static",
+        return_components: bool = False,
         device: Device = None,
         stream: object = None,
         return_device_scalar: bool = False,
     ) -> Any:
-        """``alpha * T^2 * mean KL(p || q) + (1 - alpha) * mean CE`` with ``p`` from the
-        weighted logit average of the teachers, as a Python float.
+        """``alpha * T^2 * D(p, q) + (1 - alpha) * CE`` reduced over rows.
 
-        With CUDA inputs and ``return_device_scalar=True`` the loss stays on the
-        device as a 1-element array and the call does not synchronize.
+        By default (entrenar's loss) ``D`` is ``KL(p || q)``, ``p = softmax(z / T)``
+        with ``z`` the weighted logit average of the teachers, and the result is
+        the mean over rows as a Python float.  See the user guide for every
+        option; ``return_components=True`` returns ``LossComponents(loss, soft, hard)``.
         """
+        return self._loss(
+            student, teachers, labels, alpha, False, reduction, ignore_index, combine, divergence, beta,
+            teacher_weighting, return_components, device, stream, return_device_scalar,
+        )  # fmt: skip
+
+    def loss_and_grad(
+        self,
+        student: ArrayLike,
+        teachers: TeacherLogits,
+        labels: ArrayLike,
+        alpha: float,
+        *,
+        reduction: Reduction = "mean",
+        ignore_index: int | None = None,
+        combine: Combine = "logits",
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        teacher_weighting: Weighting = "static",
+        return_components: bool = False,
+        device: Device = None,
+        stream: object = None,
+        return_device_scalar: bool = False,
+    ) -> tuple[Any, Any]:
+        """``(loss, grad)``: the loss of :meth:`distillation_loss` (the same value, bit
+        for bit) and its gradient with respect to the student logits, shaped and
+        typed like them.  With ``reduction="none"`` the gradient is that of the sum
+        of the per-row losses; ignored rows get a zero gradient."""
+        return self._loss(
+            student, teachers, labels, alpha, True, reduction, ignore_index, combine, divergence, beta,
+            teacher_weighting, return_components, device, stream, return_device_scalar,
+        )  # fmt: skip
+
+    def _loss(
+        self, student, teachers, labels, alpha, want_grad, reduction, ignore_index, combine, divergence, beta,
+        teacher_weighting, return_components, device, stream, return_device_scalar,
+    ):  # fmt: skip
         a = _check_alpha(alpha)
+        options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         backend = _dispatch.backend_for([student, teachers, labels], device, stream)
-        s, t, y = _loss_inputs(backend, student, teachers, labels, self.num_teachers)
-        loss = backend.loss(s, t, self._weights, y, self._temperature, a, return_device_scalar)
-        return backend.wrap(loss, student) if return_device_scalar else loss
+        s, t, y, lead = _loss_inputs(backend, student, teachers, labels, self.num_teachers, options)
+        return _evaluate(
+            backend, student, s, t, self._weights, y, lead, self._temperature, a, options, want_grad,
+            return_components, return_device_scalar,
+        )  # fmt: skip
 
     def _combine_inputs(self, backend, teachers: TeacherLogits):
         t = _teachers(backend, teachers, self.num_teachers)
@@ -272,18 +403,59 @@ class DistillationLoss:
         teacher: ArrayLike,
         labels: ArrayLike,
         *,
+        reduction: Reduction = "mean",
+        ignore_index: int | None = None,
+        combine: Combine = "logits",
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        teacher_weighting: Weighting = "static",
+        return_components: bool = False,
         device: Device = None,
         stream: object = None,
         return_device_scalar: bool = False,
     ) -> Any:
         """The loss of ``student`` logits against one ``teacher``'s logits, as a float
-        (or a 1-element device array with ``return_device_scalar=True``)."""
+        (options as in :meth:`EnsembleDistiller.distillation_loss`; with one teacher
+        ``combine`` and ``teacher_weighting`` change nothing)."""
+        return self._loss(
+            student, teacher, labels, False, reduction, ignore_index, combine, divergence, beta,
+            teacher_weighting, return_components, device, stream, return_device_scalar,
+        )  # fmt: skip
+
+    def loss_and_grad(
+        self,
+        student: ArrayLike,
+        teacher: ArrayLike,
+        labels: ArrayLike,
+        *,
+        reduction: Reduction = "mean",
+        ignore_index: int | None = None,
+        combine: Combine = "logits",
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        teacher_weighting: Weighting = "static",
+        return_components: bool = False,
+        device: Device = None,
+        stream: object = None,
+        return_device_scalar: bool = False,
+    ) -> tuple[Any, Any]:
+        """``(loss, grad)`` with the gradient with respect to the student logits."""
+        return self._loss(
+            student, teacher, labels, True, reduction, ignore_index, combine, divergence, beta,
+            teacher_weighting, return_components, device, stream, return_device_scalar,
+        )  # fmt: skip
+
+    def _loss(
+        self, student, teacher, labels, want_grad, reduction, ignore_index, combine, divergence, beta,
+        teacher_weighting, return_components, device, stream, return_device_scalar,
+    ):  # fmt: skip
+        options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         backend = _dispatch.backend_for([student, teacher, labels], device, stream)
-        t = (_logits(backend, teacher, "teacher"),)
-        s, t, y = _loss_inputs(backend, student, t, labels, 1)
-        loss = backend.loss(
-            s, t, _SINGLE_TEACHER_WEIGHT, y, self._temperature, self._alpha, return_device_scalar
-        )
-        return backend.wrap(loss, student) if return_device_scalar else loss
+        t = (_logits(backend, teacher, "teacher", (2, 3)),)
+        s, t, y, lead = _loss_inputs(backend, student, t, labels, 1, options)
+        return _evaluate(
+            backend, student, s, t, _SINGLE_TEACHER_WEIGHT, y, lead, self._temperature, self._alpha, options,
+            want_grad, return_components, return_device_scalar,
+        )  # fmt: skip
 
     __call__ = forward

@@ -29,7 +29,6 @@ from numba_kd._math import (
     kl_from_stats,
     log_like,
     log_mixture_term,
-    lse_from_stats,
 )
 
 # Rows per parallel work item: amortizes the scratch rows, balances small B.
@@ -192,12 +191,13 @@ def _log_mixture_entry(teachers, weights, lse, i, j, inv_t):
 
 
 @njit(inline="always")
-def _kl_and_lse(z, s, inv_t):
-    """(KL(softmax(z / T) || softmax(s / T)), lse(s)) of one row.
+def _kl_stats(z, s, inv_t):
+    """Row statistics of KL(softmax(z / T) || softmax(s / T)) and of lse(s).
 
     Sweep 1 takes the two row maxima; sweep 2, over data still in cache, sums
     with a = z / T and b = s / T: S_a = sum exp(a - max a),
     W = sum exp(a - max a) (a - b), S_b = sum exp(b - max b), S_s = sum exp(s - max s).
+    Returns (KL, lse(s), max z, log S_a, max s, log S_b, log S_s).
     """
     n_classes = s.shape[0]
     m_z = _max(z)
@@ -227,34 +227,269 @@ def _kl_and_lse(z, s, inv_t):
         w_a += p_w
         s_b += p_b
         s_s += p_s
-    lse_a = lse_from_stats(m_z * inv_t, s_a)
-    lse_b = lse_from_stats(m_s * inv_t, s_b)
-    return kl_from_stats(s_a, w_a * inv_t, lse_a, lse_b), lse_from_stats(np.float64(m_s), s_s)
+    log_sa = math.log(s_a)
+    log_sb = math.log(s_b)
+    log_ss = math.log(s_s)
+    kl = kl_from_stats(s_a, w_a * inv_t, m_z * inv_t + log_sa, m_s * inv_t + log_sb)
+    return kl, m_s + log_ss, m_z, log_sa, m_s, log_sb, log_ss
+
+
+@njit(inline="always")
+def _kl_grad_row(z, s, y, inv_t, m_z, log_sa, m_s, log_sb, log_ss, c_soft, c_hard, out):
+    """out = c_soft * (q - p) / T + c_hard * (r - onehot(y)): the gradient sweep of the
+    forward-KL loss, p = softmax(z / T), q = softmax(s / T), r = softmax(s)."""
+    like = s[0]
+    scale = as_type_of(inv_t, like)
+    soft = as_type_of(c_soft * inv_t, like)
+    hard = as_type_of(c_hard, like)
+    shift_a = as_type_of(log_sa, like)
+    shift_b = as_type_of(log_sb, like)
+    shift_s = as_type_of(log_ss, like)
+    for j in range(s.shape[0]):
+        d_s = s[j] - m_s
+        p = exp_like((z[j] - m_z) * scale - shift_a, like)
+        q = exp_like(d_s * scale - shift_b, like)
+        r = exp_like(d_s - shift_s, like)
+        out[j] = soft * (q - p) + hard * r
+    out[y] -= hard
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def distillation_loss_terms(student, teachers, weights, labels, temperature, alpha):
-    """(soft, hard): alpha * T^2 * mean KL(p || q) and (1 - alpha) * mean CE."""
+def distillation_rows(
+    student,
+    teachers,
+    weights,
+    labels,
+    ignore_index,
+    temperature,
+    c_soft,
+    c_hard,
+    want_grad,
+    grad,
+    d_rows,
+    ce_rows,
+):
+    """Per row: KL(p || q) into d_rows and CE into ce_rows, p = softmax(sum_k w_k t_k / T);
+    rows whose label is ignore_index get 0 (and a zero gradient row).
+
+    With want_grad, one more sweep per row writes c_soft * dKL/ds + c_hard * dCE/ds
+    into grad; the row values are computed exactly as without it.
+    """
     n_rows, n_classes = student.shape
     inv_t = 1.0 / temperature
-    kl_rows = np.empty(n_rows)
-    ce_rows = np.empty(n_rows)
     for block in prange(_n_blocks(n_rows)):
         # The ensemble row in the input precision: float32 rows keep the exp
-        # sweep in float32 (8 lanes); the sums are float64.
+        # sweeps in float32 (8 lanes); the sums are float64.
         z = np.empty(n_classes, student.dtype)
         for i in _block_rows(block, n_rows):
+            y = labels[i]
+            if y == ignore_index:
+                d_rows[i] = 0.0
+                ce_rows[i] = 0.0
+                if want_grad:
+                    grad[i, :] = 0.0
+                continue
             if weights.shape[0] == 1:
                 # One teacher (weight exactly 1): the ensemble row is the teacher's.
-                kl, lse_s = _kl_and_lse(teachers[0][i], student[i], inv_t)
+                d_rows[i], ce_rows[i] = _loss_row(
+                    teachers[0][i], student, i, y, inv_t, c_soft, c_hard, want_grad, grad
+                )
             else:
                 _ensemble_row(teachers, weights, i, z)
-                kl, lse_s = _kl_and_lse(z, student[i], inv_t)
-            kl_rows[i] = kl
-            ce_rows[i] = lse_s - student[i, labels[i]]
-    kl_sum = 0.0
+                d_rows[i], ce_rows[i] = _loss_row(z, student, i, y, inv_t, c_soft, c_hard, want_grad, grad)
+
+
+@njit(inline="always")
+def _loss_row(z, student, i, y, inv_t, c_soft, c_hard, want_grad, grad):
+    kl, lse_s, m_z, log_sa, m_s, log_sb, log_ss = _kl_stats(z, student[i], inv_t)
+    if want_grad:
+        _kl_grad_row(z, student[i], y, inv_t, m_z, log_sa, m_s, log_sb, log_ss, c_soft, c_hard, grad[i])
+    return kl, lse_s - student[i, y]
+
+
+@njit(cache=True)
+def reduce_rows(d_rows, ce_rows, divisor, alpha, temperature):
+    """(soft, hard) = (alpha T^2 sum(d) / divisor, (1 - alpha) sum(ce) / divisor), summed
+    in row order so that the result does not depend on the thread count."""
+    d_sum = 0.0
     ce_sum = 0.0
-    for i in range(n_rows):
-        kl_sum += kl_rows[i]
+    for i in range(d_rows.shape[0]):
+        d_sum += d_rows[i]
         ce_sum += ce_rows[i]
-    return distillation_terms(kl_sum, ce_sum, n_rows, alpha, temperature)
+    return distillation_terms(d_sum, ce_sum, divisor, alpha, temperature)
+
+
+# Option codes shared with the dispatcher.
+COMBINE_LOGITS, COMBINE_PROBS = 0, 1
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
+
+
+@njit(inline="always")
+def _row_lse(x, scale):
+    """lse(x * scale) over a 1-D row (scale > 0), float64."""
+    m = _max(x) * scale
+    s = 0.0
+    for j in range(x.shape[0]):
+        s += math.exp(x[j] * scale - m)
+    return m + math.log(s)
+
+
+@njit(inline="always")
+def _row_weights(teachers, weights, i, y, valid, temperature, weighting, out):
+    """Per-row teacher weights into out (summing to 1): the statistics sweep."""
+    n_teachers = weights.shape[0]
+    inv_t = 1.0 / temperature
+    total = 0.0
+    for k in range(n_teachers):
+        out[k] = weights[k]
+        if weighting == CONFIDENCE and valid:
+            row = teachers[k][i]
+            lse1 = _row_lse(row, 1.0)
+            out[k] = weights[k] * math.exp(row[y] - lse1)
+        elif weighting == ENTROPY:
+            row = teachers[k][i]
+            lse = _row_lse(row, inv_t)
+            # H = lse(u) - sum_j softmax(u)_j u_j with u = t / T.
+            s = 0.0
+            su = 0.0
+            for j in range(row.shape[0]):
+                u = row[j] * inv_t
+                e = math.exp(u - lse)
+                s += e
+                su += e * u
+            out[k] = weights[k] * math.exp(-(lse - su / s))
+        total += out[k]
+    if not total > 0.0:
+        # Every confidence underflowed: fall back to the static weights.
+        for k in range(n_teachers):
+            out[k] = weights[k]
+        total = 1.0
+    for k in range(n_teachers):
+        out[k] /= total
+
+
+@njit(inline="always")
+def _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p):
+    """log p into log_p: log softmax of sum_k w_k t_k / T, or the log of sum_k w_k softmax(t_k / T)."""
+    n_teachers = row_w.shape[0]
+    n_classes = log_p.shape[0]
+    if combine == COMBINE_LOGITS:
+        for j in range(n_classes):
+            z = 0.0
+            for k in range(n_teachers):
+                z += row_w[k] * teachers[k][i, j]
+            log_p[j] = z * inv_t
+        lse = _row_lse(log_p, 1.0)
+        for j in range(n_classes):
+            log_p[j] -= lse
+    else:
+        for k in range(n_teachers):
+            lse_t[k] = _row_lse(teachers[k][i], inv_t)
+        for j in range(n_classes):
+            m = NEG_INF
+            for k in range(n_teachers):
+                if row_w[k] > 0.0:
+                    m = max(m, log_mixture_term(math.log(row_w[k]), teachers[k][i, j] * inv_t, lse_t[k]))
+            s = 0.0
+            for k in range(n_teachers):
+                if row_w[k] > 0.0:
+                    s += math.exp(
+                        log_mixture_term(math.log(row_w[k]), teachers[k][i, j] * inv_t, lse_t[k]) - m
+                    )
+            log_p[j] = m + math.log(s)
+
+
+@njit(inline="always")
+def _log_mix(log_p, log_q, log_beta, log_1m_beta):
+    """log m with m = beta p + (1 - beta) q."""
+    a = log_beta + log_p
+    b = log_1m_beta + log_q
+    top = max(a, b)
+    return top + math.log(math.exp(a - top) + math.exp(b - top))
+
+
+@njit(parallel=True, cache=True)
+def general_rows(
+    student,
+    teachers,
+    weights,
+    labels,
+    ignore_index,
+    temperature,
+    beta,
+    combine,
+    divergence,
+    weighting,
+    c_soft,
+    c_hard,
+    want_grad,
+    grad,
+    d_rows,
+    ce_rows,
+):
+    """Every option: combine (logits/probs), divergence (forward KL, reverse KL, JSD),
+    per-row teacher weights (static/confidence/entropy), masks; float64 per element.
+
+    Per row: a statistics sweep for the teacher weights, the target log p into a
+    scratch row, one sweep for the divergence and CE, and with want_grad one
+    sweep that writes c_soft * dD/ds + c_hard * dCE/ds.
+    """
+    n_rows, n_classes = student.shape
+    n_teachers = weights.shape[0]
+    inv_t = 1.0 / temperature
+    log_beta = math.log(beta)
+    log_1m_beta = math.log1p(-beta)
+    for block in prange(_n_blocks(n_rows)):
+        row_w = np.empty(n_teachers)
+        lse_t = np.empty(n_teachers)
+        log_p = np.empty(n_classes)
+        for i in _block_rows(block, n_rows):
+            y = labels[i]
+            valid = y != ignore_index
+            if not valid:
+                d_rows[i] = 0.0
+                ce_rows[i] = 0.0
+                if want_grad:
+                    grad[i, :] = 0.0
+                continue
+            _row_weights(teachers, weights, i, y, valid, temperature, weighting, row_w)
+            _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p)
+            s = student[i]
+            lse_b = _row_lse(s, inv_t)
+            lse_s = _row_lse(s, 1.0)
+            # The divergence, and sum_j q_j g_j (g = dD/dq) for its gradient.
+            d = 0.0
+            qg = 0.0
+            for j in range(n_classes):
+                lp = log_p[j]
+                lq = s[j] * inv_t - lse_b
+                p = math.exp(lp)
+                q = math.exp(lq)
+                if divergence == FORWARD_KL:
+                    d += p * (lp - lq) if p > 0.0 else 0.0
+                elif divergence == REVERSE_KL:
+                    d += q * (lq - lp) if q > 0.0 else 0.0
+                    qg += q * (lq - lp + 1.0)
+                else:
+                    lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+                    d += (beta * p * (lp - lm) if p > 0.0 else 0.0) + (
+                        (1.0 - beta) * q * (lq - lm) if q > 0.0 else 0.0
+                    )
+                    qg += q * (1.0 - beta) * (lq - lm)
+            d_rows[i] = d
+            ce_rows[i] = lse_s - s[y]
+            if want_grad:
+                g_row = grad[i]
+                for j in range(n_classes):
+                    lp = log_p[j]
+                    lq = s[j] * inv_t - lse_b
+                    q = math.exp(lq)
+                    if divergence == FORWARD_KL:
+                        dd = q - math.exp(lp)
+                    elif divergence == REVERSE_KL:
+                        dd = q * (lq - lp + 1.0 - qg)
+                    else:
+                        dd = q * ((1.0 - beta) * (lq - _log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
+                    g_row[j] = c_soft * dd * inv_t + c_hard * math.exp(s[j] - lse_s)
+                g_row[y] -= c_hard

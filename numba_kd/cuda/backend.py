@@ -219,7 +219,7 @@ class CudaBackend:
         ok = all(_c_contiguous(a.shape, a.strides, a.dtype.itemsize) for a in flat)
         return "C" if ok else "A"
 
-    def labels(self, y, n_rows: int, n_classes: int):
+    def labels(self, y, n_rows: int, n_classes: int, ignore_index: int | None = None):
         arr = self.asarray(y)
         if np.dtype(arr.dtype).kind not in "iu":
             raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
@@ -273,16 +273,20 @@ class CudaBackend:
         )
         _launch("mix_probabilities", dtype, layout, teachers, grid, block, self.stream, args)
 
-    def loss(
-        self,
-        student,
-        teachers,
-        weights: np.ndarray,
-        labels,
-        temperature: float,
-        alpha: float,
-        return_device_scalar: bool,
-    ):
+    def loss(self, student, teachers, weights: np.ndarray, labels, temperature: float, alpha: float,
+             options, want_grad: bool = False, return_device_scalar: bool = False):  # fmt: skip
+        """(loss, soft, hard, None) of entrenar's loss, mean over rows."""
+        if (
+            want_grad
+            or not options.is_default
+            or options.reduction != "mean"
+            or options.ignore_index is not None
+        ):
+            raise NotImplementedError(
+                "CUDA inputs support the default loss (combine='logits', divergence='forward_kl', "
+                "teacher_weighting='static', reduction='mean', no ignore_index) without gradients; "
+                'pass device="cpu" to compute this one on the CPU'
+            )
         dtype = np.dtype(student.dtype)
         scalar = dtype.type
         n_rows, n_classes = student.shape
@@ -307,14 +311,14 @@ class CudaBackend:
         args = (kl_rows, ce_rows, scalar(temperature), scalar(alpha), out)
         _launch("reduce_loss", dtype, "C", None, 1, _block_threads(), self.stream, args)
         if return_device_scalar:
-            return out[0:1]
+            return out[0:1], out[1:2], out[2:3], None
         values = out.copy_to_host(stream=self.stream)
         n_bad = int(bad_labels.copy_to_host(stream=self.stream)[0])
         if self.stream:
             self.stream.synchronize()
         if n_bad:
             raise ValueError(f"labels must be in [0, {n_classes}): {n_bad} labels are outside it")
-        return float(values[0])
+        return float(values[0]), float(values[1]), float(values[2]), None
 
     def wrap(self, out, like):
         """Return ``out`` as the array type of ``like`` when that type can wrap
