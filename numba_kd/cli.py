@@ -1,4 +1,4 @@
-"""Command line: ``python -m numba_kd demo|bench`` (also installed as ``numba-kd``)."""
+"""Command line: ``python -m numba_kd demo|check|bench`` (also installed as ``numba-kd``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def demo(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> int:
     import numba
 
     import numba_kd as kd
@@ -37,7 +37,7 @@ def demo(args: argparse.Namespace) -> int:
 
     distiller = kd.EnsembleDistiller(weights, temperature=args.temperature)
     print(
-        f"numba_kd {kd.__version__} demo: K={args.teachers} teachers, B={args.batch}, C={args.classes}, "
+        f"numba_kd {kd.__version__} check: K={args.teachers} teachers, B={args.batch}, C={args.classes}, "
         f"{dtype.name}, weights={distiller.weights.round(3).tolist()}, T={args.temperature}, "
         f"alpha={args.alpha}, {numba.get_num_threads()} threads"
     )
@@ -68,7 +68,14 @@ def demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numba_kd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="distillation loss on a synthetic ensemble batch, checked and timed")
+    d = sub.add_parser(
+        "demo", help="distill an ensemble of small MLPs on the digits data (needs scikit-learn)"
+    )
+    d.add_argument("--seeds", type=int, default=5, help="training runs to average (default 5)")
+    d.add_argument("--quick", action="store_true", help="fewer training steps (a smoke test)")
+    d.set_defaults(func=_demo)
+
+    p = sub.add_parser("check", help="distillation loss on a synthetic ensemble batch, checked and timed")
     p.add_argument("--teachers", type=int, default=4, help="number of teachers K (default 4)")
     p.add_argument("--batch", type=int, default=2048, help="rows B (default 2048)")
     p.add_argument("--classes", type=int, default=1000, help="classes C (default 1000)")
@@ -77,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=check)
 
     b = sub.add_parser("bench", help="numba_kd vs NumPy, torch CPU and the memory roofline")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
@@ -87,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     b.set_defaults(func=_bench)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from numba_kd import demo
+
+    return demo.run(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
