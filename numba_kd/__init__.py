@@ -4,8 +4,8 @@
 numba's on-disk cache) on its first call.
 """
 
-from numba_kd.distiller import DistillationLoss, EnsembleDistiller
+from numba_kd.distiller import DistillationLoss, EnsembleDistiller, LossComponents
 
-__all__ = ["DistillationLoss", "EnsembleDistiller", "__version__"]
+__all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "__version__"]
 
 __version__ = "0.1.0"

@@ -107,6 +107,15 @@ def tempered_log(p, eps, temperature):
 
 
 @njit(inline="always")
+def log_mix(log_p, log_q, log_beta, log_1m_beta):
+    """log(beta p + (1 - beta) q) from log p and log q, without overflow."""
+    a = log_beta + log_p
+    b = log_1m_beta + log_q
+    top = max(a, b)
+    return top + math.log(math.exp(a - top) + math.exp(b - top))
+
+
+@njit(inline="always")
 def ensemble_logit(teachers, weights, i, j):
     """z_ij = sum_k w_k t_k[i, j], accumulated in the type of ``weights``.
 

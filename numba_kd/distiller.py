@@ -451,8 +451,9 @@ class DistillationLoss:
     ):  # fmt: skip
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         backend = _dispatch.backend_for([student, teacher, labels], device, stream)
-        t = (_logits(backend, teacher, "teacher", (2, 3)),)
-        s, t, y, lead = _loss_inputs(backend, student, t, labels, 1, options)
+        s = backend.asarray(student)
+        t = (_logits(backend, teacher, "teacher", s.ndim if s.ndim in (2, 3) else (2, 3)),)
+        s, t, y, lead = _loss_inputs(backend, s, t, labels, 1, options)
         return _evaluate(
             backend, student, s, t, _SINGLE_TEACHER_WEIGHT, y, lead, self._temperature, self._alpha, options,
             want_grad, return_components, return_device_scalar,

@@ -28,6 +28,7 @@ from numba_kd._math import (
     exp_like,
     kl_from_stats,
     log_like,
+    log_mix,
     log_mixture_term,
 )
 
@@ -400,15 +401,6 @@ def _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p):
             log_p[j] = m + math.log(s)
 
 
-@njit(inline="always")
-def _log_mix(log_p, log_q, log_beta, log_1m_beta):
-    """log m with m = beta p + (1 - beta) q."""
-    a = log_beta + log_p
-    b = log_1m_beta + log_q
-    top = max(a, b)
-    return top + math.log(math.exp(a - top) + math.exp(b - top))
-
-
 @njit(parallel=True, cache=True)
 def general_rows(
     student,
@@ -472,7 +464,7 @@ def general_rows(
                     d += q * (lq - lp) if q > 0.0 else 0.0
                     qg += q * (lq - lp + 1.0)
                 else:
-                    lm = _log_mix(lp, lq, log_beta, log_1m_beta)
+                    lm = log_mix(lp, lq, log_beta, log_1m_beta)
                     d += (beta * p * (lp - lm) if p > 0.0 else 0.0) + (
                         (1.0 - beta) * q * (lq - lm) if q > 0.0 else 0.0
                     )
@@ -490,6 +482,6 @@ def general_rows(
                     elif divergence == REVERSE_KL:
                         dd = q * (lq - lp + 1.0 - qg)
                     else:
-                        dd = q * ((1.0 - beta) * (lq - _log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
+                        dd = q * ((1.0 - beta) * (lq - log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
                     g_row[j] = c_soft * dd * inv_t + c_hard * math.exp(s[j] - lse_s)
                 g_row[y] -= c_hard

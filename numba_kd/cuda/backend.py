@@ -99,7 +99,19 @@ def signature(
         counter = types.Array(types.int32, 1, "C")
         return (_array_type(dtype, 2, layout), teachers, vector, labels, acc, vector, vector, counter)
     if op == "reduce_loss":
-        return (vector, vector, acc, acc, vector)
+        return (vector, vector, acc, acc, vector, vector)
+    if op == "scale_rows":
+        return (vector, vector, acc, acc, vector, vector, vector)
+    if op == "count_valid":
+        return (_array_type(np.dtype(label_dtype), 1, layout), types.int64, types.boolean, vector)
+    if op == "general_rows":
+        labels = _array_type(np.dtype(label_dtype), 1, layout)
+        counter = types.Array(types.int32, 1, "C")
+        codes = (types.int64, types.int64, types.int64)
+        return (
+            _array_type(dtype, 2, layout), teachers, vector, labels, types.int64, acc, acc, *codes, acc, acc,
+            vector, types.boolean, matrix, matrix, matrix, vector, vector, counter,
+        )  # fmt: skip
     raise ValueError(op)
 
 
@@ -113,7 +125,11 @@ def kernel_signatures():
                     yield op, dtype, layout, kind, n_teachers, None
                 for label_dtype in LABEL_DTYPES:
                     yield "loss_rows", dtype, layout, kind, n_teachers, label_dtype
+                    yield "general_rows", dtype, layout, kind, n_teachers, label_dtype
+            for label_dtype in LABEL_DTYPES:
+                yield "count_valid", dtype, layout, "none", None, label_dtype
         yield "reduce_loss", dtype, "C", "none", None, None
+        yield "scale_rows", dtype, "C", "none", None, None
 
 
 def _launch(
@@ -275,50 +291,64 @@ class CudaBackend:
 
     def loss(self, student, teachers, weights: np.ndarray, labels, temperature: float, alpha: float,
              options, want_grad: bool = False, return_device_scalar: bool = False):  # fmt: skip
-        """(loss, soft, hard, None) of entrenar's loss, mean over rows."""
-        if (
-            want_grad
-            or not options.is_default
-            or options.reduction != "mean"
-            or options.ignore_index is not None
-        ):
-            raise NotImplementedError(
-                "CUDA inputs support the default loss (combine='logits', divergence='forward_kl', "
-                "teacher_weighting='static', reduction='mean', no ignore_index) without gradients; "
-                'pass device="cpu" to compute this one on the CPU'
-            )
+        """(loss, soft, hard, grad) on the device.
+
+        entrenar's loss (mean, no mask, no gradient) runs the single-read loss_rows
+        kernel; every other case runs general_rows.  Labels are range-checked on the
+        device: with a synchronizing result an out-of-range label raises ValueError;
+        a device scalar becomes NaN instead.
+        """
         dtype = np.dtype(student.dtype)
         scalar = dtype.type
         n_rows, n_classes = student.shape
-        kl_rows = self.empty((n_rows,), dtype)
+        n_teachers = len(weights)
+        label_dtype = np.dtype(labels.dtype)
+        layout = self.layout(student, teachers, labels)
+        d_rows = self.empty((n_rows,), dtype)
         ce_rows = self.empty((n_rows,), dtype)
         bad_labels = cuda.to_device(np.zeros(1, dtype=np.int32), stream=self.stream)
+        w = self.vector(weights, dtype)
         grid, block = row_config(n_rows, n_classes)
-        label_dtype = np.dtype(labels.dtype)
-        args = (
-            student,
-            teachers,
-            self.vector(weights, dtype),
-            labels,
-            scalar(1.0 / temperature),
-            kl_rows,
-            ce_rows,
-            bad_labels,
-        )
-        layout = self.layout(student, teachers, labels)
-        _launch("loss_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
+        divisor = self.empty((1,), dtype)
+        threads = _block_threads()
+        args = (labels, np.int64(options.ignore_code), options.reduction == "mean", divisor)
+        _launch("count_valid", dtype, layout, None, 1, threads, self.stream, args, label_dtype)
+        grad = None
+        if options.is_default and options.ignore_index is None and not want_grad:
+            args = (student, teachers, w, labels, scalar(1.0 / temperature), d_rows, ce_rows, bad_labels)
+            _launch("loss_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
+        else:
+            grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
+            scratch = (self.empty((n_rows, n_teachers), dtype), self.empty((n_rows, n_teachers), dtype))
+            args = (
+                student, teachers, w, labels, np.int64(options.ignore_code), scalar(1.0 / temperature),
+                scalar(options.beta), *(np.int64(c) for c in options.codes()),
+                scalar(alpha * temperature * temperature), scalar(1.0 - alpha), divisor, want_grad, grad,
+                *scratch, d_rows, ce_rows, bad_labels,
+            )  # fmt: skip
+            _launch("general_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
+        if options.reduction == "none":
+            results = tuple(self.empty((n_rows,), dtype) for _ in range(3))
+            args = (d_rows, ce_rows, scalar(alpha * temperature * temperature), scalar(1.0 - alpha), *results)
+            egrid, eblock = elementwise_config(n_rows)
+            _launch("scale_rows", dtype, "C", None, egrid, eblock, self.stream, args)
+            self._raise_on_bad_labels(bad_labels, n_classes)
+            return (*results, grad if want_grad else None)
         out = self.empty((3,), dtype)
-        args = (kl_rows, ce_rows, scalar(temperature), scalar(alpha), out)
-        _launch("reduce_loss", dtype, "C", None, 1, _block_threads(), self.stream, args)
+        args = (d_rows, ce_rows, scalar(temperature), scalar(alpha), divisor, out)
+        _launch("reduce_loss", dtype, "C", None, 1, threads, self.stream, args)
         if return_device_scalar:
-            return out[0:1], out[1:2], out[2:3], None
+            return out[0:1], out[1:2], out[2:3], grad if want_grad else None
         values = out.copy_to_host(stream=self.stream)
+        self._raise_on_bad_labels(bad_labels, n_classes)
+        return float(values[0]), float(values[1]), float(values[2]), grad if want_grad else None
+
+    def _raise_on_bad_labels(self, bad_labels, n_classes: int) -> None:
         n_bad = int(bad_labels.copy_to_host(stream=self.stream)[0])
         if self.stream:
             self.stream.synchronize()
         if n_bad:
             raise ValueError(f"labels must be in [0, {n_classes}): {n_bad} labels are outside it")
-        return float(values[0]), float(values[1]), float(values[2]), None
 
     def wrap(self, out, like):
         """Return ``out`` as the array type of ``like`` when that type can wrap

@@ -81,6 +81,26 @@ def _tree_sum(sm, base, tx, width):
     cuda.syncthreads()
 
 
+@device_helper
+def _target_log_prob(teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse_a, neg_inf, one):
+    """log p_j of row i: logit combine (given lse_a) or the log-mixture of the teachers.
+
+    ``neg_inf`` and ``one`` carry the accumulation type (float32 stays float32)."""
+    n_teachers = row_w.shape[1]
+    if combine == 0:
+        z = row_w[r, 0] / total * teachers[0][i, j]
+        for k in range(1, n_teachers):
+            z += row_w[r, k] / total * teachers[k][i, j]
+        return z * inv_t - lse_a
+    m = neg_inf
+    s = one - one
+    for k in range(n_teachers):
+        w = row_w[r, k] / total
+        if w > 0:
+            m, s = _m.online_lse_step(m, s, math.log(w) + teachers[k][i, j] * inv_t - lse_t[r, k], one)
+    return _m.lse_from_stats(m, s)
+
+
 def make_kernels(acc) -> SimpleNamespace:
     """The kernels for accumulation type ``acc`` (numba.float32 or numba.float64)."""
 
@@ -207,8 +227,9 @@ def make_kernels(acc) -> SimpleNamespace:
                     ce_rows[i] = _m.lse_from_stats(sm_ms[base], sm_ss[base]) - student[i, y]
 
     @cuda.jit(cache=True)
-    def reduce_loss(kl_rows, ce_rows, temperature, alpha, out):
-        """out = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree."""
+    def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, out):
+        """out = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree;
+        the sums are divided by divisor[0] (the number of rows to average over, or 1)."""
         n_rows = kl_rows.shape[0]
         tx = cuda.threadIdx.x
         width = cuda.blockDim.x
@@ -224,12 +245,217 @@ def make_kernels(acc) -> SimpleNamespace:
         _tree_sum(sm_kl, 0, tx, width)
         _tree_sum(sm_ce, 0, tx, width)
         if tx == 0:
-            soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], n_rows, alpha, temperature)
+            soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], divisor[0], alpha, temperature)
             out[0] = soft + hard
             out[1] = soft
             out[2] = hard
 
+    @cuda.jit(cache=True)
+    def count_valid(labels, ignore_index, mean, divisor):
+        """divisor[0] = max(number of labels != ignore_index, 1) for a mean, else 1."""
+        tx = cuda.threadIdx.x
+        width = cuda.blockDim.x
+        sm = cuda.shared.array(BLOCK_THREADS, acc)
+        n = acc(0.0)
+        for i in range(tx, labels.shape[0], width):
+            if labels[i] != ignore_index:
+                n += acc(1.0)
+        sm[tx] = n
+        _tree_sum(sm, 0, tx, width)
+        if tx == 0:
+            divisor[0] = max(sm[0], acc(1.0)) if mean else acc(1.0)
+
+    @cuda.jit(cache=True)
+    def general_rows(
+        student, teachers, weights, labels, ignore_index, inv_t, beta, combine, divergence, weighting,
+        alpha_t2, one_m_alpha, divisor, want_grad, grad, row_w, lse_t, d_rows, ce_rows, bad_labels,
+    ):  # fmt: skip
+        """Every loss option, one row per thread group (see the CPU general_rows).
+
+        Every thread of a block runs the same sequence of tree reductions
+        (syncthreads) whatever its row: ignored rows and rows past the end are
+        computed on a safe row and discarded.
+        """
+        n_rows, n_classes = student.shape
+        n_teachers = weights.shape[0]
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tpr = cuda.blockDim.x
+        rows_per_block = cuda.blockDim.y
+        sm_m = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_s = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_x = cuda.shared.array(BLOCK_THREADS, acc)
+        base = ty * tpr
+        slot = base + tx
+        one = acc(1.0)
+        zero = acc(0.0)
+        neg_inf = acc(_m.NEG_INF)
+        log_beta = math.log(beta)
+        log_1m_beta = math.log(one - beta)
+        for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
+            i_raw = first + ty
+            i = min(i_raw, n_rows - 1)
+            y = labels[i]
+            in_range = y >= 0 and y < n_classes
+            valid = i_raw < n_rows and y != ignore_index
+            y_safe = y if in_range else 0
+            # Teacher weights for this row (confidence and entropy need statistics sweeps).
+            total = zero
+            for k in range(n_teachers):
+                t = teachers[k]
+                w = weights[k]
+                if weighting != 0:
+                    scale = one if weighting == 1 else inv_t
+                    m = acc(_m.NEG_INF)
+                    s = zero
+                    for j in range(tx, n_classes, tpr):
+                        m, s = _m.online_lse_step(m, s, t[i, j] * scale, one)
+                    sm_m[slot] = m
+                    sm_s[slot] = s
+                    _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
+                    lse = _m.lse_from_stats(sm_m[base], sm_s[base])
+                    if weighting == 1:
+                        if valid and in_range:
+                            w = w * math.exp(t[i, y_safe] - lse)
+                    else:
+                        su = zero
+                        for j in range(tx, n_classes, tpr):
+                            u = t[i, j] * inv_t
+                            su += math.exp(u - lse) * u
+                        sm_x[slot] = su
+                        _tree_sum(sm_x, base, tx, tpr)
+                        w = w * math.exp(sm_x[base] - lse)
+                    cuda.syncthreads()
+                if tx == 0 and i_raw < n_rows:
+                    row_w[i, k] = w
+                total += w
+            cuda.syncthreads()
+            if not total > zero:
+                total = zero
+                for k in range(n_teachers):
+                    if tx == 0 and i_raw < n_rows:
+                        row_w[i, k] = weights[k]
+                    total += weights[k]
+            cuda.syncthreads()
+            # Groups past the last row read row n_rows - 1's scratch; their results are dropped.
+            r = i
+            # Target statistics: lse(z / T) for the logit combine, lse(t_k / T) per teacher for probs.
+            lse_a = zero
+            if combine == 0:
+                m = acc(_m.NEG_INF)
+                s = zero
+                for j in range(tx, n_classes, tpr):
+                    z = zero
+                    for k in range(n_teachers):
+                        z += row_w[r, k] / total * teachers[k][i, j]
+                    m, s = _m.online_lse_step(m, s, z * inv_t, one)
+                sm_m[slot] = m
+                sm_s[slot] = s
+                _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
+                lse_a = _m.lse_from_stats(sm_m[base], sm_s[base])
+                cuda.syncthreads()
+            else:
+                for k in range(n_teachers):
+                    m = acc(_m.NEG_INF)
+                    s = zero
+                    for j in range(tx, n_classes, tpr):
+                        m, s = _m.online_lse_step(m, s, teachers[k][i, j] * inv_t, one)
+                    sm_m[slot] = m
+                    sm_s[slot] = s
+                    _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
+                    if tx == 0 and i_raw < n_rows:
+                        lse_t[r, k] = _m.lse_from_stats(sm_m[base], sm_s[base])
+                    cuda.syncthreads()
+            # Student statistics: lse(s / T) and lse(s).
+            m_b = acc(_m.NEG_INF)
+            s_b = zero
+            m_s = acc(_m.NEG_INF)
+            s_s = zero
+            for j in range(tx, n_classes, tpr):
+                x = student[i, j]
+                m_b, s_b = _m.online_lse_step(m_b, s_b, x * inv_t, one)
+                m_s, s_s = _m.online_lse_step(m_s, s_s, x, one)
+            sm_m[slot] = m_b
+            sm_s[slot] = s_b
+            _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
+            lse_b = _m.lse_from_stats(sm_m[base], sm_s[base])
+            cuda.syncthreads()
+            sm_m[slot] = m_s
+            sm_s[slot] = s_s
+            _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
+            lse_s = _m.lse_from_stats(sm_m[base], sm_s[base])
+            cuda.syncthreads()
+            # The divergence and sum_j q_j g_j (g = dD/dq).
+            d = zero
+            qg = zero
+            for j in range(tx, n_classes, tpr):
+                lp = _target_log_prob(
+                    teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse_a, neg_inf, one
+                )
+                lq = student[i, j] * inv_t - lse_b
+                p = math.exp(lp)
+                q = math.exp(lq)
+                if divergence == 0:
+                    if p > zero:
+                        d += p * (lp - lq)
+                elif divergence == 1:
+                    if q > zero:
+                        d += q * (lq - lp)
+                    qg += q * (lq - lp + one)
+                else:
+                    lm = _m.log_mix(lp, lq, log_beta, log_1m_beta)
+                    if p > zero:
+                        d += beta * p * (lp - lm)
+                    if q > zero:
+                        d += (one - beta) * q * (lq - lm)
+                    qg += q * (one - beta) * (lq - lm)
+            sm_s[slot] = d
+            sm_x[slot] = qg
+            _tree_sum(sm_s, base, tx, tpr)
+            _tree_sum(sm_x, base, tx, tpr)
+            d = sm_s[base]
+            qg = sm_x[base]
+            cuda.syncthreads()
+            if tx == 0 and i_raw < n_rows:
+                if not in_range and y != ignore_index:
+                    cuda.atomic.add(bad_labels, 0, 1)
+                d_rows[i] = d if valid else zero
+                ce_rows[i] = (lse_s - student[i, y_safe]) if valid else zero
+            if want_grad and i_raw < n_rows:
+                c_soft = alpha_t2 / divisor[0]
+                c_hard = one_m_alpha / divisor[0]
+                for j in range(tx, n_classes, tpr):
+                    if not valid:
+                        grad[i, j] = zero
+                        continue
+                    lp = _target_log_prob(
+                        teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse_a, neg_inf, one
+                    )
+                    lq = student[i, j] * inv_t - lse_b
+                    q = math.exp(lq)
+                    if divergence == 0:
+                        dd = q - math.exp(lp)
+                    elif divergence == 1:
+                        dd = q * (lq - lp + one - qg)
+                    else:
+                        dd = q * ((one - beta) * (lq - _m.log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
+                    g = c_soft * dd * inv_t + c_hard * math.exp(student[i, j] - lse_s)
+                    if j == y_safe:
+                        g -= c_hard
+                    grad[i, j] = g
+
+    @cuda.jit(cache=True)
+    def scale_rows(d_rows, ce_rows, alpha_t2, one_m_alpha, loss, soft, hard):
+        """Per-row results of reduction="none"."""
+        for i in range(cuda.grid(1), d_rows.shape[0], cuda.gridsize(1)):
+            soft[i] = alpha_t2 * d_rows[i]
+            hard[i] = one_m_alpha * ce_rows[i]
+            loss[i] = soft[i] + hard[i]
+
     return SimpleNamespace(
+        count_valid=count_valid,
+        general_rows=general_rows,
+        scale_rows=scale_rows,
         combine_logits=combine_logits,
         teacher_lse=teacher_lse,
         mix_probabilities=mix_probabilities,

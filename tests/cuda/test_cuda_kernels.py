@@ -184,3 +184,55 @@ def test_repeated_calls_compile_nothing(rng):
     run(3, 9)
     run(1, 40)
     assert _dispatch.compiled_signature_count() == count
+
+
+# A lean cover of the loss options on the device: every combine, divergence,
+# weighting and reduction value appears, with masks, both dtypes, and 3-D inputs.
+OPTION_CASES = [
+    ("logits", "forward_kl", "static", "mean", np.float64, False),
+    ("logits", "forward_kl", "static", "none", np.float32, True),
+    ("probs", "forward_kl", "confidence", "sum", np.float64, False),
+    ("logits", "reverse_kl", "entropy", "mean", np.float32, False),
+    ("probs", "reverse_kl", "static", "none", np.float64, False),
+    ("logits", "jsd", "confidence", "sum", np.float64, True),
+    ("probs", "jsd", "entropy", "mean", np.float64, False),
+]
+IGNORE = -100
+
+
+@pytest.mark.parametrize("combine, divergence, weighting, reduction, dtype, three_d", OPTION_CASES)
+def test_loss_and_grad_options(rng, combine, divergence, weighting, reduction, dtype, three_d):
+    student, teachers, labels = make_batch(rng, 3, 4, 9, dtype)
+    labels[1] = IGNORE
+    opts = dict(
+        combine=combine, divergence=divergence, beta=0.3, teacher_weighting=weighting, ignore_index=IGNORE
+    )
+    weights = [1.0, 2.0, 3.0]
+    d = kd.EnsembleDistiller(weights, temperature=2.0)
+    shape = (2, 2, 9) if three_d else (4, 9)
+    dev = (
+        cuda.to_device(student.reshape(shape)),
+        [cuda.to_device(t.reshape(shape)) for t in teachers],
+        cuda.to_device(labels.reshape(shape[:-1])),
+    )
+    (loss, soft, hard), grad = d.loss_and_grad(*dev, 0.6, reduction=reduction, return_components=True, **opts)
+    expected = ref.general_loss(student, teachers, labels, weights, 2.0, 0.6, reduction, **opts)
+    expected_grad = ref.general_grad(student, teachers, labels, weights, 2.0, 0.6, reduction, **opts)
+    rtol = CUDA_LOSS_RTOL[np.dtype(dtype)]
+    for got, want in zip((loss, soft, hard), expected, strict=True):
+        got = got.copy_to_host().reshape(-1) if reduction == "none" else got
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * logit_scale(student, *teachers))
+    assert grad.shape == shape
+    np.testing.assert_allclose(grad.copy_to_host().reshape(4, 9), expected_grad, rtol=0, atol=10 * rtol)
+    value = d.distillation_loss(*dev, 0.6, reduction=reduction, **opts)
+    if reduction != "none":
+        assert value == loss
+
+
+def test_general_kernel_flags_bad_labels(rng):
+    student, teachers, labels = make_batch(rng, 2, 5, 7, np.float64)
+    labels[2] = 9
+    d = kd.EnsembleDistiller.uniform(2, temperature=2.0)
+    dev = (cuda.to_device(student), [cuda.to_device(t) for t in teachers], cuda.to_device(labels))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 7\)"):
+        d.loss_and_grad(*dev, 0.5)
