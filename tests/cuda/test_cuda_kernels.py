@@ -186,9 +186,17 @@ def test_repeated_calls_compile_nothing(rng):
     assert _dispatch.compiled_signature_count() == count
 
 
-# A lean cover of the loss options on the device: every combine, divergence,
-# weighting and reduction value appears, with masks, both dtypes, and 3-D inputs.
+# Every combination of the loss options on one small float64 batch with a masked
+# row, then a cover of float32 and 3-D inputs.
+ALL_OPTIONS = [
+    (c, d, w, r, np.float64, False)
+    for c in ("logits", "probs")
+    for d in ("forward_kl", "reverse_kl", "jsd")
+    for w in ("static", "confidence", "entropy")
+    for r in ("mean", "sum", "none")
+]
 OPTION_CASES = [
+    *ALL_OPTIONS,
     ("logits", "forward_kl", "static", "mean", np.float64, False),
     ("logits", "forward_kl", "static", "none", np.float32, True),
     ("probs", "forward_kl", "confidence", "sum", np.float64, False),
@@ -236,3 +244,19 @@ def test_general_kernel_flags_bad_labels(rng):
     dev = (cuda.to_device(student), [cuda.to_device(t) for t in teachers], cuda.to_device(labels))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 7\)"):
         d.loss_and_grad(*dev, 0.5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_edge_cases_on_the_device(rng, divergence):
+    d = kd.EnsembleDistiller([1.0, 2.0], temperature=20.0)
+    # All rows ignored: loss 0, zero gradient.
+    student, teachers, labels = make_batch(rng, 2, 3, 5, np.float64)
+    labels[:] = IGNORE
+    dev = (cuda.to_device(student), [cuda.to_device(t) for t in teachers], cuda.to_device(labels))
+    loss, grad = d.loss_and_grad(*dev, 0.5, ignore_index=IGNORE, divergence=divergence, beta=1e-6)
+    assert loss == 0.0 and not grad.copy_to_host().any()
+    # One class: nothing to distill, nothing to classify (zero up to rounding times T^2).
+    student, teachers, labels = make_batch(rng, 2, 3, 1, np.float64)
+    dev = (cuda.to_device(student), [cuda.to_device(t) for t in teachers], cuda.to_device(labels))
+    loss, grad = d.loss_and_grad(*dev, 1.0, divergence=divergence, beta=1 - 1e-6)
+    assert abs(loss) < 1e-15 * 20.0**2 and np.all(np.abs(grad.copy_to_host()) < 1e-15 * 20.0)
