@@ -188,18 +188,14 @@ class LossOptions:
         )
 
     def scales(self, labels: Any, n_rows: int, temperature: float, alpha: float) -> tuple[int, float, float]:
-        """(divisor, c_soft, c_hard): the mean divides by the valid rows (at least 1)."""
+        """(divisor, c_soft, c_hard) for host labels: the mean divides by the rows not
+        ignored (at least 1).  The CUDA backend counts them on the device instead."""
         divisor = 1
         if self.reduction == "mean":
-            valid = n_rows if self.ignore_index is None else n_rows - _count_equal(labels, self.ignore_index)
+            ignored = 0 if self.ignore_index is None else int(np.count_nonzero(labels == self.ignore_index))
+            valid = n_rows - ignored
             divisor = max(valid, 1)
         return divisor, alpha * temperature * temperature / divisor, (1.0 - alpha) / divisor
-
-
-def _count_equal(labels: Any, value: int) -> int:
-    if isinstance(labels, np.ndarray):
-        return int(np.count_nonzero(labels == value))
-    return int(np.count_nonzero(labels.copy_to_host() == value))
 
 
 def _output_type(dtype: np.dtype):
