@@ -92,6 +92,11 @@ def _kd_log_mixture(student, teachers, labels, weights):
     return _distiller(weights).combine_via_probabilities(teachers, eps=0.0)
 
 
+def _kd_grad(student, teachers, labels, weights):
+    """loss_and_grad, compared through its gradient (the loss is distillation_loss's)."""
+    return _distiller(weights).loss_and_grad(student, teachers, labels, ALPHA)[1]
+
+
 # ---------------------------------------------------------------- NumPy reference (float64)
 
 
@@ -113,6 +118,10 @@ def _np_probs(student, teachers, labels, weights):
 
 def _np_log_mixture(student, teachers, labels, weights):
     return reference.combine_via_probabilities(teachers, weights, TEMPERATURE, 0.0)
+
+
+def _np_grad(student, teachers, labels, weights):
+    return reference.general_grad(student, teachers, labels, weights, TEMPERATURE, ALPHA)
 
 
 # ---------------------------------------------------------------- torch CPU (eager, input dtype)
@@ -145,7 +154,7 @@ def _torch_ensemble(t, w):
     return z
 
 
-def _torch_loss_from(torch, s, z, y):
+def _torch_loss_tensor(torch, s, z, y):
     import torch.nn.functional as F
 
     kl = F.kl_div(
@@ -154,7 +163,11 @@ def _torch_loss_from(torch, s, z, y):
         log_target=True,
         reduction="batchmean",
     )
-    return float(ALPHA * TEMPERATURE**2 * kl + (1.0 - ALPHA) * F.cross_entropy(s, y))
+    return ALPHA * TEMPERATURE**2 * kl + (1.0 - ALPHA) * F.cross_entropy(s, y)
+
+
+def _torch_loss_from(torch, s, z, y):
+    return float(_torch_loss_tensor(torch, s, z, y))
 
 
 def _torch_loss(*args):
@@ -165,6 +178,14 @@ def _torch_loss(*args):
 def _torch_forward(*args):
     torch, s, t, y, _ = _as_torch(*args)
     return _torch_loss_from(torch, s, t[0], y)
+
+
+def _torch_grad(*args):
+    torch, s, t, y, w = _as_torch(*args)
+    s = s.detach().requires_grad_(True)
+    loss = _torch_loss_tensor(torch, s, _torch_ensemble(t, w), y)
+    loss.backward()
+    return s.grad.numpy()
 
 
 def _torch_combine(*args):
@@ -197,6 +218,8 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "DistillationLoss.forward", lambda k: 2, _kd_forward, _np_forward, _torch_forward, scalar=True
         ),
+        # Reads K + 1 arrays, writes the gradient; compared through the gradient.
+        Operation("loss_and_grad", lambda k: k + 2, _kd_grad, _np_grad, _torch_grad),
         Operation("combine_teachers", lambda k: k + 1, _kd_combine, _np_combine, _torch_combine),
         Operation("combine_via_probabilities", lambda k: k + 1, _kd_probs, _np_probs, _torch_probs),
         Operation(
