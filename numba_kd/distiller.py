@@ -36,8 +36,8 @@ def _check_temperature(temperature: object) -> float:
     t = _real(temperature, "temperature")
     if not t > 0.0:
         raise ValueError(f"Temperature must be positive, got {t}")
-    if not math.isfinite(t):
-        raise ValueError(f"Temperature must be finite, got {t}")
+    if not math.isfinite(t) or not math.isfinite(1.0 / t):
+        raise ValueError(f"Temperature must be finite with a finite 1/T, got {t}")
     return t
 
 
@@ -150,6 +150,8 @@ def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: obje
     if len(shape) == 3:
         if tuple(y.shape) != lead:
             raise ValueError(f"labels must have shape {lead} for student logits of shape {shape}")
+        if backend.target == "cuda":
+            _check_mergeable(backend, s, t, y)
         s = s.reshape(n_rows, n_classes)
         y = y.reshape(n_rows)
         if isinstance(t, tuple):
@@ -157,6 +159,18 @@ def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: obje
         else:
             t = t.reshape(len(t), n_rows, n_classes)
     return s, t, backend.labels(y, n_rows, n_classes, options.ignore_index), lead
+
+
+def _check_mergeable(backend, s, t, y) -> None:
+    """Device reshapes must be views: 3-D CUDA inputs (and their labels) must be C-contiguous."""
+    arrays = [("student", s), ("labels", y)]
+    arrays += [(f"teachers[{k}]", x) for k, x in enumerate(t)] if isinstance(t, tuple) else [("teachers", t)]
+    for name, arr in arrays:
+        if backend.layout(arr) != "C":
+            raise ValueError(
+                f"{name}: 3-D CUDA inputs are read as [B*S, C] rows and must be C-contiguous "
+                "(make a contiguous copy on the device first)"
+            )
 
 
 def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting) -> LossOptions:
@@ -172,6 +186,8 @@ def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighti
         isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
     ):
         raise TypeError(f"ignore_index must be an integer or None, got {type(ignore_index).__name__}")
+    if ignore_index is not None and not _dispatch.NO_IGNORE < int(ignore_index) <= np.iinfo(np.int64).max:
+        raise ValueError(f"ignore_index must fit in int64 (and not be its minimum), got {ignore_index}")
     b = _real(beta, "beta")
     if divergence == "jsd" and not 0.0 < b < 1.0:
         raise ValueError(f"beta must be in (0, 1) for divergence='jsd', got {b}")
@@ -233,6 +249,8 @@ class EnsembleDistiller:
         self._temperature = _check_temperature(temperature)
         if not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError(f"Teacher weights must be finite and non-negative, got {w.tolist()}")
+        if w.max() > 0.0:
+            w /= w.max()  # so that the sum cannot overflow
         total = w.sum()
         if not total > 0.0:
             raise ValueError("Teacher weights must sum to positive value")
@@ -340,10 +358,12 @@ class EnsembleDistiller:
         stream: object = None,
         return_device_scalar: bool = False,
     ) -> tuple[Any, Any]:
-        """``(loss, grad)``: the loss of :meth:`distillation_loss` (the same value, bit
-        for bit) and its gradient with respect to the student logits, shaped and
-        typed like them.  With ``reduction="none"`` the gradient is that of the sum
-        of the per-row losses; ignored rows get a zero gradient."""
+        """``(loss, grad)``: the loss of :meth:`distillation_loss` (on the CPU the same
+        value, bit for bit) and its gradient with respect to the student logits,
+        shaped like them, in the computation dtype (float16 logits compute in
+        float32; mixed dtypes promote as NumPy does).  With ``reduction="none"`` the
+        gradient is that of the sum of the per-row losses; ignored rows get a zero
+        gradient."""
         return self._loss(
             student, teachers, labels, alpha, True, reduction, ignore_index, combine, divergence, beta,
             teacher_weighting, return_components, device, stream, return_device_scalar,

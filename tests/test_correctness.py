@@ -174,3 +174,12 @@ def test_labels_of_any_integer_dtype(rng):
     for dt in (np.int8, np.uint8, np.int16, np.int32, np.uint32, np.int64, np.uint64):
         assert d.distillation_loss(student, teachers, labels.astype(dt), 0.5) == expected
     assert d.distillation_loss(student, teachers, labels.tolist(), 0.5) == expected
+
+
+@pytest.mark.parametrize("eps", [1e-44, 1e-300, 1e-10])
+def test_probability_combine_with_underflowing_mixture(rng, eps):
+    """Far-apart float32 logits: mixtures underflow float32 and are recomputed exactly."""
+    teachers = [(rng.normal(size=(6, 50)) * 40).astype(np.float32) for _ in range(3)]
+    d = kd.EnsembleDistiller([1.0, 0.0, 2.0], temperature=1.0)
+    expected = ref.combine_via_probabilities(teachers, d.weights, 1.0, eps)
+    assert_array_close(d.combine_via_probabilities(teachers, eps=eps), expected, np.float32)

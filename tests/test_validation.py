@@ -186,3 +186,20 @@ def test_non_native_byte_order(d, batch):
     assert d.distillation_loss(student, swapped, labels, 0.5) == d.distillation_loss(
         student, teachers, labels, 0.5
     )
+
+
+def test_huge_weights_normalize_without_overflow():
+    d = kd.EnsembleDistiller([1e308, 1e308, 0.0], temperature=1.0)
+    np.testing.assert_allclose(d.weights, [0.5, 0.5, 0.0])
+
+
+def test_temperature_whose_inverse_overflows():
+    with pytest.raises(ValueError, match="Temperature must be finite"):
+        kd.EnsembleDistiller([1.0], temperature=1e-310)
+
+
+def test_ignore_index_must_fit_int64(d, batch):
+    student, teachers, labels = batch
+    for bad in (2**63, -(2**63)):
+        with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+            d.distillation_loss(student, teachers, labels, 0.5, ignore_index=bad)

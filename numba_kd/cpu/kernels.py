@@ -125,8 +125,8 @@ def _exp_row(row, shift, scale, out):
     return total
 
 
-# Below this a float32 mixture has lost digits to underflow: the exact
-# log-mixture recomputes such entries in log space.
+# Below this a float32 mixture has lost digits to underflow: such entries are
+# recomputed in float64 log space.
 _TINY_MIXTURE = 1e-30
 
 
@@ -137,7 +137,7 @@ def combine_probabilities(teachers, weights, temperature, eps, out):
     Per row: one sweep per teacher computes e_kj = exp((t_kj - max_k) / T) into a
     scratch row and their sum S_k; the mixture is sum_k (w_k / S_k) e_kj, so each
     exponential is computed once.  Entries whose mixture underflows (possible
-    only for extreme logits) are recomputed in log space when eps = 0.
+    only for extreme logits) are recomputed in float64 log space.
     """
     n_rows, n_classes = out.shape
     n_teachers = weights.shape[0]
@@ -169,6 +169,11 @@ def combine_probabilities(teachers, weights, temperature, eps, out):
             if eps > 0.0:
                 for j in range(n_classes):
                     out[i, j] = t_out * log_like(acc[j] + eps_c, like)
+                for j in range(n_classes):
+                    if acc[j] < _TINY_MIXTURE:
+                        # Underflowed (or eps itself below float32): log(p + eps) in float64.
+                        log_p = _log_mixture_entry(teachers, weights, lse, i, j, inv_t)
+                        out[i, j] = temperature * log_mix(log_p, math.log(eps), 0.0, 0.0)
             else:
                 for j in range(n_classes):
                     out[i, j] = t_out * log_like(acc[j], like)

@@ -298,6 +298,8 @@ def make_kernels(acc) -> SimpleNamespace:
             y = labels[i]
             in_range = y >= 0 and y < n_classes
             valid = i_raw < n_rows and y != ignore_index
+            # An out-of-range label is never read: its row (and so the loss) becomes NaN.
+            bad = valid and not in_range
             y_safe = y if in_range else 0
             # Teacher weights for this row (confidence and entropy need statistics sweeps).
             total = zero
@@ -421,10 +423,15 @@ def make_kernels(acc) -> SimpleNamespace:
                     cuda.atomic.add(bad_labels, 0, 1)
                 d_rows[i] = d if valid else zero
                 ce_rows[i] = (lse_s - student[i, y_safe]) if valid else zero
+                if bad:
+                    ce_rows[i] = acc(math.nan)
             if want_grad and i_raw < n_rows:
                 c_soft = alpha_t2 / divisor[0]
                 c_hard = one_m_alpha / divisor[0]
                 for j in range(tx, n_classes, tpr):
+                    if bad:
+                        grad[i, j] = acc(math.nan)
+                        continue
                     if not valid:
                         grad[i, j] = zero
                         continue

@@ -260,3 +260,30 @@ def test_edge_cases_on_the_device(rng, divergence):
     dev = (cuda.to_device(student), [cuda.to_device(t) for t in teachers], cuda.to_device(labels))
     loss, grad = d.loss_and_grad(*dev, 1.0, divergence=divergence, beta=1 - 1e-6)
     assert abs(loss) < 1e-15 * 20.0**2 and np.all(np.abs(grad.copy_to_host()) < 1e-15 * 20.0)
+
+
+def test_general_kernel_bad_label_poisons_the_device_scalar(rng):
+    student, teachers, labels = make_batch(rng, 1, 3, 5, np.float64)
+    labels[1] = 99
+    loss_fn = kd.DistillationLoss(2.0, 0.5)
+    dev = (cuda.to_device(student), cuda.to_device(teachers[0]), cuda.to_device(labels))
+    for options in ({"ignore_index": IGNORE}, {"divergence": "jsd"}):
+        scalar = loss_fn.forward(*dev, return_device_scalar=True, **options)
+        assert math.isnan(scalar.copy_to_host()[0])
+    scalar, grad = loss_fn.loss_and_grad(*dev, return_device_scalar=True)
+    assert math.isnan(scalar.copy_to_host()[0])
+    assert np.isnan(grad.copy_to_host()[1]).all()
+
+
+def test_3d_device_inputs_must_be_c_contiguous(rng):
+    student, teachers, labels = make_batch(rng, 1, 4, 5, np.float64)
+    shape = (2, 2, 5)
+    s = np.asfortranarray(student.reshape(shape))
+    dev = (
+        cuda.to_device(s),
+        [cuda.to_device(teachers[0].reshape(shape))],
+        cuda.to_device(labels.reshape(2, 2)),
+    )
+    d = kd.EnsembleDistiller([1.0], temperature=2.0)
+    with pytest.raises(ValueError, match="must be C-contiguous"):
+        d.loss_and_grad(*dev, 0.5)
