@@ -72,7 +72,8 @@ def is_device_array(x: object) -> bool:
     return True
 
 
-def _flatten(inputs: Iterable[object]) -> list[object]:
+def flatten_arrays(inputs: Iterable[object]) -> list[object]:
+    """The arrays of ``inputs``, with lists and tuples of teacher arrays opened up."""
     flat: list[object] = []
     for x in inputs:
         if isinstance(x, (list, tuple)):
@@ -86,7 +87,7 @@ def backend_for(inputs: Iterable[object], device: str | None, stream: object = N
     """The backend for these inputs: from where they live, or from ``device``."""
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f'device must be "cpu", "cuda" or None, got {device!r}')
-    arrays = _flatten(inputs)
+    arrays = flatten_arrays(inputs)
     if device is None:
         on_device = [is_device_array(x) for x in arrays]
         if all(on_device):
@@ -232,10 +233,7 @@ class HostBackend:
         Tuples of teacher arrays are looked into; a stacked teacher array is
         judged as a whole (its slices can be contiguous while the stack is not).
         """
-        flat: list[np.ndarray] = []
-        for a in arrays:
-            flat.extend(a if isinstance(a, tuple) else (a,))
-        return "C" if all(a.flags.c_contiguous for a in flat) else "A"
+        return "C" if all(a.flags.c_contiguous for a in flatten_arrays(arrays)) else "A"
 
     def labels(self, y: object, n_rows: int, n_classes: int, ignore_index: int | None = None) -> np.ndarray:
         arr = self.asarray(y)

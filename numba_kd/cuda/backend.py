@@ -229,9 +229,7 @@ class CudaBackend:
         )
 
     def layout(self, *arrays) -> str:
-        flat = []
-        for a in arrays:
-            flat.extend(a if isinstance(a, tuple) else (a,))
+        flat = _dispatch.flatten_arrays(arrays)
         ok = all(_c_contiguous(a.shape, a.strides, a.dtype.itemsize) for a in flat)
         return "C" if ok else "A"
 
