@@ -4,8 +4,13 @@
 numba's on-disk cache) on its first call.
 """
 
+from numba_kd import _runtime
 from numba_kd.distiller import DistillationLoss, EnsembleDistiller, LossComponents
 
 __all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "__version__"]
 
 __version__ = "0.1.0"
+
+# Makes pip's libtbb loadable so that numba's default threading layer is the
+# thread- and fork-safe tbb (see numba_kd._runtime).
+_runtime.preload_tbb()

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from numba import from_dtype, types
 
+from numba_kd import _runtime
+
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
 
@@ -204,14 +206,19 @@ def _output_type(dtype: np.dtype):
 
 
 def _cpu_kernel(op: str, dtype: np.dtype, layout: str, teachers: Teachers, arg_types: Callable[[], tuple]):
-    key = (op, "cpu", dtype.name, layout, *teacher_key(teachers))
+    mode = _runtime.launch_mode()
+    key = (op, "cpu", mode == _runtime.SERIAL, dtype.name, layout, *teacher_key(teachers))
 
     def build():
         from numba_kd.cpu import kernels
 
-        return getattr(kernels, op).compile(arg_types())
+        kernel = getattr(kernels, op)
+        if mode == _runtime.SERIAL:
+            kernel = _runtime.serial_dispatcher(kernel)
+        return kernel.compile(arg_types())
 
-    return cached_kernel(key, build)
+    kernel = cached_kernel(key, build)
+    return _runtime.locked(kernel) if mode == _runtime.LOCKED else kernel
 
 
 class HostBackend:

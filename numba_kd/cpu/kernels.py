@@ -31,6 +31,7 @@ from numba_kd._math import (
     log_mix,
     log_mixture_term,
 )
+from numba_kd._runtime import DISK_CACHE
 
 # Rows per parallel work item: amortizes the scratch rows, balances small B.
 ROWS_PER_BLOCK = 16
@@ -96,7 +97,7 @@ def _max(row):
 CHUNK = 256
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH)
 def combine_logits(teachers, weights, out):
     n_rows, n_classes = out.shape
     for block in prange(_n_blocks(n_rows)):
@@ -130,7 +131,7 @@ def _exp_row(row, shift, scale, out):
 _TINY_MIXTURE = 1e-30
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH)
 def combine_probabilities(teachers, weights, temperature, eps, out):
     """T * log(sum_k w_k softmax(t_k / T) + eps); eps = 0: the exact log-mixture.
 
@@ -260,7 +261,7 @@ def _kl_grad_row(z, s, y, inv_t, m_z, log_sa, m_s, log_sb, log_ss, c_soft, c_har
     out[y] -= hard
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH)
 def distillation_rows(
     student,
     teachers,
@@ -313,7 +314,7 @@ def _loss_row(z, student, i, y, inv_t, c_soft, c_hard, want_grad, grad):
     return kl, lse_s - student[i, y]
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=DISK_CACHE)
 def reduce_rows(d_rows, ce_rows, divisor, alpha, temperature):
     """(soft, hard) = (alpha T^2 sum(d) / divisor, (1 - alpha) sum(ce) / divisor), summed
     in row order so that the result does not depend on the thread count."""
@@ -406,7 +407,7 @@ def _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p):
             log_p[j] = m + math.log(s)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=DISK_CACHE)
 def general_rows(
     student,
     teachers,

@@ -22,6 +22,7 @@ import numba
 from numba import cuda, njit
 
 from numba_kd import _math
+from numba_kd._runtime import DISK_CACHE
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -104,7 +105,7 @@ def _target_log_prob(teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse
 def make_kernels(acc) -> SimpleNamespace:
     """The kernels for accumulation type ``acc`` (numba.float32 or numba.float64)."""
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def combine_logits(teachers, weights, out):
         n_rows, n_classes = out.shape
         start = cuda.grid(1)
@@ -114,7 +115,7 @@ def make_kernels(acc) -> SimpleNamespace:
             j = flat - i * n_classes
             out[i, j] = _m.ensemble_logit(teachers, weights, i, j)
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def teacher_lse(teachers, inv_t, lse):
         """lse[k, i] = logsumexp(t_k[i] / T): one row-group per (teacher, row)."""
         n_teachers, n_rows = lse.shape
@@ -145,7 +146,7 @@ def make_kernels(acc) -> SimpleNamespace:
             if tx == 0 and pair < n_pairs:
                 lse[k, i] = _m.lse_from_stats(sm_m[base], sm_s[base])
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def mix_probabilities(teachers, weights, log_weights, lse, temperature, inv_t, eps, out):
         n_rows, n_classes = out.shape
         n_teachers = weights.shape[0]
@@ -169,7 +170,7 @@ def make_kernels(acc) -> SimpleNamespace:
                         m, s = _m.online_lse_step(m, s, term, acc(1.0))
                 out[i, j] = temperature * _m.lse_from_stats(m, s)
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def loss_rows(student, teachers, weights, labels, inv_t, kl_rows, ce_rows, bad_labels):
         """Per row: KL(softmax(z / T) || softmax(s / T)) and CE(s, y), one read of the row."""
         n_rows, n_classes = student.shape
@@ -226,7 +227,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 else:
                     ce_rows[i] = _m.lse_from_stats(sm_ms[base], sm_ss[base]) - student[i, y]
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, out):
         """out = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree;
         the sums are divided by divisor[0] (the number of rows to average over, or 1)."""
@@ -250,7 +251,7 @@ def make_kernels(acc) -> SimpleNamespace:
             out[1] = soft
             out[2] = hard
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def count_valid(labels, ignore_index, mean, divisor):
         """divisor[0] = max(number of labels != ignore_index, 1) for a mean, else 1."""
         tx = cuda.threadIdx.x
@@ -265,7 +266,7 @@ def make_kernels(acc) -> SimpleNamespace:
         if tx == 0:
             divisor[0] = max(sm[0], acc(1.0)) if mean else acc(1.0)
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def general_rows(
         student, teachers, weights, labels, ignore_index, inv_t, beta, combine, divergence, weighting,
         alpha_t2, one_m_alpha, divisor, want_grad, grad, row_w, lse_t, d_rows, ce_rows, bad_labels,
@@ -451,7 +452,7 @@ def make_kernels(acc) -> SimpleNamespace:
                         g -= c_hard
                     grad[i, j] = g
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=DISK_CACHE)
     def scale_rows(d_rows, ce_rows, alpha_t2, one_m_alpha, loss, soft, hard):
         """Per-row results of reduction="none"."""
         for i in range(cuda.grid(1), d_rows.shape[0], cuda.gridsize(1)):

@@ -1,0 +1,167 @@
+"""Process-level safety of the CPU kernels: threading layer, fork, on-disk cache.
+
+numba runs ``parallel=True`` kernels on one of three threading layers, picked
+at the first parallel launch in the process (``NUMBA_THREADING_LAYER``, default
+priority tbb > omp > workqueue):
+
+- ``tbb`` is safe with concurrent Python threads and across ``fork()``.  pip's
+  ``tbb`` wheel (a dependency of numba_kd where one exists) installs
+  ``libtbb`` into the environment's ``lib/``, which the loader does not search;
+  :func:`preload_tbb` loads it by its full path at import, so that numba's
+  default choice finds it.  Nothing is overridden: a user's
+  ``NUMBA_THREADING_LAYER`` or ``numba.config`` setting still decides.
+- ``workqueue`` aborts the process when two threads launch kernels at once:
+  under it numba_kd serializes its launches behind a lock.
+- GNU OpenMP (``omp``) kills a forked child that launches a kernel after its
+  parent did: in such a child numba_kd runs serial builds of its kernels.
+
+Kernels are cached on disk (``cache=True``) when numba finds a writable place
+(next to the source, then the user-wide cache directory, or ``NUMBA_CACHE_DIR``);
+with none, for example a read-only installation and home directory, they are
+compiled in memory in each process instead of failing at import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import numba
+
+_TBB_LIBRARY = {"linux": "libtbb.so.12", "win32": "tbb12.dll", "darwin": "libtbb.12.dylib"}
+
+_tbb_handle: ctypes.CDLL | None = None
+
+
+def preload_tbb() -> bool:
+    """Load pip's ``libtbb`` so that numba's ``tbb`` layer can be used; True on success.
+
+    Does nothing when the user picked another layer explicitly.
+    """
+    global _tbb_handle
+    if _tbb_handle is not None:
+        return True
+    chosen = str(numba.config.THREADING_LAYER).lower()
+    if chosen not in ("default", "tbb", "safe"):
+        return False
+    name = _TBB_LIBRARY.get(sys.platform)
+    try:
+        files = metadata.files("tbb") or []
+    except metadata.PackageNotFoundError:
+        return False
+    for file in files:
+        if file.name == name:
+            path = file.locate()
+            try:
+                _tbb_handle = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                return False
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- launch modes
+
+PARALLEL, LOCKED, SERIAL = "parallel", "locked", "serial"
+
+_launch_lock = threading.Lock()
+_mode: str | None = None
+_forked_after_launch = False
+
+
+def _layer_started() -> bool:
+    from numba.np.ufunc import parallel
+
+    return bool(getattr(parallel, "_is_initialized", True))
+
+
+def _after_fork_in_child() -> None:
+    global _mode, _forked_after_launch, _launch_lock
+    _forked_after_launch = _forked_after_launch or _layer_started()
+    _mode = None
+    # A lock held by another thread at fork time would stay held forever.
+    _launch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _gnu_openmp() -> bool:
+    from numba.np.ufunc import omppool
+
+    return str(getattr(omppool, "openmp_vendor", "GNU")) == "GNU"
+
+
+def launch_mode() -> str:
+    """How CPU kernels run in this process: ``parallel``, ``locked`` (one launch at
+    a time: the layer is ``workqueue``) or ``serial`` (a forked child of a process
+    that used GNU OpenMP)."""
+    global _mode
+    mode = _mode
+    if mode is not None:
+        return mode
+    with _launch_lock:
+        if _mode is None:
+            if _forked_after_launch and str(numba.config.THREADING_LAYER).lower() in ("default", "omp"):
+                # The layer the parent chose is the one the child inherits.
+                layer = numba.threading_layer() if _layer_started() else "omp"
+                serial = layer == "omp" and _gnu_openmp()
+            else:
+                serial = False
+            if serial:
+                _mode = SERIAL
+            else:
+                numba.get_num_threads()  # starts the threading layer, once, under the lock
+                _mode = LOCKED if numba.threading_layer() == "workqueue" else PARALLEL
+        return _mode
+
+
+def threading_layer() -> str:
+    """The numba threading layer numba_kd's CPU kernels run on (starting it if needed),
+    or ``"serial"`` in a forked child of a GNU OpenMP process."""
+    return "serial" if launch_mode() == SERIAL else numba.threading_layer()
+
+
+def serial_dispatcher(kernel: Any) -> Any:
+    """The same kernel compiled without ``parallel`` (``prange`` runs as ``range``)."""
+    options = {**kernel.targetoptions, "parallel": False, "cache": False}
+    options.pop("nopython", None)  # implied by njit
+    return numba.njit(**options)(kernel.py_func)
+
+
+def locked(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` called under the process-wide launch lock."""
+
+    def call(*args: Any) -> Any:
+        with _launch_lock:
+            return kernel(*args)
+
+    return call
+
+
+# ---------------------------------------------------------------- on-disk cache
+
+
+def _cache_probe() -> int:
+    return 0
+
+
+def _disk_cache_available() -> bool:
+    """Whether numba can find a cache directory for this package's kernels.
+
+    numba raises ``RuntimeError`` when a ``cache=True`` function has nowhere to
+    write; the probe lives next to the kernels, so it sees the same places.
+    """
+    try:
+        numba.njit(cache=True)(_cache_probe)
+    except RuntimeError:
+        return False
+    return True
+
+
+DISK_CACHE = _disk_cache_available()
