@@ -151,6 +151,20 @@ def _loss_arg_types(teachers: Teachers, dtype: np.dtype, layout: str, extra: tup
     return arg_types
 
 
+# Above this temperature the float32 fast kernel's sums lose the soft term
+# (it is a difference of log-sums that agree to about 1/T^2 of their size):
+# float32 losses then run the general kernel, which works in float64.
+FLOAT32_FAST_MAX_TEMPERATURE = 16.0
+
+
+def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Shape and dtype of a caller's ``out=`` array (both targets)."""
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the result has shape {tuple(shape)}")
+    if np.dtype(out.dtype) != dtype:
+        raise TypeError(f"out has dtype {np.dtype(out.dtype)}, the result has dtype {dtype}")
+
+
 # Label value that never matches a validated label: "no ignore_index".
 NO_IGNORE = int(np.iinfo(np.int64).min)
 COMBINES = ("logits", "probs")
@@ -261,6 +275,25 @@ class HostBackend:
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
 
+    def has_nonfinite(self, arr: np.ndarray) -> bool:
+        """Whether ``arr`` holds a NaN or an infinity (checked in row blocks: O(block) memory)."""
+        rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 2 else arr
+        step = max(1, (1 << 20) // max(1, rows.shape[-1]))
+        return any(not np.isfinite(rows[i : i + step]).all() for i in range(0, rows.shape[0], step))
+
+    def output(self, out: object, shape: tuple[int, ...], dtype: np.dtype, inputs: list) -> np.ndarray:
+        """A caller's ``out=`` array, checked: a writable C-contiguous NumPy array of
+        this shape and dtype that shares no memory with the inputs."""
+        if not isinstance(out, np.ndarray) or is_device_array(out):
+            raise TypeError(f"out must be a NumPy array for host inputs, got {type(out).__name__}")
+        check_output(out, shape, dtype)
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writable C-contiguous array")
+        for x in flatten_arrays(inputs):
+            if np.may_share_memory(out, x):
+                raise ValueError("out must not share memory with the inputs")
+        return out
+
     def combine_logits(self, teachers: Teachers, weights: np.ndarray, out: np.ndarray) -> None:
         dtype = out.dtype
         layout = self.layout(teachers)
@@ -294,21 +327,25 @@ class HostBackend:
         options: LossOptions,
         want_grad: bool = False,
         return_device_scalar: bool = False,
+        grad_out: np.ndarray | None = None,
     ) -> tuple[Any, Any, Any, np.ndarray | None]:
         """(loss, soft, hard, grad): floats for "mean"/"sum", per-row arrays for "none";
-        grad (like student) only with want_grad."""
+        grad (like student, written into grad_out when given) only with want_grad."""
         from numba_kd.cpu import kernels
 
         dtype = student.dtype
         n_rows = student.shape[0]
         divisor, c_soft, c_hard = options.scales(labels, n_rows, temperature, alpha)
-        grad = np.empty(student.shape if want_grad else (0, 0), dtype=dtype)
+        if grad_out is not None:
+            grad = grad_out
+        else:
+            grad = np.empty(student.shape if want_grad else (0, 0), dtype=dtype)
         d_rows = np.empty(n_rows)
         ce_rows = np.empty(n_rows)
         layout = self.layout(student, teachers)
         common = (weights, labels, np.int64(options.ignore_code), temperature)
         tail = (c_soft, c_hard, want_grad, grad, d_rows, ce_rows)
-        if options.is_default:
+        if options.is_default and not (dtype == np.float32 and temperature > FLOAT32_FAST_MAX_TEMPERATURE):
             types_of = _loss_arg_types(teachers, dtype, layout, extra=())
             kernel = _cpu_kernel("distillation_rows", dtype, layout, teachers, types_of)
             kernel(student, teachers, *common, *tail)

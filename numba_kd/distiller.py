@@ -64,8 +64,21 @@ _SHAPE_NAMES = {
 }
 
 
+def _asarray(backend, x: object, name: str):
+    """``x`` as an array of the backend (NumPy conversion rules for lists on the host)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array, whose mask the kernels would not see: fill the masked "
+            "entries (and use ignore_index for masked rows)"
+        )
+    try:
+        return backend.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name} cannot be read as an array: {exc}") from None
+
+
 def _logits(backend, x: object, name: str, ndim: int | tuple[int, ...] = 2):
-    arr = backend.asarray(x)
+    arr = _asarray(backend, x, name)
     target = _float_dtype(np.dtype(arr.dtype), name)
     shape = tuple(arr.shape)
     allowed = (ndim,) if isinstance(ndim, int) else ndim
@@ -90,7 +103,7 @@ def _teachers(backend, teachers: TeacherLogits, n_weights: int, ndim: int = 2):
         if len(shapes) > 1:
             raise ValueError(f"All teacher logits must have the same shape, got {sorted(shapes)}")
     else:
-        arr = backend.asarray(teachers)
+        arr = _asarray(backend, teachers, "teachers")
         if arr.ndim != ndim + 1:
             raise ValueError(
                 f"teachers must be a list of {_SHAPE_NAMES[ndim]} arrays or one "
@@ -146,7 +159,7 @@ def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: obje
     if np.dtype(s.dtype) != dtype:
         s = backend.cast(s, dtype, "student")
     t = _cast_teachers(backend, t, dtype)
-    y = backend.asarray(labels)
+    y = _asarray(backend, labels, "labels")
     if len(shape) == 3:
         if tuple(y.shape) != lead:
             raise ValueError(f"labels must have shape {lead} for student logits of shape {shape}")
@@ -171,6 +184,26 @@ def _check_mergeable(backend, s, t, y) -> None:
                 f"{name}: 3-D CUDA inputs are read as [B*S, C] rows and must be C-contiguous "
                 "(make a contiguous copy on the device first)"
             )
+
+
+def _check_finite(backend, arrays: list[tuple[str, Any]]) -> None:
+    for name, arr in arrays:
+        if backend.has_nonfinite(arr):
+            raise ValueError(f"{name} holds NaN or infinite values (check_finite=True)")
+
+
+def _named_teachers(teachers, single: bool = False) -> list[tuple[str, Any]]:
+    if single:
+        return [("teacher", teachers[0])]
+    if isinstance(teachers, tuple):
+        return [(f"teachers[{k}]", t) for k, t in enumerate(teachers)]
+    return [("teachers", teachers)]
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
 
 
 def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting) -> LossOptions:
@@ -210,11 +243,18 @@ class LossComponents(NamedTuple):
 
 
 def _evaluate(
-    backend, like, s, t, weights, y, lead, temperature, alpha, options, want_grad, components, device_scalar
-):
+    backend, like, s, t, weights, y, lead, temperature, alpha, options, want_grad, components, device_scalar,
+    out, inputs,
+):  # fmt: skip
     """Run the loss kernels and shape the results as the caller's inputs."""
+    grad_out = None
+    if out is not None:
+        if not want_grad:
+            raise TypeError("out= is an argument of loss_and_grad (it receives the gradient)")
+        target = backend.output(out, (*lead, s.shape[1]), np.dtype(s.dtype), inputs)
+        grad_out = target.reshape(s.shape)
     loss, soft, hard, grad = backend.loss(
-        s, t, weights, y, temperature, alpha, options, want_grad, device_scalar
+        s, t, weights, y, temperature, alpha, options, want_grad, device_scalar, grad_out
     )
     if options.reduction == "none":
         loss, soft, hard = (backend.wrap(x.reshape(lead), like) for x in (loss, soft, hard))
@@ -223,6 +263,8 @@ def _evaluate(
     result = LossComponents(loss, soft, hard) if components else loss
     if not want_grad:
         return result
+    if out is not None:
+        return result, out
     return result, backend.wrap(grad.reshape((*lead, s.shape[1])), like)
 
 
@@ -284,31 +326,46 @@ class EnsembleDistiller:
         return f"EnsembleDistiller(weights={self._weights.tolist()}, temperature={self._temperature})"
 
     def combine_teachers(
-        self, teachers: TeacherLogits, *, device: Device = None, stream: object = None
+        self,
+        teachers: TeacherLogits,
+        *,
+        out: Any = None,
+        check_finite: bool = False,
+        device: Device = None,
+        stream: object = None,
     ) -> Any:
         """Weighted average of the teacher logits, ``sum_k w_k t_k``: ``[B, C]``.
 
-        The result lives where the teachers live (see :ref:`Devices <devices>`).
+        The result lives where the teachers live (see :ref:`Devices <devices>`);
+        ``out`` receives it when given (and is returned).
         """
         backend = _dispatch.backend_for([teachers], device, stream)
-        t, out = self._combine_inputs(backend, teachers)
-        backend.combine_logits(t, self._weights, out)
-        return backend.wrap(out, _first(teachers))
+        t, result = self._combine_inputs(backend, teachers, out, check_finite)
+        backend.combine_logits(t, self._weights, result)
+        return out if out is not None else backend.wrap(result, _first(teachers))
 
     def combine_via_probabilities(
-        self, teachers: TeacherLogits, eps: float = 1e-10, *, device: Device = None, stream: object = None
+        self,
+        teachers: TeacherLogits,
+        eps: float = 1e-10,
+        *,
+        out: Any = None,
+        check_finite: bool = False,
+        device: Device = None,
+        stream: object = None,
     ) -> Any:
         """``T * log(sum_k w_k softmax(t_k / T) + eps)``: ``[B, C]``.
 
-        ``eps = 0`` gives the exact log-mixture, computed in log space.
+        ``eps = 0`` gives the exact log-mixture, computed in log space.  A row in
+        which any teacher holds a NaN or an infinity is NaN.
         """
         e = _real(eps, "eps")
         if not (e >= 0.0 and math.isfinite(e)):
             raise ValueError(f"eps must be finite and non-negative, got {e}")
         backend = _dispatch.backend_for([teachers], device, stream)
-        t, out = self._combine_inputs(backend, teachers)
-        backend.combine_probabilities(t, self._weights, self._temperature, e, out)
-        return backend.wrap(out, _first(teachers))
+        t, result = self._combine_inputs(backend, teachers, out, check_finite)
+        backend.combine_probabilities(t, self._weights, self._temperature, e, result)
+        return out if out is not None else backend.wrap(result, _first(teachers))
 
     def distillation_loss(
         self,
@@ -324,6 +381,7 @@ class EnsembleDistiller:
         beta: float = 0.5,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
+        check_finite: bool = False,
         device: Device = None,
         stream: object = None,
         return_device_scalar: bool = False,
@@ -337,7 +395,7 @@ class EnsembleDistiller:
         """
         return self._loss(
             student, teachers, labels, alpha, False, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, device, stream, return_device_scalar,
+            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, None,
         )  # fmt: skip
 
     def loss_and_grad(
@@ -354,6 +412,8 @@ class EnsembleDistiller:
         beta: float = 0.5,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
+        out: Any = None,
+        check_finite: bool = False,
         device: Device = None,
         stream: object = None,
         return_device_scalar: bool = False,
@@ -363,29 +423,38 @@ class EnsembleDistiller:
         shaped like them, in the computation dtype (float16 logits compute in
         float32; mixed dtypes promote as NumPy does).  With ``reduction="none"`` the
         gradient is that of the sum of the per-row losses; ignored rows get a zero
-        gradient."""
+        gradient.  ``out`` receives the gradient when given (and is returned)."""
         return self._loss(
             student, teachers, labels, alpha, True, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, device, stream, return_device_scalar,
+            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
         )  # fmt: skip
 
     def _loss(
         self, student, teachers, labels, alpha, want_grad, reduction, ignore_index, combine, divergence, beta,
-        teacher_weighting, return_components, device, stream, return_device_scalar,
+        teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
     ):  # fmt: skip
         a = _check_alpha(alpha)
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         backend = _dispatch.backend_for([student, teachers, labels], device, stream)
         s, t, y, lead = _loss_inputs(backend, student, teachers, labels, self.num_teachers, options)
+        if _check_bool(check_finite, "check_finite"):
+            _check_finite(backend, [("student", s), *_named_teachers(t)])
         return _evaluate(
             backend, student, s, t, self._weights, y, lead, self._temperature, a, options, want_grad,
-            return_components, return_device_scalar,
+            return_components, return_device_scalar, out, [s, t, y],
         )  # fmt: skip
 
-    def _combine_inputs(self, backend, teachers: TeacherLogits):
+    def _combine_inputs(self, backend, teachers: TeacherLogits, out: Any, check_finite: bool):
+        """(teachers as one dtype, the array that receives the result)."""
         t = _teachers(backend, teachers, self.num_teachers)
         dtype = np.result_type(*_teacher_dtypes(t))
-        return _cast_teachers(backend, t, dtype), backend.empty(_teacher_shape(t), dtype)
+        t = _cast_teachers(backend, t, dtype)
+        if _check_bool(check_finite, "check_finite"):
+            _check_finite(backend, _named_teachers(t))
+        shape = _teacher_shape(t)
+        if out is None:
+            return t, backend.empty(shape, dtype)
+        return t, backend.output(out, shape, np.dtype(dtype), [t])
 
 
 def _first(teachers: TeacherLogits) -> object:
@@ -430,6 +499,7 @@ class DistillationLoss:
         beta: float = 0.5,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
+        check_finite: bool = False,
         device: Device = None,
         stream: object = None,
         return_device_scalar: bool = False,
@@ -439,7 +509,7 @@ class DistillationLoss:
         ``combine`` and ``teacher_weighting`` change nothing)."""
         return self._loss(
             student, teacher, labels, False, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, device, stream, return_device_scalar,
+            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, None,
         )  # fmt: skip
 
     def loss_and_grad(
@@ -455,28 +525,33 @@ class DistillationLoss:
         beta: float = 0.5,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
+        out: Any = None,
+        check_finite: bool = False,
         device: Device = None,
         stream: object = None,
         return_device_scalar: bool = False,
     ) -> tuple[Any, Any]:
-        """``(loss, grad)`` with the gradient with respect to the student logits."""
+        """``(loss, grad)`` with the gradient with respect to the student logits
+        (written into ``out`` when given)."""
         return self._loss(
             student, teacher, labels, True, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, device, stream, return_device_scalar,
+            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
         )  # fmt: skip
 
     def _loss(
         self, student, teacher, labels, want_grad, reduction, ignore_index, combine, divergence, beta,
-        teacher_weighting, return_components, device, stream, return_device_scalar,
+        teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
     ):  # fmt: skip
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         backend = _dispatch.backend_for([student, teacher, labels], device, stream)
-        s = backend.asarray(student)
+        s = _asarray(backend, student, "student")
         t = (_logits(backend, teacher, "teacher", s.ndim if s.ndim in (2, 3) else (2, 3)),)
         s, t, y, lead = _loss_inputs(backend, s, t, labels, 1, options)
+        if _check_bool(check_finite, "check_finite"):
+            _check_finite(backend, [("student", s), *_named_teachers(t, single=True)])
         return _evaluate(
             backend, student, s, t, _SINGLE_TEACHER_WEIGHT, y, lead, self._temperature, self._alpha, options,
-            want_grad, return_components, return_device_scalar,
+            want_grad, return_components, return_device_scalar, out, [s, t, y],
         )  # fmt: skip
 
     __call__ = forward

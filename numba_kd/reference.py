@@ -33,6 +33,17 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - logsumexp(x)[..., None]
 
 
+def nonfinite_rows(teachers, student=None) -> np.ndarray:
+    """Rows where any teacher (or the student, when given) holds a NaN or an infinity.
+
+    The non-finite policy: such rows give NaN (loss, its parts and its gradient
+    row, or the row of a probability combine); ignored rows stay ignored."""
+    bad = ~np.isfinite(stack_teachers(teachers)).all(axis=(0, -1))
+    if student is not None:
+        bad |= ~np.isfinite(np.asarray(student, dtype=np.float64)).all(axis=-1)
+    return bad
+
+
 def combine_teachers(teachers, weights) -> np.ndarray:
     """z = sum_k w_k t_k."""
     t = stack_teachers(teachers)
@@ -47,12 +58,16 @@ def combine_via_probabilities(teachers, weights, temperature: float, eps: float 
     log_p = log_softmax(t)  # [K, B, C]
     if eps > 0:
         p = np.einsum("k,kbc->bc", w, np.exp(log_p))
-        return temperature * np.log(p + eps)
+        out = temperature * np.log(p + eps)
+        out[nonfinite_rows(teachers)] = np.nan
+        return out
     with np.errstate(divide="ignore"):
         log_w = np.log(w)
     terms = log_w[:, None, None] + log_p
     keep = w > 0
-    return temperature * logsumexp(terms[keep], axis=0)
+    out = temperature * logsumexp(terms[keep], axis=0)
+    out[nonfinite_rows(teachers)] = np.nan
+    return out
 
 
 def kl_rows(target_logits: np.ndarray, student_logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -70,8 +85,9 @@ def cross_entropy_rows(student_logits: np.ndarray, labels: ArrayLike) -> np.ndar
 
 def distillation_loss_single(student, teacher, labels, temperature: float, alpha: float) -> float:
     """entrenar's DistillationLoss.forward."""
-    kl = kl_rows(teacher, student, temperature).mean()
-    ce = cross_entropy_rows(student, labels).mean()
+    bad = nonfinite_rows([teacher], student)
+    kl = np.where(bad, np.nan, kl_rows(teacher, student, temperature)).mean()
+    ce = np.where(bad, np.nan, cross_entropy_rows(student, labels)).mean()
     return float(alpha * temperature**2 * kl + (1.0 - alpha) * ce)
 
 
@@ -171,6 +187,8 @@ def general_rows(
     d = divergence_rows(log_p, log_q, divergence, beta)
     safe_y = np.where(valid, y, 0)
     ce = logsumexp(s) - np.take_along_axis(s, safe_y[:, None], axis=-1)[:, 0]
+    bad = nonfinite_rows(teachers, s)
+    d, ce = np.where(bad, np.nan, d), np.where(bad, np.nan, ce)
     return np.where(valid, d, 0.0), np.where(valid, ce, 0.0), valid
 
 
@@ -226,6 +244,7 @@ def general_grad(
     safe_y = np.where(valid, y, 0)
     np.put_along_axis(onehot, safe_y[:, None], 1.0, axis=-1)
     grad = alpha * temperature**2 * dd_ds + (1.0 - alpha) * (r - onehot)
+    grad[nonfinite_rows(teachers, s)] = np.nan
     grad[~valid] = 0.0
     if reduction == "mean":
         grad /= max(int(valid.sum()), 1)

@@ -41,5 +41,5 @@ def test_compiles_to_ptx(sig, cc):
 def test_signature_list_covers_every_kernel():
     ops = {sig[0] for sig in SIGNATURES}
     kernels = {"combine_logits", "teacher_lse", "mix_probabilities", "loss_rows", "reduce_loss"}
-    assert ops == kernels | {"general_rows", "count_valid", "scale_rows"}
+    assert ops == kernels | {"general_rows", "count_valid", "scale_rows", "count_nonfinite"}
     assert {sig[1] for sig in SIGNATURES} == {np.dtype(np.float32), np.dtype(np.float64)}

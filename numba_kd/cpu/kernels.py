@@ -111,7 +111,7 @@ def combine_logits(teachers, weights, out):
 @njit(inline="always")
 def _exp_row(row, shift, scale, out):
     """out[j] = exp((row[j] - shift) * scale); returns sum_j out[j] (float32 partials of
-    CHUNK terms, float64 total)."""
+    CHUNK terms, float64 total), NaN if the row holds a NaN or an infinity."""
     n = row.shape[0]
     like = out[0]
     zero = as_type_of(0.0, like)
@@ -121,7 +121,7 @@ def _exp_row(row, shift, scale, out):
         for j in range(start, min(start + CHUNK, n)):
             e = exp_like((row[j] - shift) * scale, like)
             out[j] = e
-            partial += e
+            partial += e + row[j] * zero
         total += partial
     return total
 
@@ -205,6 +205,9 @@ def _kl_stats(z, s, inv_t):
     with a = z / T and b = s / T: S_a = sum exp(a - max a),
     W = sum exp(a - max a) (a - b), S_b = sum exp(b - max b), S_s = sum exp(s - max s).
     Returns (KL, lse(s), max z, log S_a, max s, log S_b, log S_s).
+
+    A NaN or an infinity in z or s makes S_a and S_s, and so every result and
+    the gradient row, NaN (``x * 0`` is NaN exactly for those ``x``).
     """
     n_classes = s.shape[0]
     m_z = _max(z)
@@ -224,12 +227,13 @@ def _kl_stats(z, s, inv_t):
         for j in range(start, min(start + CHUNK, n_classes)):
             zj = z[j]
             sj = s[j]
+            nonfinite = zj * zero + sj * zero
             e_a = exp_like((zj - m_z) * scale, like)
-            p_a += e_a
+            p_a += e_a + nonfinite
             p_w += e_a * (zj - sj)
             d_s = sj - m_s
             p_b += exp_like(d_s * scale, like)
-            p_s += exp_like(d_s, like)
+            p_s += exp_like(d_s, like) + nonfinite
         s_a += p_a
         w_a += p_w
         s_b += p_b
@@ -343,6 +347,19 @@ def _row_lse(x, scale):
 
 
 @njit(inline="always")
+def _finite_row(student, teachers, i):
+    """Whether row i of the student and of every teacher is free of NaN and infinities."""
+    nonfinite = 0.0
+    for j in range(student.shape[1]):
+        nonfinite += student[i, j] * 0.0
+    for k in range(len(teachers)):
+        t = teachers[k]
+        for j in range(t.shape[1]):
+            nonfinite += t[i, j] * 0.0
+    return nonfinite == 0.0
+
+
+@njit(inline="always")
 def _row_weights(teachers, weights, i, y, valid, temperature, weighting, out):
     """Per-row teacher weights into out (summing to 1): the statistics sweep."""
     n_teachers = weights.shape[0]
@@ -450,6 +467,12 @@ def general_rows(
                 ce_rows[i] = 0.0
                 if want_grad:
                     grad[i, :] = 0.0
+                continue
+            if not _finite_row(student, teachers, i):
+                d_rows[i] = math.nan
+                ce_rows[i] = math.nan
+                if want_grad:
+                    grad[i, :] = math.nan
                 continue
             _row_weights(teachers, weights, i, y, valid, temperature, weighting, row_w)
             _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p)

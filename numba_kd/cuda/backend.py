@@ -23,6 +23,9 @@ MAX_BLOCKS = 65535
 
 _KERNELS: dict[str, Any] = {}
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+# float32 losses accumulate in float32 on the device: above this temperature the
+# soft term (a difference of log-sums that agree to about 1/T^2) is lost.
+FLOAT32_MAX_TEMPERATURE = _dispatch.FLOAT32_FAST_MAX_TEMPERATURE
 
 
 def simulating() -> bool:
@@ -102,6 +105,8 @@ def signature(
         return (vector, vector, acc, acc, vector, vector)
     if op == "scale_rows":
         return (vector, vector, acc, acc, vector, vector, vector)
+    if op == "count_nonfinite":
+        return (_array_type(dtype, 2, layout), types.Array(types.int32, 1, "C"))
     if op == "count_valid":
         return (_array_type(np.dtype(label_dtype), 1, layout), types.int64, types.boolean, vector)
     if op == "general_rows":
@@ -128,6 +133,7 @@ def kernel_signatures():
                     yield "general_rows", dtype, layout, kind, n_teachers, label_dtype
             for label_dtype in LABEL_DTYPES:
                 yield "count_valid", dtype, layout, "none", None, label_dtype
+            yield "count_nonfinite", dtype, layout, "none", None, None
         yield "reduce_loss", dtype, "C", "none", None, None
         yield "scale_rows", dtype, "C", "none", None, None
 
@@ -164,6 +170,41 @@ def _launch(
 
 
 # ---------------------------------------------------------------- arrays
+
+
+def _extent(arr) -> tuple[int, int] | None:
+    """[first, last] byte addresses of a device array, None when unknown."""
+    face = _interface(arr)
+    if face is None:
+        return None
+    start = int(face["data"][0])
+    itemsize = np.dtype(face["typestr"]).itemsize
+    shape = face["shape"]
+    strides = face.get("strides") or _c_strides(shape, itemsize)
+    if any(n == 0 for n in shape):
+        return None
+    low = start + sum(min(0, (n - 1) * st) for n, st in zip(shape, strides, strict=True))
+    high = start + sum(max(0, (n - 1) * st) for n, st in zip(shape, strides, strict=True)) + itemsize - 1
+    return low, high
+
+
+def _c_strides(shape, itemsize: int) -> tuple[int, ...]:
+    strides = []
+    step = itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def _overlap(a, b) -> bool:
+    """Whether two device arrays may share memory (conservative: address ranges)."""
+    if simulating():
+        return bool(np.may_share_memory(getattr(a, "_ary", a), getattr(b, "_ary", b)))
+    ea, eb = _extent(a), _extent(b)
+    if ea is None or eb is None:
+        return False
+    return ea[0] <= eb[1] and eb[0] <= ea[1]
 
 
 def _interface(x) -> dict | None:
@@ -248,6 +289,30 @@ class CudaBackend:
     def empty(self, shape, dtype: np.dtype):
         return cuda.device_array(shape, dtype=dtype, stream=self.stream)
 
+    def has_nonfinite(self, arr) -> bool:
+        """Whether the device array ``arr`` holds a NaN or an infinity (synchronizes)."""
+        counter = cuda.to_device(np.zeros(1, dtype=np.int32), stream=self.stream)
+        dtype = np.dtype(arr.dtype)
+        for matrix in arr if arr.ndim == 3 else (arr,):
+            grid, block = elementwise_config(matrix.shape[0] * matrix.shape[1])
+            args = (matrix, counter)
+            _launch("count_nonfinite", dtype, self.layout(matrix), None, grid, block, self.stream, args)
+        return bool(counter.copy_to_host(stream=self.stream)[0])
+
+    def output(self, out, shape: tuple[int, ...], dtype: np.dtype, inputs: list[object]):
+        """A caller's ``out=`` device array, checked: C-contiguous, this shape and
+        dtype, no memory shared with the inputs."""
+        if not _dispatch.is_device_array(out):
+            raise TypeError(f"out must be a CUDA device array for CUDA inputs, got {type(out).__name__}")
+        arr = self.asarray(out)
+        _dispatch.check_output(arr, shape, dtype)
+        if self.layout(arr) != "C":
+            raise ValueError("out must be a writable C-contiguous array")
+        for x in _dispatch.flatten_arrays(inputs):
+            if _overlap(arr, x):
+                raise ValueError("out must not share memory with the inputs")
+        return arr
+
     def vector(self, values: np.ndarray, dtype: np.dtype):
         return cuda.to_device(np.ascontiguousarray(values, dtype=dtype), stream=self.stream)
 
@@ -288,7 +353,8 @@ class CudaBackend:
         _launch("mix_probabilities", dtype, layout, teachers, grid, block, self.stream, args)
 
     def loss(self, student, teachers, weights: np.ndarray, labels, temperature: float, alpha: float,
-             options, want_grad: bool = False, return_device_scalar: bool = False):  # fmt: skip
+             options, want_grad: bool = False, return_device_scalar: bool = False,
+             grad_out=None):  # fmt: skip
         """(loss, soft, hard, grad) on the device.
 
         entrenar's loss (mean, no mask, no gradient) runs the single-read loss_rows
@@ -297,6 +363,11 @@ class CudaBackend:
         a device scalar becomes NaN instead.
         """
         dtype = np.dtype(student.dtype)
+        if dtype == np.float32 and temperature > FLOAT32_MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature {temperature} is above {FLOAT32_MAX_TEMPERATURE}, where the float32 CUDA "
+                "kernels (which accumulate in float32) lose the soft term's precision: use float64 inputs"
+            )
         scalar = dtype.type
         n_rows, n_classes = student.shape
         n_teachers = len(weights)
@@ -316,7 +387,10 @@ class CudaBackend:
             args = (student, teachers, w, labels, scalar(1.0 / temperature), d_rows, ce_rows, bad_labels)
             _launch("loss_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
         else:
-            grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
+            if grad_out is not None:
+                grad = grad_out
+            else:
+                grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
             scratch = (self.empty((n_rows, n_teachers), dtype), self.empty((n_rows, n_teachers), dtype))
             args = (
                 student, teachers, w, labels, np.int64(options.ignore_code), scalar(1.0 / temperature),

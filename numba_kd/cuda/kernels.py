@@ -134,14 +134,18 @@ def make_kernels(acc) -> SimpleNamespace:
             pair = first + ty
             m = acc(_m.NEG_INF)
             s = acc(0.0)
+            nonfinite = acc(0.0)
             if pair < n_pairs:
                 k = pair // n_rows
                 i = pair - k * n_rows
                 t = teachers[k]
                 for j in range(tx, n_classes, threads_per_row):
-                    m, s = _m.online_lse_step(m, s, t[i, j] * inv_t, one)
+                    x = t[i, j]
+                    m, s = _m.online_lse_step(m, s, x * inv_t, one)
+                    nonfinite += x * acc(0.0)
             sm_m[base + tx] = m
-            sm_s[base + tx] = s
+            # A NaN or an infinity in the row makes its lse, and so the output row, NaN.
+            sm_s[base + tx] = s + nonfinite
             _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row)
             if tx == 0 and pair < n_pairs:
                 lse[k, i] = _m.lse_from_stats(sm_m[base], sm_s[base])
@@ -155,11 +159,15 @@ def make_kernels(acc) -> SimpleNamespace:
         for flat in range(start, n_rows * n_classes, step):
             i = flat // n_classes
             j = flat - i * n_classes
+            # NaN when a teacher's row (weighted or not) is not finite: see teacher_lse.
+            nonfinite = acc(0.0)
+            for k in range(n_teachers):
+                nonfinite += lse[k, i] * acc(0.0)
             if eps > 0:
                 p = acc(0.0)
                 for k in range(n_teachers):
                     p += weights[k] * math.exp(teachers[k][i, j] * inv_t - lse[k, i])
-                out[i, j] = _m.tempered_log(p, eps, temperature)
+                out[i, j] = _m.tempered_log(p, eps, temperature) + nonfinite
             else:
                 # Exact log-mixture: logsumexp over the teachers with positive weight.
                 m = acc(_m.NEG_INF)
@@ -168,7 +176,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     if weights[k] > 0:
                         term = _m.log_mixture_term(log_weights[k], teachers[k][i, j] * inv_t, lse[k, i])
                         m, s = _m.online_lse_step(m, s, term, acc(1.0))
-                out[i, j] = temperature * _m.lse_from_stats(m, s)
+                out[i, j] = temperature * _m.lse_from_stats(m, s) + nonfinite
 
     @cuda.jit(cache=DISK_CACHE)
     def loss_rows(student, teachers, weights, labels, inv_t, kl_rows, ce_rows, bad_labels):
@@ -197,6 +205,7 @@ def make_kernels(acc) -> SimpleNamespace:
             s_b = acc(0.0)
             m_s = acc(_m.NEG_INF)
             s_s = acc(0.0)
+            nonfinite = acc(0.0)
             if i < n_rows:
                 for j in range(tx, n_classes, threads_per_row):
                     a = _m.ensemble_logit(teachers, weights, i, j) * inv_t
@@ -205,13 +214,16 @@ def make_kernels(acc) -> SimpleNamespace:
                     m_a, s_a, w_a = _m.online_weighted_step(m_a, s_a, w_a, a, a - b, one)
                     m_b, s_b = _m.online_lse_step(m_b, s_b, b, one)
                     m_s, s_s = _m.online_lse_step(m_s, s_s, x, one)
+                    nonfinite += (a + x) * acc(0.0)
+            # A NaN or an infinity in the row (x * 0 is NaN exactly then) makes the
+            # two sums, so the row's KL and CE, NaN.
             sm_ma[slot] = m_a
-            sm_sa[slot] = s_a
+            sm_sa[slot] = s_a + nonfinite
             sm_wa[slot] = w_a
             sm_mb[slot] = m_b
             sm_sb[slot] = s_b
             sm_ms[slot] = m_s
-            sm_ss[slot] = s_s
+            sm_ss[slot] = s_s + nonfinite
             _tree_merge_weighted(sm_ma, sm_sa, sm_wa, base, tx, threads_per_row)
             _tree_merge_lse(sm_mb, sm_sb, base, tx, threads_per_row)
             _tree_merge_lse(sm_ms, sm_ss, base, tx, threads_per_row)
@@ -299,8 +311,18 @@ def make_kernels(acc) -> SimpleNamespace:
             y = labels[i]
             in_range = y >= 0 and y < n_classes
             valid = i_raw < n_rows and y != ignore_index
+            # Non-finite inputs in the row: its loss and gradient become NaN.
+            nonfinite = zero
+            for j in range(tx, n_classes, tpr):
+                nonfinite += student[i, j] * zero
+                for k in range(n_teachers):
+                    nonfinite += teachers[k][i, j] * zero
+            sm_x[slot] = nonfinite
+            _tree_sum(sm_x, base, tx, tpr)
+            finite = sm_x[base] == zero
+            cuda.syncthreads()
             # An out-of-range label is never read: its row (and so the loss) becomes NaN.
-            bad = valid and not in_range
+            bad = valid and not (in_range and finite)
             y_safe = y if in_range else 0
             # Teacher weights for this row (confidence and entropy need statistics sweeps).
             total = zero
@@ -425,6 +447,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 d_rows[i] = d if valid else zero
                 ce_rows[i] = (lse_s - student[i, y_safe]) if valid else zero
                 if bad:
+                    d_rows[i] = acc(math.nan)
                     ce_rows[i] = acc(math.nan)
             if want_grad and i_raw < n_rows:
                 c_soft = alpha_t2 / divisor[0]
@@ -453,6 +476,15 @@ def make_kernels(acc) -> SimpleNamespace:
                     grad[i, j] = g
 
     @cuda.jit(cache=DISK_CACHE)
+    def count_nonfinite(x, counter):
+        """counter[0] += the number of NaN and infinite entries of the 2-D array x."""
+        n_rows, n_classes = x.shape
+        for flat in range(cuda.grid(1), n_rows * n_classes, cuda.gridsize(1)):
+            i = flat // n_classes
+            if not x[i, flat - i * n_classes] * acc(0.0) == acc(0.0):
+                cuda.atomic.add(counter, 0, 1)
+
+    @cuda.jit(cache=DISK_CACHE)
     def scale_rows(d_rows, ce_rows, alpha_t2, one_m_alpha, loss, soft, hard):
         """Per-row results of reduction="none"."""
         for i in range(cuda.grid(1), d_rows.shape[0], cuda.gridsize(1)):
@@ -462,6 +494,7 @@ def make_kernels(acc) -> SimpleNamespace:
 
     return SimpleNamespace(
         count_valid=count_valid,
+        count_nonfinite=count_nonfinite,
         general_rows=general_rows,
         scale_rows=scale_rows,
         combine_logits=combine_logits,

@@ -1,0 +1,214 @@
+"""float32 precision at scale against the float64 reference, and bitwise determinism.
+
+Precision: float32 logits, the float64 reference evaluated on the same float32
+values upcast to float64, in row chunks so that its memory stays bounded at
+B*C = 1e8.  Determinism: every operation gives the same bits on repeated calls
+and for 1 and 2 numba threads (the kernels reduce their rows in a fixed order).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import reference as ref
+
+import numba_kd as kd
+
+# float32 loss: relative error against the float64 reference on the same inputs.
+LOSS_RTOL = 1e-6
+# float32 gradient: absolute error per element after the kernel's and the reference's
+# gradients are both divided by the reference gradient's largest magnitude.
+GRAD_ATOL_SCALED = 1e-6
+
+WEIGHTS = [1.0, 2.0]
+TEMPERATURE = 2.0
+ALPHA = 0.5
+LOGIT_SCALE = 3.0
+
+
+def _float32_batch(seed: int, rows: int, classes: int):
+    """Student, two teachers (independent normal logits times 3) and labels, all float32.
+
+    Drawn straight into float32 arrays (no float64 temporaries): at 1e8 logits each
+    array is 400 MB."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _ in range(1 + len(WEIGHTS)):
+        x = np.empty((rows, classes), dtype=np.float32)
+        rng.standard_normal(dtype=np.float32, out=x)
+        x *= np.float32(LOGIT_SCALE)
+        arrays.append(x)
+    labels = rng.integers(0, classes, size=rows)
+    return arrays[0], arrays[1:], labels
+
+
+def _chunked_reference(student, teachers, labels, grad, chunk_rows: int):
+    """(reference loss, max |grad - reference grad|, max |reference grad|), float64.
+
+    The reference works on ``chunk_rows`` rows at a time on the float32 inputs upcast
+    to float64.  The full batch's loss is the mean over all B rows, so a chunk
+    contributes its own mean times its row count / B; the gradient of the mean is
+    the chunk's gradient with reduction "sum" divided by B (what reduction "mean"
+    does over the whole batch, where the divisor is B)."""
+    n_rows = student.shape[0]
+    loss_sum = 0.0
+    max_diff = 0.0
+    max_ref = 0.0
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(n_rows, start + chunk_rows)
+        s = student[start:stop].astype(np.float64)
+        t = [x[start:stop].astype(np.float64) for x in teachers]
+        y = labels[start:stop]
+        chunk_loss = ref.distillation_loss(s, t, y, WEIGHTS, TEMPERATURE, ALPHA)
+        loss_sum += chunk_loss * (stop - start)
+        g_ref = ref.general_grad(s, t, y, WEIGHTS, TEMPERATURE, ALPHA, reduction="sum")
+        g_ref /= n_rows
+        max_ref = max(max_ref, float(np.max(np.abs(g_ref))))
+        max_diff = max(max_diff, float(np.max(np.abs(grad[start:stop].astype(np.float64) - g_ref))))
+        del s, t, g_ref
+    return loss_sum / n_rows, max_diff, max_ref
+
+
+def _check_float32_precision(rows: int, classes: int, chunk_rows: int, seed: int):
+    student, teachers, labels = _float32_batch(seed, rows, classes)
+    d = kd.EnsembleDistiller(WEIGHTS, temperature=TEMPERATURE)
+    loss = d.distillation_loss(student, teachers, labels, ALPHA)
+    loss_g, grad = d.loss_and_grad(student, teachers, labels, ALPHA)
+    assert isinstance(loss, float)
+    assert grad.dtype == np.float32 and grad.shape == (rows, classes)
+    # Documented: on the CPU loss_and_grad returns distillation_loss's value bit for bit.
+    assert loss_g == loss
+
+    ref_loss, max_diff, max_ref = _chunked_reference(student, teachers, labels, grad, chunk_rows)
+    rel_loss = abs(loss - ref_loss) / abs(ref_loss)
+    scaled_grad_err = max_diff / max_ref
+    print(
+        f"\n[precision float32 K=2 B={rows} C={classes} (B*C={rows * classes:.0e})] "
+        f"loss {loss!r} vs reference {ref_loss!r}: relative error {rel_loss:.3e}; "
+        f"gradient max |ref| {max_ref:.3e}, max scaled error {scaled_grad_err:.3e}"
+    )
+    assert rel_loss <= LOSS_RTOL, (rel_loss, loss, ref_loss)
+    assert scaled_grad_err <= GRAD_ATOL_SCALED, (scaled_grad_err, max_diff, max_ref)
+    return student, teachers, labels, grad, ref_loss, max_diff, max_ref
+
+
+def test_float32_precision_1e6():
+    """B*C = 1e6; also checks that the chunked reference equals the whole-batch reference."""
+    rows, classes = 1000, 1000
+    student, teachers, labels, grad, ref_loss, max_diff, max_ref = _check_float32_precision(
+        rows, classes, chunk_rows=300, seed=20261127
+    )
+    s = student.astype(np.float64)
+    t = [x.astype(np.float64) for x in teachers]
+    whole_loss = ref.distillation_loss(s, t, labels, WEIGHTS, TEMPERATURE, ALPHA)
+    whole_grad = ref.general_grad(s, t, labels, WEIGHTS, TEMPERATURE, ALPHA)
+    # Chunking only changes the order of a float64 sum of per-row terms.
+    assert abs(ref_loss - whole_loss) <= 1e-13 * abs(whole_loss), (ref_loss, whole_loss)
+    assert float(np.max(np.abs(whole_grad))) == max_ref
+    assert float(np.max(np.abs(grad.astype(np.float64) - whole_grad))) == max_diff
+
+
+@pytest.mark.slow
+def test_float32_precision_1e8():
+    """B*C = 1e8 (inputs 1.2 GB, gradient 0.4 GB; the reference runs 5,000 rows at a time)."""
+    _check_float32_precision(100_000, 1000, chunk_rows=5000, seed=20261128)
+
+
+# ---------------------------------------------------------------------------
+# Bitwise determinism
+
+
+DET_ROWS, DET_CLASSES = 1000, 257  # 63 blocks of 16 rows: the parallel loop splits
+NON_DEFAULT_OPTIONS = {
+    "jsd": {"divergence": "jsd", "beta": 0.3},
+    "entropy": {"teacher_weighting": "entropy"},
+    "none": {"reduction": "none"},
+    "probs+reverse_kl+confidence+sum+ignore": {
+        "combine": "probs",
+        "divergence": "reverse_kl",
+        "teacher_weighting": "confidence",
+        "reduction": "sum",
+        "return_components": True,
+    },
+}
+
+
+def _leaves(value) -> list:
+    """The floats and arrays in a result: loss, (loss, grad), LossComponents, ((l, s, h), grad)."""
+    if isinstance(value, tuple):
+        return [leaf for v in value for leaf in _leaves(v)]
+    assert isinstance(value, (float, np.ndarray)), type(value)
+    return [value]
+
+
+def _bits(value) -> list:
+    """Every float and array in ``value`` as (dtype, shape, bytes)."""
+    return [
+        ("float", (), np.float64(leaf).tobytes())
+        if isinstance(leaf, float)
+        else (leaf.dtype.str, leaf.shape, leaf.tobytes())
+        for leaf in _leaves(value)
+    ]
+
+
+def _max_difference(a, b) -> float:
+    return max(
+        float(np.max(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64))))
+        for x, y in zip(_leaves(a), _leaves(b), strict=True)
+    )
+
+
+def _all_results(d, student, teachers, labels) -> dict:
+    out = {
+        "distillation_loss": d.distillation_loss(student, teachers, labels, ALPHA),
+        "loss_and_grad": d.loss_and_grad(student, teachers, labels, ALPHA),
+        "combine_teachers": d.combine_teachers(teachers),
+        "combine_via_probabilities": d.combine_via_probabilities(teachers),
+        "combine_via_probabilities(eps=0)": d.combine_via_probabilities(teachers, eps=0),
+    }
+    for name, options in NON_DEFAULT_OPTIONS.items():
+        if name.endswith("ignore"):
+            options = {**options, "ignore_index": int(labels[0])}
+        out[f"distillation_loss[{name}]"] = d.distillation_loss(student, teachers, labels, ALPHA, **options)
+        out[f"loss_and_grad[{name}]"] = d.loss_and_grad(student, teachers, labels, ALPHA, **options)
+    return out
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+@pytest.mark.parametrize("layout", ["list", "stacked"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_bitwise_determinism_repeats_and_thread_counts(dtype, layout):
+    rng = np.random.default_rng(7)
+    signal = rng.normal(scale=3.0, size=(DET_ROWS, DET_CLASSES))
+    teachers = [(signal + rng.normal(size=signal.shape)).astype(dtype) for _ in range(3)]
+    student = (0.5 * signal + rng.normal(scale=2.0, size=signal.shape)).astype(dtype)
+    labels = rng.integers(0, DET_CLASSES, size=DET_ROWS)
+    if layout == "stacked":
+        teachers = np.stack(teachers)
+    d = kd.EnsembleDistiller([1.0, 2.0, 3.0], temperature=2.0)
+
+    before = numba.get_num_threads()
+    runs = []
+    try:
+        for n_threads in (2, 2, 1, 1, 2):
+            numba.set_num_threads(n_threads)
+            runs.append((n_threads, _all_results(d, student, teachers, labels)))
+    finally:
+        numba.set_num_threads(before)
+
+    first_threads, first = runs[0]
+    for name, value in first.items():  # sanity: real, finite results of the input dtype
+        for leaf in _leaves(value):
+            assert np.all(np.isfinite(leaf)), name
+            if isinstance(leaf, np.ndarray):
+                assert leaf.dtype == np.dtype(dtype), name
+    expected = {name: _bits(value) for name, value in first.items()}
+    for n_threads, results in runs[1:]:
+        assert results.keys() == expected.keys()
+        for name, value in results.items():
+            same = _bits(value) == expected[name]
+            assert same, (
+                f"{name}: {n_threads} threads differ from {first_threads} threads "
+                f"(max abs difference {_max_difference(value, first[name]):.3e})"
+            )
