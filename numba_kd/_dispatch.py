@@ -151,10 +151,10 @@ def _loss_arg_types(teachers: Teachers, dtype: np.dtype, layout: str, extra: tup
     return arg_types
 
 
-# Above this temperature the float32 fast kernel's sums lose the soft term
-# (it is a difference of log-sums that agree to about 1/T^2 of their size):
-# float32 losses then run the general kernel, which works in float64.
-FLOAT32_FAST_MAX_TEMPERATURE = 16.0
+# Above this temperature the fast kernel's KL, a difference of log-sums that
+# agree to about 1/T^2 of their size, loses digits (float32 all of them): losses
+# then run the general kernel, which works per element in float64.
+FAST_MAX_TEMPERATURE = 16.0
 
 
 def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -345,7 +345,7 @@ class HostBackend:
         layout = self.layout(student, teachers)
         common = (weights, labels, np.int64(options.ignore_code), temperature)
         tail = (c_soft, c_hard, want_grad, grad, d_rows, ce_rows)
-        if options.is_default and not (dtype == np.float32 and temperature > FLOAT32_FAST_MAX_TEMPERATURE):
+        if options.is_default and temperature <= FAST_MAX_TEMPERATURE:
             types_of = _loss_arg_types(teachers, dtype, layout, extra=())
             kernel = _cpu_kernel("distillation_rows", dtype, layout, teachers, types_of)
             kernel(student, teachers, *common, *tail)

@@ -96,8 +96,11 @@ def distillation_terms(kl_sum, ce_sum, n_rows, alpha, temperature):
 
 @njit(inline="always")
 def log_mixture_term(log_weight, scaled_logit, teacher_lse):
-    """log(w_k) + t_kj / T - lse(t_k / T): one teacher's log-probability, weighted."""
-    return log_weight + scaled_logit - teacher_lse
+    """log(w_k) + t_kj / T - lse(t_k / T): one teacher's log-probability, weighted.
+
+    The logit and its lse are subtracted first: for huge logits their sum with
+    log(w_k) would round log(w_k) away."""
+    return log_weight + (scaled_logit - teacher_lse)
 
 
 @njit(inline="always")

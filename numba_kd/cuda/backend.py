@@ -25,7 +25,7 @@ _KERNELS: dict[str, Any] = {}
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 # float32 losses accumulate in float32 on the device: above this temperature the
 # soft term (a difference of log-sums that agree to about 1/T^2) is lost.
-FLOAT32_MAX_TEMPERATURE = _dispatch.FLOAT32_FAST_MAX_TEMPERATURE
+FLOAT32_MAX_TEMPERATURE = _dispatch.FAST_MAX_TEMPERATURE
 
 
 def simulating() -> bool:
@@ -383,7 +383,8 @@ class CudaBackend:
         args = (labels, np.int64(options.ignore_code), options.reduction == "mean", divisor)
         _launch("count_valid", dtype, layout, None, 1, threads, self.stream, args, label_dtype)
         grad = None
-        if options.is_default and options.ignore_index is None and not want_grad:
+        fast = temperature <= _dispatch.FAST_MAX_TEMPERATURE  # see _dispatch.FAST_MAX_TEMPERATURE
+        if options.is_default and options.ignore_index is None and not want_grad and fast:
             args = (student, teachers, w, labels, scalar(1.0 / temperature), d_rows, ce_rows, bad_labels)
             _launch("loss_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
         else:

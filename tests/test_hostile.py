@@ -1,0 +1,496 @@
+"""Unusual and hostile inputs on the CPU: every public operation returns the right
+answer or raises TypeError/ValueError naming the argument.
+
+The simulator counterpart is tests/cuda/test_cuda_hostile.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+from helpers import LOSS_RTOL, assert_array_close, logit_scale, make_batch
+
+import numba_kd as kd
+
+# The reference's NumPy arithmetic warns on the NaN and infinite inputs tested here.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+WEIGHTS = [1.0, 2.0, 0.5]
+T = 2.0
+ALPHA = 0.4
+
+
+@pytest.fixture
+def batch(rng):
+    return make_batch(rng, len(WEIGHTS), 9, 6, np.float64)
+
+
+def _ops(student, teachers, labels, **kw):
+    """Every public operation on these inputs: name -> zero-argument call."""
+    d = kd.EnsembleDistiller(WEIGHTS[: len(teachers)], T)
+    single = kd.DistillationLoss(T, ALPHA)
+    return {
+        "combine_teachers": lambda: d.combine_teachers(teachers, **kw),
+        "combine_via_probabilities": lambda: d.combine_via_probabilities(teachers, **kw),
+        "distillation_loss": lambda: d.distillation_loss(student, teachers, labels, ALPHA, **kw),
+        "loss_and_grad": lambda: d.loss_and_grad(student, teachers, labels, ALPHA, **kw),
+        "forward": lambda: single.forward(student, teachers[0], labels, **kw),
+        "single_loss_and_grad": lambda: single.loss_and_grad(student, teachers[0], labels, **kw),
+    }
+
+
+LOSS_OPS = ["distillation_loss", "loss_and_grad", "forward", "single_loss_and_grad"]
+
+
+def _expected(name, student, teachers, labels, weights=WEIGHTS, temperature=T, alpha=ALPHA):
+    """The float64 reference result of operation ``name``."""
+    s = np.asarray(student, dtype=np.float64)
+    t = [np.asarray(x, dtype=np.float64) for x in teachers]
+    w = weights[: len(t)]
+    if name == "combine_teachers":
+        return ref.combine_teachers(t, w)
+    if name == "combine_via_probabilities":
+        return ref.combine_via_probabilities(t, w, temperature)
+    if name in ("forward", "single_loss_and_grad"):
+        t, w = t[:1], [1.0]
+    loss = ref.general_loss(s, t, labels, w, temperature, alpha)[0]
+    if name in ("loss_and_grad", "single_loss_and_grad"):
+        return loss, ref.general_grad(s, t, labels, w, temperature, alpha)
+    return loss
+
+
+def _assert_matches(name, got, expected, dtype, scale):
+    if isinstance(expected, tuple):
+        _assert_matches(name, got[0], expected[0], dtype, scale)
+        assert_array_close(got[1], expected[1], dtype)
+    elif isinstance(expected, np.ndarray):
+        assert_array_close(got, expected, dtype)
+    else:
+        rtol = LOSS_RTOL[np.dtype(dtype)]
+        assert abs(got - expected) <= rtol * (abs(expected) + scale), (name, got, expected)
+
+
+# ---------------------------------------------------------------- labels
+
+
+@pytest.mark.parametrize("op", LOSS_OPS)
+@pytest.mark.parametrize(
+    ("make_labels", "error", "words"),
+    [
+        (lambda y: np.where(y == y[0], 6, y), ValueError, "labels must be in [0, 6)"),
+        (lambda y: np.where(y == y[0], -1, y), ValueError, "labels must be in [0, 6)"),
+        (lambda y: y.astype(np.float64), TypeError, "labels must be integer"),
+        (lambda y: y > 2, TypeError, "labels must be integer"),
+        (lambda y: y[:-1], ValueError, "labels has 8 entries"),
+        (lambda y: y[:, None], ValueError, "labels must be a 1-D array"),
+        (lambda y: [[1], [1, 2]], ValueError, "labels cannot be read as an array"),
+        (lambda y: None, TypeError, "labels must be integer"),
+    ],
+    ids=["too-large", "negative", "float", "bool", "short", "2-D", "ragged", "None"],
+)
+def test_bad_labels_are_rejected(batch, op, make_labels, error, words):
+    student, teachers, labels = batch
+    with pytest.raises(error) as info:
+        _ops(student, teachers, make_labels(labels))[op]()
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("op", LOSS_OPS)
+def test_negative_labels_other_than_ignore_index_are_rejected(batch, op):
+    student, teachers, labels = batch
+    labels = labels.copy()
+    labels[0], labels[1] = -100, -1
+    with pytest.raises(ValueError, match=r"labels\[1\] = -1"):
+        _ops(student, teachers, labels, ignore_index=-100)[op]()
+
+
+# ---------------------------------------------------------------- logits that are not arrays
+
+
+@pytest.mark.parametrize("op", ["combine_teachers", "distillation_loss", "loss_and_grad", "forward"])
+def test_nested_lists_convert_like_numpy(batch, op):
+    student, teachers, labels = batch
+    got = _ops(student.tolist(), [t.tolist() for t in teachers], labels.tolist())[op]()
+    expected = _ops(student, teachers, labels)[op]()
+    if isinstance(expected, tuple):
+        assert got[0] == expected[0]
+        np.testing.assert_array_equal(got[1], expected[1])
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("student", "error", "words"),
+    [
+        ([[1.0, 2.0], [1.0]], ValueError, "student cannot be read as an array"),
+        ("logits", TypeError, "student must hold floating-point logits"),
+        (None, TypeError, "student must hold floating-point logits"),
+        ([[1, 2], [3, 4]], TypeError, "student must hold floating-point logits"),
+        (np.ones((2, 2), dtype=np.complex128), TypeError, "student must hold floating-point logits"),
+        (np.ma.masked_array(np.ones((2, 2)), [[0, 1], [0, 0]]), TypeError, "student is a masked array"),
+        (np.float64(1.0), ValueError, "student must be a 2-D"),
+    ],
+    ids=["ragged", "string", "None", "integers", "complex", "masked", "0-D"],
+)
+def test_student_that_is_not_logits_is_rejected(student, error, words):
+    d = kd.EnsembleDistiller([1.0], T)
+    with pytest.raises(error) as info:
+        d.distillation_loss(student, [np.ones((2, 2))], [0, 1], ALPHA)
+    assert words in str(info.value)
+
+
+class _Unreadable:
+    def __array__(self, dtype=None, copy=None):
+        raise ValueError("broken")
+
+
+def test_teachers_that_are_not_logits_are_rejected():
+    d = kd.EnsembleDistiller([1.0, 1.0], T)
+    with pytest.raises(ValueError, match="teachers cannot be read as an array: broken"):
+        d.combine_teachers(_Unreadable())
+    with pytest.raises(ValueError, match=r"teachers\[1\] cannot be read as an array"):
+        d.combine_teachers([np.ones((2, 2)), [[1.0, 2.0], [1.0]]])
+    with pytest.raises(ValueError, match="teachers must be a list"):
+        d.combine_teachers({"a": 1})
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["student", "teacher0", "teacher1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"combine": "probs"},
+        {"divergence": "jsd"},
+        {"divergence": "reverse_kl"},
+        {"teacher_weighting": "confidence"},
+    ],
+    ids=["default", "probs", "jsd", "reverse", "confidence"],
+)
+def test_non_finite_rows_give_nan_like_the_reference(rng, value, where, dtype, options):
+    """The policy: a row with a NaN or an infinity in the student or any teacher row
+    has a NaN loss, soft and hard part and a NaN gradient row; other rows are exact."""
+    student, teachers, labels = make_batch(rng, 2, 5, 7, dtype)
+    target = student if where == "student" else teachers[int(where[-1])]
+    target[2, 3] = value
+    d = kd.EnsembleDistiller([1.0, 3.0], T)
+    (loss, soft, hard), grad = d.loss_and_grad(
+        student, teachers, labels, ALPHA, reduction="none", return_components=True, **options
+    )
+    expected = ref.general_loss(student, teachers, labels, d.weights, T, ALPHA, reduction="none", **options)
+    expected_grad = ref.general_grad(
+        student, teachers, labels, d.weights, T, ALPHA, reduction="none", **options
+    )
+    for got, want in zip((loss, soft, hard), expected, strict=True):
+        assert np.isnan(got[2]) and np.isnan(want[2])
+        assert np.isfinite(np.delete(got, 2)).all()
+    assert np.isnan(grad[2]).all() and np.isnan(expected_grad[2]).all()
+    assert np.isfinite(np.delete(grad, 2, axis=0)).all()
+    assert np.isnan(d.distillation_loss(student, teachers, labels, ALPHA, **options))
+    # An ignored row is never read: its non-finite logits do not matter.
+    labels[2] = -100
+    assert np.isfinite(d.distillation_loss(student, teachers, labels, ALPHA, ignore_index=-100, **options))
+
+
+@pytest.mark.parametrize("eps", [1e-10, 0.0])
+def test_non_finite_teacher_rows_give_nan_combine_rows(rng, eps):
+    _, teachers, _ = make_batch(rng, 3, 4, 5, np.float64)
+    teachers[2][1, 0] = -np.inf
+    d = kd.EnsembleDistiller([1.0, 1.0, 0.0], T)  # even a teacher of weight zero
+    got = d.combine_via_probabilities(teachers, eps=eps)
+    expected = ref.combine_via_probabilities(teachers, d.weights, T, eps)
+    assert np.isnan(got[1]).all() and np.isnan(expected[1]).all()
+    np.testing.assert_allclose(np.delete(got, 1, axis=0), np.delete(expected, 1, axis=0), rtol=1e-12)
+    # The logit average is IEEE arithmetic per element, as in NumPy.
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(d.combine_teachers(teachers), ref.combine_teachers(teachers, d.weights))
+
+
+@pytest.mark.parametrize("op", list(_ops(0, [0], 0)))
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_check_finite_raises_naming_the_argument(batch, op, where):
+    student, teachers, labels = batch
+    if where == "student":
+        if op.startswith("combine"):
+            pytest.skip("combines take no student")
+        student = student.copy()
+        student[0, 0] = np.nan
+        name = "student"
+    else:
+        teachers = [t.copy() for t in teachers]
+        teachers[0][3, 1] = np.inf
+        name = "teacher" if op in ("forward", "single_loss_and_grad") else r"teachers\[0\]"
+    with pytest.raises(ValueError, match=rf"^{name} holds NaN or infinite values"):
+        _ops(student, teachers, labels, check_finite=True)[op]()
+    _ops(student, teachers, labels, check_finite=False)[op]()  # the policy instead
+
+
+def test_check_finite_passes_finite_inputs_and_names_stacked_teachers(batch):
+    student, teachers, labels = batch
+    d = kd.EnsembleDistiller(WEIGHTS, T)
+    assert d.distillation_loss(student, teachers, labels, ALPHA, check_finite=True) == d.distillation_loss(
+        student, teachers, labels, ALPHA
+    )
+    stacked = np.stack(teachers)
+    stacked[2, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^teachers holds NaN"):
+        d.combine_teachers(stacked, check_finite=True)
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        d.combine_teachers(teachers, check_finite="yes")
+
+
+# ---------------------------------------------------------------- extreme values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("temperature", [1e-6, 1.0, 1e6])
+def test_huge_logits_give_finite_results(rng, dtype, temperature):
+    """|logits| up to 1e30: every result finite and right (relative to its size)."""
+    student, teachers, labels = make_batch(rng, 2, 6, 5, np.float64)
+    student, teachers = (student * 1e29).astype(dtype), [(t * 1e29).astype(dtype) for t in teachers]
+    assert max(np.abs(student).max(), max(np.abs(t).max() for t in teachers)) <= 1e31
+    d = kd.EnsembleDistiller([1.0, 2.0], temperature)
+    for options in ({}, {"divergence": "jsd"}, {"combine": "probs"}, {"teacher_weighting": "entropy"}):
+        loss, grad = d.loss_and_grad(student, teachers, labels, ALPHA, **options)
+        expected = ref.general_loss(student, teachers, labels, d.weights, temperature, ALPHA, **options)[0]
+        expected_grad = ref.general_grad(student, teachers, labels, d.weights, temperature, ALPHA, **options)
+        assert np.isfinite(loss) and np.isfinite(grad).all(), options
+        assert abs(loss - expected) <= 1e-5 * abs(expected), (options, loss, expected)
+        np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-5 * np.abs(expected_grad).max())
+    for eps in (1e-10, 0.0):
+        got = d.combine_via_probabilities(teachers, eps=eps)
+        assert np.isfinite(got).all()
+        want = ref.combine_via_probabilities(teachers, d.weights, temperature, eps)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _longdouble_kl_loss(student, teachers, labels, weights, temperature, alpha) -> float:
+    """entrenar's loss in extended precision: the oracle where T^2 amplifies float64 rounding."""
+    s = np.asarray(student, dtype=np.longdouble)
+    z = sum(w * np.asarray(t, dtype=np.longdouble) for w, t in zip(weights, teachers, strict=True))
+
+    def log_softmax(x):
+        m = x.max(axis=1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+    log_p, log_q = log_softmax(z / temperature), log_softmax(s / temperature)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean()
+    ce = -np.take_along_axis(log_softmax(s), labels[:, None], axis=1).mean()
+    return float(alpha * temperature**2 * kl + (1 - alpha) * ce)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).eps >= 1e-18, reason="needs 80-bit long double")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("temperature", "rtol"), [(1e-6, 1e-6), (20.0, 1e-6), (1e4, 1e-6), (1e6, 1e-5)])
+def test_extreme_temperatures(rng, dtype, temperature, rtol):
+    """T^2 KL is a difference of nearly equal log-sums for large T: float32 losses above
+    T = 16 are computed in float64; the float64 result's relative error grows like
+    1e-16 T^2 (about 2e-6 at T = 1e6, hence rtol 1e-5 there)."""
+    student, teachers, labels = make_batch(rng, 2, 64, 50, dtype)
+    d = kd.EnsembleDistiller([1.0, 2.0], temperature)
+    got = d.distillation_loss(student, teachers, labels, 1.0)
+    expected = _longdouble_kl_loss(student, teachers, labels, d.weights, temperature, 1.0)
+    assert abs(got - expected) <= rtol * abs(expected), (got, expected)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("op", LOSS_OPS)
+def test_alpha_at_its_bounds(batch, alpha, op):
+    student, teachers, labels = batch
+    d = kd.EnsembleDistiller(WEIGHTS, T)
+    single = kd.DistillationLoss(T, alpha)
+    calls = {
+        "distillation_loss": lambda: d.distillation_loss(student, teachers, labels, alpha),
+        "loss_and_grad": lambda: d.loss_and_grad(student, teachers, labels, alpha),
+        "forward": lambda: single.forward(student, teachers[0], labels),
+        "single_loss_and_grad": lambda: single.loss_and_grad(student, teachers[0], labels),
+    }
+    got = calls[op]()
+    expected = _expected(op, student, teachers, labels, alpha=alpha)
+    _assert_matches(op, got, expected, np.float64, logit_scale(student, *teachers))
+
+
+# ---------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("op", list(_ops(0, [0], 0)))
+def test_empty_batch(op):
+    """B = 0: the combines return an empty [0, C] array; every loss raises ValueError."""
+    empty = np.empty((0, 4))
+    call = _ops(empty, [empty] * 3, np.empty(0, dtype=np.int64))[op]
+    if op.startswith("combine"):
+        out = call()
+        assert out.shape == (0, 4) and out.dtype == np.float64
+    else:
+        with pytest.raises(ValueError, match="at least one row"):
+            call()
+
+
+def test_no_classes_is_rejected():
+    with pytest.raises(ValueError, match="at least one class"):
+        kd.EnsembleDistiller([1.0], T).combine_teachers([np.empty((3, 0))])
+
+
+@pytest.mark.parametrize("op", list(_ops(0, [0], 0)))
+def test_one_class(rng, op):
+    """C = 1: both distributions are [1]: no divergence, no cross-entropy, zero gradient."""
+    student, teachers, _ = make_batch(rng, 3, 5, 1, np.float64)
+    labels = np.zeros(5, dtype=np.int64)
+    got = _ops(student, teachers, labels)[op]()
+    _assert_matches(op, got, _expected(op, student, teachers, labels), np.float64, logit_scale(student))
+    if op in ("loss_and_grad", "single_loss_and_grad"):
+        assert abs(got[0]) <= 1e-15  # zero up to the rounding of lse(s) - s over one class
+        assert np.abs(got[1]).max() <= 1e-15
+
+
+@pytest.mark.parametrize("n_teachers", [1, 64])
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])
+def test_one_and_many_teachers(rng, n_teachers, stacked):
+    student, teachers, labels = make_batch(rng, n_teachers, 7, 9, np.float32)
+    weights = np.linspace(1.0, 2.0, n_teachers)
+    d = kd.EnsembleDistiller(weights, T)
+    arg = np.stack(teachers) if stacked else teachers
+    scale = logit_scale(student, *teachers)
+    for combine in ("logits", "probs"):
+        loss, grad = d.loss_and_grad(student, arg, labels, ALPHA, combine=combine)
+        want = ref.general_loss(student, teachers, labels, d.weights, T, ALPHA, combine=combine)[0]
+        want_grad = ref.general_grad(student, teachers, labels, d.weights, T, ALPHA, combine=combine)
+        assert abs(loss - want) <= 1e-6 * (abs(want) + scale)
+        assert_array_close(grad, want_grad.astype(np.float32), np.float32)
+    assert_array_close(d.combine_teachers(arg), ref.combine_teachers(teachers, d.weights), np.float32)
+    assert_array_close(
+        d.combine_via_probabilities(arg), ref.combine_via_probabilities(teachers, d.weights, T), np.float32
+    )
+
+
+# ---------------------------------------------------------------- layouts and dtypes
+
+
+def _layouts(x: np.ndarray, tmp_path, name: str) -> dict[str, np.ndarray]:
+    """The same values in other memory layouts."""
+    padded = np.zeros((x.shape[0], 2 * x.shape[1]), dtype=x.dtype)
+    padded[:, ::2] = x
+    flipped = np.ascontiguousarray(x[::-1, ::-1])[::-1, ::-1]
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    path = tmp_path / f"{name}.npy"
+    np.save(path, x)
+    return {
+        "fortran": np.asfortranarray(x),
+        "negative-strides": flipped,
+        "strided": padded[:, ::2],
+        "read-only": read_only,
+        "memmap": np.load(path, mmap_mode="r"),
+    }
+
+
+@pytest.mark.parametrize("layout", ["fortran", "negative-strides", "strided", "read-only", "memmap"])
+@pytest.mark.parametrize("op", list(_ops(0, [0], 0)))
+def test_memory_layouts_give_the_same_results(rng, tmp_path, layout, op):
+    student, teachers, labels = make_batch(rng, 3, 11, 13, np.float32)
+    s = _layouts(student, tmp_path, "s")[layout]
+    t = [_layouts(x, tmp_path, f"t{k}")[layout] for k, x in enumerate(teachers)]
+    got = _ops(s, t, labels)[op]()
+    expected = _ops(student, teachers, labels)[op]()
+    _assert_matches(op, got, expected, np.float32, logit_scale(student, *teachers))
+
+
+def test_stacked_memmap_teachers(rng, tmp_path):
+    student, teachers, labels = make_batch(rng, 3, 11, 13, np.float64)
+    np.save(tmp_path / "t.npy", np.stack(teachers))
+    stacked = np.load(tmp_path / "t.npy", mmap_mode="r")
+    d = kd.EnsembleDistiller(WEIGHTS, T)
+    assert d.distillation_loss(student, stacked, labels, ALPHA) == d.distillation_loss(
+        student, np.stack(teachers), labels, ALPHA
+    )
+
+
+@pytest.mark.parametrize("op", list(_ops(0, [0], 0)))
+def test_float16_computes_in_float32(rng, op):
+    student, teachers, labels = make_batch(rng, 3, 6, 8, np.float16)
+    got = _ops(student, teachers, labels)[op]()
+    expected = _expected(op, student, teachers, labels)  # on the float16 values, upcast
+    if isinstance(got, tuple):
+        assert isinstance(got[0], float) and got[1].dtype == np.float32
+    elif isinstance(got, np.ndarray):
+        assert got.dtype == np.float32
+    else:
+        assert isinstance(got, float)
+    _assert_matches(op, got, expected, np.float32, logit_scale(student, *teachers))
+
+
+# ---------------------------------------------------------------- out=
+
+
+def _out_calls(d, student, teachers, labels):
+    return {
+        "combine_teachers": (lambda out: d.combine_teachers(teachers, out=out), student.shape),
+        "combine_via_probabilities": (
+            lambda out: d.combine_via_probabilities(teachers, out=out),
+            student.shape,
+        ),
+        "loss_and_grad": (
+            lambda out: d.loss_and_grad(student, teachers, labels, ALPHA, out=out)[1],
+            student.shape,
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", ["combine_teachers", "combine_via_probabilities", "loss_and_grad"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_out_receives_the_result(rng, op, dtype):
+    student, teachers, labels = make_batch(rng, 3, 10, 7, dtype)
+    d = kd.EnsembleDistiller(WEIGHTS, T)
+    call, shape = _out_calls(d, student, teachers, labels)[op]
+    out = np.full(shape, np.nan, dtype=dtype)
+    result = call(out)
+    assert result is out
+    np.testing.assert_array_equal(out, call(None))
+
+
+def test_out_gradient_of_3d_inputs(rng):
+    student, teachers, labels = make_batch(rng, 2, 12, 5, np.float64)
+    s3, t3, y3 = student.reshape(3, 4, 5), [t.reshape(3, 4, 5) for t in teachers], labels.reshape(3, 4)
+    d = kd.EnsembleDistiller([1.0, 1.0], T)
+    out = np.empty((3, 4, 5))
+    loss, grad = d.loss_and_grad(s3, t3, y3, ALPHA, out=out)
+    assert grad is out
+    expected_loss, expected_grad = d.loss_and_grad(s3, t3, y3, ALPHA)
+    assert loss == expected_loss
+    np.testing.assert_array_equal(out, expected_grad)
+    single = kd.DistillationLoss(T, ALPHA)
+    out2 = np.empty((3, 4, 5))
+    assert single.loss_and_grad(s3, t3[0], y3, out=out2)[1] is out2
+
+
+@pytest.mark.parametrize("op", ["combine_teachers", "combine_via_probabilities", "loss_and_grad"])
+def test_bad_out_is_rejected(rng, op):
+    student, teachers, labels = make_batch(rng, 3, 10, 7, np.float64)
+    d = kd.EnsembleDistiller(WEIGHTS, T)
+    call, shape = _out_calls(d, student, teachers, labels)[op]
+    read_only = np.empty(shape)
+    read_only.flags.writeable = False
+    cases = [
+        (np.empty((10, 6)), ValueError, "out has shape"),
+        (np.empty(shape, dtype=np.float32), TypeError, "out has dtype"),
+        (np.empty(shape).tolist(), TypeError, "out must be a NumPy array"),
+        (np.empty((7, 10)).T, ValueError, "C-contiguous"),
+        (read_only, ValueError, "writable"),
+        (teachers[1], ValueError, "share memory"),
+    ]
+    if op == "loss_and_grad":
+        cases.append((student, ValueError, "share memory"))
+    for out, error, words in cases:
+        with pytest.raises(error, match=words):
+            call(out)
+
+
+def test_out_is_only_for_array_results(batch):
+    student, teachers, labels = batch
+    with pytest.raises(TypeError):
+        kd.EnsembleDistiller(WEIGHTS, T).distillation_loss(student, teachers, labels, ALPHA, out=np.empty(1))
