@@ -98,7 +98,9 @@ def _target_log_prob(teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse
     for k in range(n_teachers):
         w = row_w[r, k] / total
         if w > 0:
-            m, s = _m.online_lse_step(m, s, math.log(w) + teachers[k][i, j] * inv_t - lse_t[r, k], one)
+            m, s = _m.online_lse_step(
+                m, s, _m.log_mixture_term(math.log(w), teachers[k][i, j] * inv_t, lse_t[r, k]), one
+            )
     return _m.lse_from_stats(m, s)
 
 

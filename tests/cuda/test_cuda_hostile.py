@@ -1,0 +1,145 @@
+"""Unusual and hostile inputs on the CUDA target (simulator or GPU): the same
+guarantees as tests/test_hostile.py, on a lean matrix (the simulator is slow)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import reference as ref
+from helpers import make_batch
+from numba import cuda
+
+import numba_kd as kd
+
+if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 or a CUDA GPU", allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+T = 2.0
+ALPHA = 0.4
+
+
+def _device(student, teachers, labels):
+    return cuda.to_device(student), [cuda.to_device(t) for t in teachers], cuda.to_device(labels)
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("options", [{}, {"reduction": "none"}, {"divergence": "jsd", "reduction": "none"}])
+def test_non_finite_rows_give_nan(rng, value, where, options):
+    student, teachers, labels = make_batch(rng, 2, 3, 5, np.float64)
+    (student if where == "student" else teachers[1])[1, 2] = value
+    d = kd.EnsembleDistiller([1.0, 3.0], T)
+    s, t, y = _device(student, teachers, labels)
+    loss = d.distillation_loss(s, t, y, ALPHA, **options)
+    if options.get("reduction") == "none":
+        loss = loss.copy_to_host()
+        expected = ref.general_loss(student, teachers, labels, d.weights, T, ALPHA, **options)[0]
+        assert np.isnan(loss[1]) and np.isnan(expected[1])
+        np.testing.assert_allclose(np.delete(loss, 1), np.delete(expected, 1), rtol=1e-12)
+    else:
+        assert np.isnan(loss)
+    _, grad = d.loss_and_grad(s, t, y, ALPHA, **options)
+    grad = grad.copy_to_host()
+    assert np.isnan(grad[1]).all() and np.isfinite(np.delete(grad, 1, axis=0)).all()
+
+
+@pytest.mark.parametrize("eps", [1e-10, 0.0])
+def test_non_finite_teacher_rows_give_nan_combine_rows(rng, eps):
+    _, teachers, _ = make_batch(rng, 2, 3, 4, np.float64)
+    teachers[1][2, 0] = np.inf
+    d = kd.EnsembleDistiller([1.0, 0.0], T)  # even a teacher of weight zero
+    got = d.combine_via_probabilities([cuda.to_device(t) for t in teachers], eps=eps).copy_to_host()
+    expected = ref.combine_via_probabilities(teachers, d.weights, T, eps)
+    assert np.isnan(got[2]).all() and np.isnan(expected[2]).all()
+    np.testing.assert_allclose(got[:2], expected[:2], rtol=1e-12)
+
+
+def test_check_finite_raises_naming_the_argument(rng):
+    student, teachers, labels = make_batch(rng, 2, 3, 4, np.float32)
+    teachers[1][0, 3] = np.nan
+    s, t, y = _device(student, teachers, labels)
+    d = kd.EnsembleDistiller([1.0, 1.0], T)
+    with pytest.raises(ValueError, match=r"^teachers\[1\] holds NaN"):
+        d.distillation_loss(s, t, y, ALPHA, check_finite=True)
+    with pytest.raises(ValueError, match=r"^teachers holds NaN"):
+        d.combine_teachers(cuda.to_device(np.stack(teachers)), check_finite=True)
+    student[2, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"^student holds NaN"):
+        kd.DistillationLoss(T, ALPHA).forward(cuda.to_device(student), t[0], y, check_finite=True)
+    assert d.distillation_loss(s, [t[0], t[0]], y, ALPHA, check_finite=True) > 0
+
+
+def test_bad_labels_are_rejected(rng):
+    student, teachers, labels = make_batch(rng, 1, 3, 4, np.float64)
+    s, t, _ = _device(student, teachers, labels)
+    d = kd.EnsembleDistiller([1.0], T)
+    with pytest.raises(ValueError, match="labels must be in"):
+        d.distillation_loss(s, t, cuda.to_device(np.array([0, 4, 1])), ALPHA)
+    with pytest.raises(ValueError, match="labels must be in"):
+        d.loss_and_grad(s, t, cuda.to_device(np.array([0, -1, 1])), ALPHA, ignore_index=-100)
+    with pytest.raises(TypeError, match="labels must be integer"):
+        d.distillation_loss(s, t, cuda.to_device(np.array([0.0, 1.0, 1.0])), ALPHA)
+    with pytest.raises(ValueError, match="labels has 2 entries"):
+        d.distillation_loss(s, t, cuda.to_device(np.array([0, 1])), ALPHA)
+
+
+def test_sizes_and_bounds(rng):
+    """B = 0, C = 1, alpha at 0 and 1, huge logits."""
+    d = kd.EnsembleDistiller([1.0, 2.0], T)
+    empty = cuda.to_device(np.empty((0, 3)))
+    assert d.combine_teachers([empty, empty]).shape == (0, 3)
+    with pytest.raises(ValueError, match="at least one row"):
+        d.distillation_loss(empty, [empty, empty], cuda.to_device(np.empty(0, dtype=np.int64)), ALPHA)
+    student, teachers, _ = make_batch(rng, 2, 3, 1, np.float64)
+    zeros = np.zeros(3, dtype=np.int64)
+    loss, grad = d.loss_and_grad(*_device(student, teachers, zeros), ALPHA)
+    assert abs(loss) <= 1e-15 and np.abs(grad.copy_to_host()).max() <= 1e-15
+    student, teachers, labels = make_batch(rng, 2, 3, 6, np.float64)
+    for alpha in (0.0, 1.0):
+        got = d.distillation_loss(*_device(student, teachers, labels), alpha)
+        expected = ref.general_loss(student, teachers, labels, d.weights, T, alpha)[0]
+        assert abs(got - expected) <= 1e-12 * (abs(expected) + 10.0)
+    student, teachers = student * 1e29, [x * 1e29 for x in teachers]
+    for options in ({}, {"combine": "probs"}):
+        got = d.distillation_loss(*_device(student, teachers, labels), ALPHA, **options)
+        expected = ref.general_loss(student, teachers, labels, d.weights, T, ALPHA, **options)[0]
+        assert np.isfinite(got) and abs(got - expected) <= 1e-6 * abs(expected), options
+
+
+def test_float32_temperature_limit(rng):
+    student, teachers, labels = make_batch(rng, 1, 3, 4, np.float32)
+    args = _device(student, teachers, labels)
+    with pytest.raises(ValueError, match=r"temperature 100\.0 is above 16\.0"):
+        kd.EnsembleDistiller([1.0], 100.0).distillation_loss(*args, ALPHA)
+    # float64 inputs run large temperatures on the general kernel.
+    student, teachers, labels = make_batch(rng, 1, 3, 4, np.float64)
+    got = kd.EnsembleDistiller([1.0], 100.0).distillation_loss(*_device(student, teachers, labels), ALPHA)
+    expected = ref.general_loss(student, teachers, labels, [1.0], 100.0, ALPHA)[0]
+    assert abs(got - expected) <= 1e-10 * abs(expected)
+
+
+@pytest.mark.parametrize("op", ["combine_teachers", "combine_via_probabilities", "loss_and_grad"])
+def test_out(rng, op):
+    student, teachers, labels = make_batch(rng, 2, 3, 4, np.float64)
+    s, t, y = _device(student, teachers, labels)
+    d = kd.EnsembleDistiller([1.0, 2.0], T)
+    calls = {
+        "combine_teachers": lambda out: d.combine_teachers(t, out=out),
+        "combine_via_probabilities": lambda out: d.combine_via_probabilities(t, out=out),
+        "loss_and_grad": lambda out: d.loss_and_grad(s, t, y, ALPHA, out=out)[1],
+    }
+    call = calls[op]
+    out = cuda.to_device(np.full((3, 4), np.nan))
+    assert call(out) is out
+    np.testing.assert_array_equal(out.copy_to_host(), call(None).copy_to_host())
+    with pytest.raises(ValueError, match="out has shape"):
+        call(cuda.to_device(np.empty((3, 5))))
+    with pytest.raises(TypeError, match="out has dtype"):
+        call(cuda.to_device(np.empty((3, 4), dtype=np.float32)))
+    with pytest.raises(TypeError, match="out must be a CUDA device array"):
+        call(np.empty((3, 4)))
+    with pytest.raises(ValueError, match="share memory"):
+        call(t[1])
