@@ -1,8 +1,10 @@
-"""Command line: ``python -m numba_kd demo|check|bench`` (also installed as ``numba-kd``)."""
+"""Command line: ``python -m numba_kd demo|check|bench|soft-labels|loss`` (also installed as ``numba-kd``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Sequence
 
@@ -93,7 +95,146 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     b.set_defaults(func=_bench)
+    _add_offline_commands(sub)
     return parser
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W1,W2,...",
+        help="teacher weights, comma-separated (default: equal)",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T > 0 (default 1)")
+    p.add_argument(
+        "--combine",
+        choices=["logits", "probs"],
+        default="logits",
+        help="logits: weighted logit average; probs: T log of the weighted probability average",
+    )
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        metavar="N",
+        help="rows read per step; memory grows with it, not with the dataset (default: ~256 MB of input)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing dask.distributed scheduler (e.g. tcp://host:8786; needs the dask extra)",
+    )
+
+
+def _add_offline_commands(sub) -> None:
+    s = sub.add_parser(
+        "soft-labels",
+        help="combine teacher logits on disk into soft labels, streaming row chunks",
+        description=(
+            "Combine K teachers' logits (each a .npy file, read memory-mapped, or a Zarr array: a path "
+            "ending in .zarr; all [N, C]) into one [N, C] soft-label array OUT, streaming row chunks "
+            "through the fused kernels. Inputs are validated before anything is written; OUT is written "
+            "under OUT.partial and renamed when complete."
+        ),
+    )
+    s.add_argument("teachers", nargs="+", metavar="TEACHER", help="teacher logits: .npy or .zarr, [N, C]")
+    s.add_argument("--out", required=True, metavar="OUT", help="output path: .npy or .zarr")
+    _add_ensemble_options(s)
+    s.add_argument("--eps", type=float, default=1e-10, help="added to the probabilities for --combine probs")
+    s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="output dtype")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted Zarr output from its last complete chunk",
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(func=_soft_labels)
+
+    loss = sub.add_parser(
+        "loss",
+        help="the ensemble distillation loss of a student over a dataset on disk",
+        description=(
+            "alpha T^2 KL(p || softmax(s / T)) + (1 - alpha) CE(s, y), averaged over every row of the "
+            "dataset (p from the teachers as --combine says), streaming row chunks; prints the loss and its "
+            "soft and hard parts."
+        ),
+    )
+    loss.add_argument("student", metavar="STUDENT", help="student logits: .npy or .zarr, [N, C]")
+    loss.add_argument("teachers", nargs="+", metavar="TEACHER", help="teacher logits: .npy or .zarr, [N, C]")
+    loss.add_argument("--labels", required=True, help="integer labels: .npy or .zarr, [N]")
+    loss.add_argument(
+        "--alpha", type=float, required=True, help="weight of the soft (distillation) term, in [0, 1]"
+    )
+    _add_ensemble_options(loss)
+    loss.add_argument("--json", action="store_true", help="print one JSON object: loss, soft, hard, rows")
+    loss.set_defaults(func=_loss)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"numba-kd: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _soft_labels(args: argparse.Namespace) -> int:
+    from numba_kd import offline
+
+    try:
+        options = dict(
+            weights=args.weights, temperature=args.temperature, combine=args.combine, eps=args.eps,
+            chunk_rows=args.chunk_rows, dtype=args.dtype, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        if args.scheduler:
+            from numba_kd import dask_backend
+
+            summary = dask_backend.soft_labels(args.teachers, args.out, scheduler=args.scheduler, **options)
+        else:
+            summary = offline.soft_labels(args.teachers, args.out, **options)
+    except (TypeError, ValueError, ImportError) as exc:
+        return _fail(exc)
+    print(
+        f"wrote {args.out}: {summary.rows} rows in {summary.seconds:.2f} s "
+        f"({summary.rows_per_second:,.0f} rows/s, {summary.gb_per_second:.2f} GB/s of input)"
+    )
+    return 0
+
+
+def _loss(args: argparse.Namespace) -> int:
+    from numba_kd import offline
+
+    try:
+        options = dict(
+            alpha=args.alpha, weights=args.weights, temperature=args.temperature, combine=args.combine,
+            chunk_rows=args.chunk_rows,
+        )  # fmt: skip
+        if args.scheduler:
+            from numba_kd import dask_backend
+
+            result = dask_backend.dataset_loss(
+                args.student, args.teachers, args.labels, scheduler=args.scheduler, **options
+            )
+        else:
+            result = offline.dataset_loss(
+                args.student, args.teachers, args.labels, progress=not args.no_progress, **options
+            )
+    except (TypeError, ValueError, ImportError) as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"loss {result['loss']:.10g}  (soft {result['soft']:.10g}, hard {result['hard']:.10g}) "
+            f"over {result['rows']} rows"
+        )
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

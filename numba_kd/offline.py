@@ -1,0 +1,350 @@
+"""Offline distillation at dataset scale: teacher logits on disk, streamed by rows.
+
+``soft_labels`` combines K teachers' logits (``.npy`` files or Zarr arrays, each
+``[N, C]``) into one soft-label array on disk; ``dataset_loss`` reports the
+ensemble distillation loss of a student's logits over a whole dataset.  Both
+read row chunks through the fused kernels, so memory use is set by the chunk
+size, not by the dataset: memory-mapped pages are released after each chunk.
+
+Outputs are written under a temporary name next to the final one and renamed
+on success, so an interrupted run never leaves a half-written file under the
+final name.  A Zarr output records the rows it has completed; ``resume=True``
+continues an interrupted run from there.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from numba_kd.distiller import EnsembleDistiller
+
+# Input bytes per chunk when --chunk-rows is not given.
+DEFAULT_CHUNK_BYTES = 256 << 20
+OUTPUT_DTYPES = ("float32", "float16")
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    return str(path).rstrip("/").endswith(".zarr")
+
+
+def _partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def open_input(path: str | os.PathLike, name: str) -> Any:
+    """A read-only view of a ``.npy`` file (memory-mapped) or a Zarr array."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{name}: {p} does not exist")
+    if is_zarr_path(p):
+        zarr = _zarr()
+        return zarr.open_array(str(p), mode="r")
+    if p.suffix != ".npy":
+        raise ValueError(f"{name}: {p} is neither a .npy file nor a .zarr array")
+    return np.load(p, mmap_mode="r")
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError:
+        raise ImportError('Zarr arrays need the zarr package: pip install "numba_kd[dask]"') from None
+    return zarr
+
+
+def _release(*arrays: Any) -> None:
+    """Drop the pages of memory-mapped arrays from this process (data stays on disk)."""
+    for arr in arrays:
+        mapping = getattr(arr, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _check_logits(arrays: Sequence[Any], names: Sequence[str]) -> tuple[int, int, np.dtype]:
+    """(rows, classes, dtype) of the teachers' (or student's) logit arrays."""
+    shapes = {tuple(a.shape) for a in arrays}
+    for a, name in zip(arrays, names, strict=True):
+        if len(a.shape) != 2:
+            raise ValueError(f"{name} must be a 2-D [rows, classes] array, got shape {tuple(a.shape)}")
+        if np.dtype(a.dtype).kind != "f":
+            raise TypeError(f"{name} must hold floating-point logits, got dtype {a.dtype}")
+    if len(shapes) > 1:
+        raise ValueError(f"All teacher logits must have the same shape, got {sorted(shapes)}")
+    rows, classes = arrays[0].shape
+    if classes == 0:
+        raise ValueError(f"{names[0]} must have at least one class")
+    return int(rows), int(classes), np.result_type(*[np.dtype(a.dtype) for a in arrays])
+
+
+def chunk_rows_for(n_arrays: int, n_classes: int, itemsize: int, chunk_rows: int | None) -> int:
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        return int(chunk_rows)
+    return max(1, DEFAULT_CHUNK_BYTES // max(1, n_arrays * n_classes * itemsize))
+
+
+class Progress:
+    """A one-line progress bar on stderr: rows, rows/s and GB/s of input read."""
+
+    def __init__(self, total_rows: int, bytes_per_row: int, enabled: bool, label: str) -> None:
+        self.total = total_rows
+        self.bytes_per_row = bytes_per_row
+        self.enabled = enabled
+        self.label = label
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def rates(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return self.done / elapsed, self.done * self.bytes_per_row / elapsed / 1e9
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        if not self.enabled:
+            return
+        rows_per_s, gb_per_s = self.rates()
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(
+            f"\r{self.label} [{bar}] {self.done}/{self.total} rows  {rows_per_s:,.0f} rows/s  "
+            f"{gb_per_s:.2f} GB/s"
+        )
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@dataclass
+class Summary:
+    rows: int
+    seconds: float
+    rows_per_second: float
+    gb_per_second: float
+
+
+# ---------------------------------------------------------------- soft labels
+
+
+def _distiller(weights: Sequence[float] | None, n_teachers: int, temperature: float) -> EnsembleDistiller:
+    if weights is None:
+        return EnsembleDistiller.uniform(n_teachers, temperature)
+    return EnsembleDistiller(list(weights), temperature)
+
+
+def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_rows: int, attrs: dict):
+    """A new output array under its temporary name."""
+    partial = _partial_path(path)
+    if is_zarr_path(path):
+        zarr = _zarr()
+        if partial.exists():
+            shutil.rmtree(partial)
+        arr = zarr.create_array(
+            str(partial), shape=shape, chunks=(chunk_rows, shape[1]), dtype=dtype, fill_value=0
+        )
+        arr.attrs.update({"numba_kd": {**attrs, "completed_rows": 0}})
+        return arr
+    return np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+
+
+def _resumed_output(path: Path, attrs: dict):
+    """The partial Zarr output of an interrupted run with the same settings, and its
+    completed row count."""
+    zarr = _zarr()
+    partial = _partial_path(path)
+    if not partial.exists():
+        raise ValueError(f"--resume: no interrupted run to resume ({partial} does not exist)")
+    arr = zarr.open_array(str(partial), mode="r+")
+    saved = dict(arr.attrs.get("numba_kd", {}))
+    completed = int(saved.pop("completed_rows", 0))
+    if saved != attrs:
+        raise ValueError(
+            f"--resume: {partial} was written with other settings ({json.dumps(saved)}); "
+            "start again without --resume"
+        )
+    return arr, completed
+
+
+def soft_labels(
+    teachers: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    combine: str = "logits",
+    eps: float = 1e-10,
+    chunk_rows: int | None = None,
+    dtype: str = "float32",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Summary:
+    """Combine teacher logit files into a soft-label file ``out`` (``[N, C]``).
+
+    ``combine="logits"`` writes ``sum_k w_k t_k``; ``"probs"`` writes
+    ``T log(sum_k w_k softmax(t_k / T) + eps)``.  Everything is validated before
+    anything is written.
+    """
+    if combine not in ("logits", "probs"):
+        raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}; got {dtype!r}")
+    if len(teachers) == 0:
+        raise ValueError("Must have at least one teacher")
+    out_path = Path(out)
+    if not (is_zarr_path(out_path) or out_path.suffix == ".npy"):
+        raise ValueError(f"out: {out_path} must end in .npy or .zarr")
+    if resume and not is_zarr_path(out_path):
+        raise ValueError("--resume needs a Zarr output (a path ending in .zarr)")
+    if out_path.exists() and not overwrite:
+        raise ValueError(f"out: {out_path} exists (pass overwrite=True / --overwrite to replace it)")
+    arrays = [open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
+    names = [f"teachers[{k}]" for k in range(len(arrays))]
+    n_rows, n_classes, in_dtype = _check_logits(arrays, names)
+    distiller = _distiller(weights, len(arrays), temperature)
+    if distiller.num_teachers != len(arrays):
+        raise ValueError(
+            f"Number of teachers must match number of weights: {len(arrays)} teachers, "
+            f"{distiller.num_teachers} weights"
+        )
+    if combine == "probs" and not (eps >= 0.0 and np.isfinite(eps)):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    rows_per_chunk = chunk_rows_for(len(arrays), n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
+    out_dtype = np.dtype(dtype)
+    attrs = {
+        "teachers": [str(Path(t).resolve()) for t in teachers],
+        "weights": distiller.weights.tolist(),
+        "temperature": distiller.temperature,
+        "combine": combine,
+        "eps": float(eps),
+        "dtype": out_dtype.name,
+        "chunk_rows": rows_per_chunk,
+        "shape": [n_rows, n_classes],
+    }
+    if resume:
+        result, start_row = _resumed_output(out_path, attrs)
+    else:
+        result, start_row = _create_output(out_path, (n_rows, n_classes), out_dtype, rows_per_chunk, attrs), 0
+    compute_dtype = np.dtype(np.float64) if in_dtype == np.float64 else np.dtype(np.float32)
+    buffer = np.empty((rows_per_chunk, n_classes), dtype=compute_dtype)
+    bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in arrays)
+    bar = Progress(n_rows - start_row, bytes_per_row, progress, "soft-labels")
+    for start in range(start_row, n_rows, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_rows)
+        block = [np.asarray(a[start:stop]) for a in arrays]
+        target = buffer[: stop - start]
+        if combine == "logits":
+            distiller.combine_teachers(block, out=target)
+        else:
+            distiller.combine_via_probabilities(block, eps, out=target)
+        result[start:stop] = target if out_dtype == compute_dtype else target.astype(out_dtype)
+        if is_zarr_path(out_path):
+            meta = dict(result.attrs["numba_kd"])
+            meta["completed_rows"] = stop
+            result.attrs["numba_kd"] = meta
+        else:
+            result.flush()
+        _release(result, *arrays)
+        bar.update(stop - start)
+        if on_chunk is not None:
+            on_chunk(stop)
+    _finish(result, out_path, overwrite)
+    rows_per_s, gb_per_s = bar.rates()
+    return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
+
+
+def _finish(result: Any, out_path: Path, overwrite: bool) -> None:
+    """Move the completed output from its temporary name to ``out_path``."""
+    partial = _partial_path(out_path)
+    if isinstance(result, np.memmap):
+        result.flush()
+        del result
+    if overwrite and out_path.exists():
+        if out_path.is_dir():
+            shutil.rmtree(out_path)
+        else:
+            out_path.unlink()
+    os.replace(partial, out_path)
+
+
+# ---------------------------------------------------------------- dataset loss
+
+
+def _read_labels(path: str | os.PathLike, n_rows: int) -> Any:
+    labels = open_input(path, "labels")
+    if len(labels.shape) != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must be a 1-D array of {n_rows} entries, got shape {tuple(labels.shape)}")
+    if np.dtype(labels.dtype).kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    return labels
+
+
+def dataset_loss(
+    student: str | os.PathLike,
+    teachers: Sequence[str | os.PathLike],
+    labels: str | os.PathLike,
+    *,
+    alpha: float,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    combine: str = "logits",
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """The ensemble distillation loss over a dataset: ``{"loss", "soft", "hard", "rows"}``.
+
+    Per chunk the soft and hard parts are summed (``reduction="sum"``), then the
+    totals are divided once by the number of rows, as the in-memory mean does.
+    """
+    if len(teachers) == 0:
+        raise ValueError("Must have at least one teacher")
+    s = open_input(student, "student")
+    arrays = [open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
+    n_rows, n_classes, _ = _check_logits(
+        [s, *arrays], ["student", *[f"teachers[{k}]" for k in range(len(arrays))]]
+    )
+    if n_rows == 0:
+        raise ValueError("student logits must have at least one row: the mean over rows is undefined")
+    y = _read_labels(labels, n_rows)
+    distiller = _distiller(weights, len(arrays), temperature)
+    if distiller.num_teachers != len(arrays):
+        raise ValueError(
+            f"Number of teachers must match number of weights: {len(arrays)} teachers, "
+            f"{distiller.num_teachers} weights"
+        )
+    itemsize = max(np.dtype(a.dtype).itemsize for a in [s, *arrays])
+    rows_per_chunk = chunk_rows_for(len(arrays) + 1, n_classes, itemsize, chunk_rows)
+    bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in [s, *arrays])
+    bar = Progress(n_rows, bytes_per_row, progress, "loss")
+    soft_total = 0.0
+    hard_total = 0.0
+    for start in range(0, n_rows, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_rows)
+        parts = distiller.distillation_loss(
+            np.asarray(s[start:stop]),
+            [np.asarray(a[start:stop]) for a in arrays],
+            np.asarray(y[start:stop]),
+            alpha,
+            reduction="sum",
+            combine=combine,
+            return_components=True,
+        )
+        soft_total += parts.soft
+        hard_total += parts.hard
+        _release(s, y, *arrays)
+        bar.update(stop - start)
+    soft, hard = soft_total / n_rows, hard_total / n_rows
+    return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}

@@ -1,0 +1,256 @@
+"""Offline soft labels and dataset losses over files: numba_kd.offline and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import numba_kd as kd
+from numba_kd import offline
+
+zarr = pytest.importorskip("zarr")
+
+ROWS, CLASSES = 1000, 37
+WEIGHTS = [1.0, 2.0, 3.0]
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Three teachers (two .npy, one .zarr), a student and labels on disk, and in memory."""
+    rng = np.random.default_rng(5)
+    teachers = [rng.normal(scale=3.0, size=(ROWS, CLASSES)).astype(np.float32) for _ in range(3)]
+    student = rng.normal(size=(ROWS, CLASSES)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, size=ROWS)
+    paths = []
+    for k, t in enumerate(teachers[:2]):
+        np.save(tmp_path / f"t{k}.npy", t)
+        paths.append(str(tmp_path / f"t{k}.npy"))
+    z = zarr.create_array(str(tmp_path / "t2.zarr"), shape=t.shape, chunks=(300, CLASSES), dtype="float32")
+    z[:] = teachers[2]
+    paths.append(str(tmp_path / "t2.zarr"))
+    np.save(tmp_path / "s.npy", student)
+    np.save(tmp_path / "y.npy", labels)
+    return {
+        "teachers": teachers,
+        "student": student,
+        "labels": labels,
+        "paths": paths,
+        "student_path": str(tmp_path / "s.npy"),
+        "labels_path": str(tmp_path / "y.npy"),
+        "dir": tmp_path,
+    }
+
+
+def _read(path) -> np.ndarray:
+    return zarr.open_array(str(path), mode="r")[:] if str(path).endswith(".zarr") else np.load(path)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+@pytest.mark.parametrize(("combine", "eps"), [("logits", 1e-10), ("probs", 1e-10), ("probs", 0.0)])
+def test_soft_labels_equal_the_in_memory_combine(data, suffix, combine, eps):
+    out = data["dir"] / f"soft{suffix}"
+    summary = offline.soft_labels(
+        data["paths"], out, weights=WEIGHTS, temperature=2.0, combine=combine, eps=eps, chunk_rows=128
+    )
+    assert summary.rows == ROWS
+    d = kd.EnsembleDistiller(WEIGHTS, 2.0)
+    if combine == "logits":
+        expected = d.combine_teachers(data["teachers"])
+    else:
+        expected = d.combine_via_probabilities(data["teachers"], eps)
+    np.testing.assert_array_equal(_read(out), expected)
+    assert not offline._partial_path(out).exists()
+
+
+def test_float16_output(data):
+    out = data["dir"] / "soft16.npy"
+    offline.soft_labels(data["paths"], out, temperature=2.0, dtype="float16", chunk_rows=100)
+    expected = (
+        kd.EnsembleDistiller([1.0, 1.0, 1.0], 2.0).combine_teachers(data["teachers"]).astype(np.float16)
+    )
+    got = np.load(out)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "words"),
+    [
+        ({"weights": [1.0, 2.0]}, ValueError, "Number of teachers must match number of weights"),
+        ({"combine": "max"}, ValueError, "combine must be"),
+        ({"dtype": "int8"}, ValueError, "dtype must be one of"),
+        ({"temperature": 0.0}, ValueError, "Temperature must be positive"),
+        ({"chunk_rows": 0}, ValueError, "chunk_rows must be at least 1"),
+    ],
+)
+def test_invalid_settings_write_nothing(data, change, error, words):
+    out = data["dir"] / "soft.npy"
+    with pytest.raises(error, match=words):
+        offline.soft_labels(data["paths"], out, **change)
+    assert not out.exists() and not offline._partial_path(out).exists()
+
+
+def test_invalid_inputs_write_nothing(data):
+    out = data["dir"] / "soft.zarr"
+    np.save(data["dir"] / "short.npy", np.zeros((ROWS - 1, CLASSES), np.float32))
+    np.save(data["dir"] / "ints.npy", np.zeros((ROWS, CLASSES), np.int32))
+    for extra, words in [
+        ("short.npy", "same shape"),
+        ("ints.npy", "floating-point"),
+        ("missing.npy", "does not exist"),
+        ("s.txt", "does not exist"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=words):
+            offline.soft_labels([*data["paths"][:2], str(data["dir"] / extra)], out)
+        assert not out.exists() and not offline._partial_path(out).exists()
+    with pytest.raises(ValueError, match="exists"):
+        offline.soft_labels(data["paths"], data["paths"][0])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(rows: int):
+    def on_chunk(done: int) -> None:
+        if done >= rows:
+            raise Interrupt
+
+    return on_chunk
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_interrupted_run_leaves_no_output(data, suffix):
+    out = data["dir"] / f"soft{suffix}"
+    with pytest.raises(Interrupt):
+        offline.soft_labels(data["paths"], out, chunk_rows=100, on_chunk=_interrupt_after(300))
+    assert not out.exists()
+
+
+def test_resume_continues_an_interrupted_zarr_output(data):
+    out = data["dir"] / "soft.zarr"
+    options = {"weights": WEIGHTS, "temperature": 3.0, "combine": "probs", "chunk_rows": 100}
+    with pytest.raises(Interrupt):
+        offline.soft_labels(data["paths"], out, on_chunk=_interrupt_after(400), **options)
+    partial = zarr.open_array(str(offline._partial_path(out)), mode="r")
+    assert partial.attrs["numba_kd"]["completed_rows"] == 400
+    resumed = []
+    summary = offline.soft_labels(data["paths"], out, resume=True, on_chunk=resumed.append, **options)
+    assert summary.rows == ROWS - 400 and resumed[0] == 500
+    expected = kd.EnsembleDistiller(WEIGHTS, 3.0).combine_via_probabilities(data["teachers"])
+    np.testing.assert_array_equal(_read(out), expected)
+    with pytest.raises(ValueError, match="no interrupted run"):
+        offline.soft_labels(data["paths"], data["dir"] / "other.zarr", resume=True, **options)
+    # Other settings than the interrupted run's are refused.
+    with pytest.raises(Interrupt):
+        offline.soft_labels(data["paths"], data["dir"] / "x.zarr", on_chunk=_interrupt_after(100), **options)
+    with pytest.raises(ValueError, match="other settings"):
+        offline.soft_labels(
+            data["paths"], data["dir"] / "x.zarr", resume=True, **{**options, "temperature": 1.0}
+        )
+
+
+def test_dataset_loss_equals_the_in_memory_loss(data):
+    got = offline.dataset_loss(
+        data["student_path"], data["paths"], data["labels_path"], alpha=0.3, weights=WEIGHTS, temperature=2.0,
+        chunk_rows=64,
+    )  # fmt: skip
+    d = kd.EnsembleDistiller(WEIGHTS, 2.0)
+    expected = d.distillation_loss(
+        data["student"], data["teachers"], data["labels"], 0.3, return_components=True
+    )
+    assert got["rows"] == ROWS
+    for key, value in zip(("loss", "soft", "hard"), expected, strict=True):
+        assert abs(got[key] - value) <= 1e-12 * abs(value), key
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "numba_kd", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_soft_labels_and_loss(data):
+    out = data["dir"] / "cli.zarr"
+    run = _cli("soft-labels", *data["paths"], "--out", str(out), "--weights", "1,2,3", "--temperature", "2",
+               "--chunk-rows", "200")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "rows/s" in run.stderr and "GB/s" in run.stderr  # the progress bar
+    np.testing.assert_array_equal(
+        _read(out), kd.EnsembleDistiller(WEIGHTS, 2.0).combine_teachers(data["teachers"])
+    )
+    options = ["--alpha", "0.3", "--weights", "1,2,3", "--temperature", "2", "--json", "--no-progress"]
+    run = _cli("loss", data["student_path"], *data["paths"], "--labels", data["labels_path"], *options)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert set(result) == {"loss", "soft", "hard", "rows"}
+    expected = kd.EnsembleDistiller(WEIGHTS, 2.0).distillation_loss(
+        data["student"], data["teachers"], data["labels"], 0.3
+    )
+    assert abs(result["loss"] - expected) <= 1e-12 * expected
+    run = _cli("soft-labels", *data["paths"], "--out", str(out))
+    assert run.returncode == 2 and "exists" in run.stderr
+
+
+def test_cli_help_documents_every_option():
+    run = _cli("soft-labels", "--help")
+    assert run.returncode == 0
+    for option in ("--out", "--weights", "--temperature", "--combine", "--eps", "--chunk-rows", "--dtype",
+                   "--resume", "--overwrite", "--scheduler", "--no-progress"):  # fmt: skip
+        assert option in run.stdout, option
+    run = _cli("loss", "--help")
+    for option in ("--labels", "--alpha", "--weights", "--temperature", "--combine", "--json", "--scheduler"):
+        assert option in run.stdout, option
+
+
+PEAK = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from numba_kd import offline
+    rows, classes, chunk, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(3):
+        # Written chunk by chunk, so that making the data does not raise the peak.
+        t = np.lib.format.open_memmap(
+            f"{folder}/t{k}.npy", mode="w+", dtype=np.float32, shape=(rows, classes)
+        )
+        for start in range(0, rows, chunk):
+            t[start:start + chunk] = rng.normal(size=(min(chunk, rows - start), classes))
+            t.flush()
+            offline._release(t)
+        del t
+        paths.append(f"{folder}/t{k}.npy")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    offline.soft_labels(paths, f"{folder}/soft.npy", temperature=2.0, chunk_rows=chunk)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_kib": base, "peak_kib": peak}))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB and MADV_DONTNEED: Linux")
+def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
+    """Chunks of 2048 x 1024 float32 from 3 teachers (24 MiB of input): the peak resident
+    memory over 4 chunks and over 16 chunks (288 MiB more data) differs by less than one
+    chunk's input."""
+    chunk, classes = 2048, 1024
+    chunk_bytes = 3 * chunk * classes * 4
+    peaks = []
+    for n_chunks in (4, 16):
+        folder = tmp_path / str(n_chunks)
+        folder.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-c", PEAK, str(n_chunks * chunk), str(classes), str(chunk), str(folder)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        peaks.append(json.loads(proc.stdout)["peak_kib"] * 1024)
+    print(f"peak RSS: {peaks[0] / 2**20:.1f} MiB over 4 chunks, {peaks[1] / 2**20:.1f} MiB over 16 chunks")
+    assert peaks[1] - peaks[0] < chunk_bytes, (peaks, chunk_bytes)
