@@ -85,6 +85,11 @@ def flatten_arrays(inputs: Iterable[object]) -> list[object]:
     return flat
 
 
+def has_dask_array(inputs: Iterable[object]) -> bool:
+    """Whether any input is a dask array (without importing dask)."""
+    return any(type(x).__module__.split(".")[0] == "dask" for x in flatten_arrays(inputs))
+
+
 def backend_for(inputs: Iterable[object], device: str | None, stream: object = None):
     """The backend for these inputs: from where they live, or from ``device``."""
     if device not in (None, "cpu", "cuda"):

@@ -234,6 +234,26 @@ def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighti
     )
 
 
+def _dask():
+    """The dask path (imports dask): only for dask inputs."""
+    from numba_kd import dask_backend
+
+    return dask_backend
+
+
+def _loss_kwargs(options: LossOptions, return_components: bool, check_finite: bool) -> dict[str, Any]:
+    return {
+        "reduction": options.reduction,
+        "ignore_index": options.ignore_index,
+        "combine": options.combine,
+        "divergence": options.divergence,
+        "beta": options.beta,
+        "teacher_weighting": options.teacher_weighting,
+        "return_components": return_components,
+        "check_finite": check_finite,
+    }
+
+
 class LossComponents(NamedTuple):
     """A loss with its soft (divergence) and hard (cross-entropy) parts: loss = soft + hard."""
 
@@ -339,6 +359,10 @@ class EnsembleDistiller:
         The result lives where the teachers live (see :ref:`Devices <devices>`);
         ``out`` receives it when given (and is returned).
         """
+        if _dispatch.has_dask_array([teachers]):
+            return _dask().combine(
+                self, teachers, "combine_teachers", {"check_finite": check_finite}, device, out
+            )
         backend = _dispatch.backend_for([teachers], device, stream)
         t, result = self._combine_inputs(backend, teachers, out, check_finite)
         backend.combine_logits(t, self._weights, result)
@@ -362,6 +386,9 @@ class EnsembleDistiller:
         e = _real(eps, "eps")
         if not (e >= 0.0 and math.isfinite(e)):
             raise ValueError(f"eps must be finite and non-negative, got {e}")
+        if _dispatch.has_dask_array([teachers]):
+            kwargs = {"eps": e, "check_finite": check_finite}
+            return _dask().combine(self, teachers, "combine_via_probabilities", kwargs, device, out)
         backend = _dispatch.backend_for([teachers], device, stream)
         t, result = self._combine_inputs(backend, teachers, out, check_finite)
         backend.combine_probabilities(t, self._weights, self._temperature, e, result)
@@ -435,6 +462,15 @@ class EnsembleDistiller:
     ):  # fmt: skip
         a = _check_alpha(alpha)
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
+        if _dispatch.has_dask_array([student, teachers, labels]):
+
+            def call(s, t, y, grad, **kw):
+                return (self.loss_and_grad if grad else self.distillation_loss)(s, t, y, a, **kw)
+
+            kwargs = _loss_kwargs(options, return_components, check_finite)
+            return _dask().loss(
+                call, student, teachers, labels, want_grad, kwargs, device, out, return_device_scalar
+            )
         backend = _dispatch.backend_for([student, teachers, labels], device, stream)
         s, t, y, lead = _loss_inputs(backend, student, teachers, labels, self.num_teachers, options)
         if _check_bool(check_finite, "check_finite"):
@@ -543,6 +579,15 @@ class DistillationLoss:
         teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
     ):  # fmt: skip
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
+        if _dispatch.has_dask_array([student, teacher, labels]):
+
+            def call(s, t, y, grad, **kw):
+                return (self.loss_and_grad if grad else self.forward)(s, t[0], y, **kw)
+
+            kwargs = _loss_kwargs(options, return_components, check_finite)
+            return _dask().loss(
+                call, student, [teacher], labels, want_grad, kwargs, device, out, return_device_scalar
+            )
         backend = _dispatch.backend_for([student, teacher, labels], device, stream)
         s = _asarray(backend, student, "student")
         t = (_logits(backend, teacher, "teacher", s.ndim if s.ndim in (2, 3) else (2, 3)),)
