@@ -30,7 +30,10 @@ def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    return x - logsumexp(x)[..., None]
+    """(x - max) - log(sum exp(x - max)): the max is subtracted first, so that log S
+    survives even where max + log S would round it away."""
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
 def nonfinite_rows(teachers, student=None) -> np.ndarray:
@@ -80,7 +83,7 @@ def kl_rows(target_logits: np.ndarray, student_logits: np.ndarray, temperature: 
 def cross_entropy_rows(student_logits: np.ndarray, labels: ArrayLike) -> np.ndarray:
     s = np.asarray(student_logits, dtype=np.float64)
     y = np.asarray(labels)
-    return logsumexp(s) - np.take_along_axis(s, y[:, None], axis=-1)[:, 0]
+    return -np.take_along_axis(log_softmax(s), y[:, None], axis=-1)[:, 0]
 
 
 def distillation_loss_single(student, teacher, labels, temperature: float, alpha: float) -> float:
@@ -186,7 +189,7 @@ def general_rows(
     log_q = log_softmax(s / temperature)
     d = divergence_rows(log_p, log_q, divergence, beta)
     safe_y = np.where(valid, y, 0)
-    ce = logsumexp(s) - np.take_along_axis(s, safe_y[:, None], axis=-1)[:, 0]
+    ce = -np.take_along_axis(log_softmax(s), safe_y[:, None], axis=-1)[:, 0]
     bad = nonfinite_rows(teachers, s)
     d, ce = np.where(bad, np.nan, d), np.where(bad, np.nan, ce)
     return np.where(valid, d, 0.0), np.where(valid, ce, 0.0), valid

@@ -204,7 +204,7 @@ def _kl_stats(z, s, inv_t):
     Sweep 1 takes the two row maxima; sweep 2, over data still in cache, sums
     with a = z / T and b = s / T: S_a = sum exp(a - max a),
     W = sum exp(a - max a) (a - b), S_b = sum exp(b - max b), S_s = sum exp(s - max s).
-    Returns (KL, lse(s), max z, log S_a, max s, log S_b, log S_s).
+    Returns (KL, max z, log S_a, max s, log S_b, log S_s).
 
     A NaN or an infinity in z or s makes S_a and S_s, and so every result and
     the gradient row, NaN (``x * 0`` is NaN exactly for those ``x``).
@@ -242,7 +242,7 @@ def _kl_stats(z, s, inv_t):
     log_sb = math.log(s_b)
     log_ss = math.log(s_s)
     kl = kl_from_stats(s_a, w_a * inv_t, m_z * inv_t + log_sa, m_s * inv_t + log_sb)
-    return kl, m_s + log_ss, m_z, log_sa, m_s, log_sb, log_ss
+    return kl, m_z, log_sa, m_s, log_sb, log_ss
 
 
 @njit(inline="always")
@@ -312,10 +312,11 @@ def distillation_rows(
 
 @njit(inline="always")
 def _loss_row(z, student, i, y, inv_t, c_soft, c_hard, want_grad, grad):
-    kl, lse_s, m_z, log_sa, m_s, log_sb, log_ss = _kl_stats(z, student[i], inv_t)
+    kl, m_z, log_sa, m_s, log_sb, log_ss = _kl_stats(z, student[i], inv_t)
     if want_grad:
         _kl_grad_row(z, student[i], y, inv_t, m_z, log_sa, m_s, log_sb, log_ss, c_soft, c_hard, grad[i])
-    return kl, lse_s - student[i, y]
+    # (max - s_y) + log S: lse(s) - s_y without rounding log S into a huge max.
+    return kl, (m_s - student[i, y]) + log_ss
 
 
 @njit(nogil=True, cache=DISK_CACHE)
@@ -338,12 +339,16 @@ STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
 
 @njit(inline="always")
 def _row_lse(x, scale):
-    """lse(x * scale) over a 1-D row (scale > 0), float64."""
+    """(m, log S) with lse(x * scale) = m + log S over a 1-D row (scale > 0), float64.
+
+    The two parts stay apart: a log-probability is (x_j * scale - m) - log S,
+    which keeps log S even where m is so large that m + log S would round it away.
+    """
     m = _max(x) * scale
     s = 0.0
     for j in range(x.shape[0]):
         s += math.exp(x[j] * scale - m)
-    return m + math.log(s)
+    return m, math.log(s)
 
 
 @njit(inline="always")
@@ -369,20 +374,18 @@ def _row_weights(teachers, weights, i, y, valid, temperature, weighting, out):
         out[k] = weights[k]
         if weighting == CONFIDENCE and valid:
             row = teachers[k][i]
-            lse1 = _row_lse(row, 1.0)
-            out[k] = weights[k] * math.exp(row[y] - lse1)
+            m1, log_s1 = _row_lse(row, 1.0)
+            out[k] = weights[k] * math.exp((row[y] - m1) - log_s1)
         elif weighting == ENTROPY:
             row = teachers[k][i]
-            lse = _row_lse(row, inv_t)
-            # H = lse(u) - sum_j softmax(u)_j u_j with u = t / T.
-            s = 0.0
+            m, log_s = _row_lse(row, inv_t)
+            # H = log S - sum_j softmax(u)_j (u_j - m) with u = t / T: every term is
+            # relative to the row maximum, so H keeps its digits for huge logits.
             su = 0.0
             for j in range(row.shape[0]):
-                u = row[j] * inv_t
-                e = math.exp(u - lse)
-                s += e
-                su += e * u
-            out[k] = weights[k] * math.exp(-(lse - su / s))
+                d = row[j] * inv_t - m
+                su += math.exp(d - log_s) * d
+            out[k] = weights[k] * math.exp(-(log_s - su))
         total += out[k]
     if not total > 0.0:
         # Every confidence underflowed: fall back to the static weights.
@@ -394,7 +397,13 @@ def _row_weights(teachers, weights, i, y, valid, temperature, weighting, out):
 
 
 @njit(inline="always")
-def _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p):
+def _weighted_log_prob(w, t, inv_t, m, log_s):
+    """log(w) + log softmax(t / T)_j, from the row's (max, log S) of t / T."""
+    return math.log(w) + ((t * inv_t - m) - log_s)
+
+
+@njit(inline="always")
+def _target_log_probs(teachers, row_w, m_t, log_st, i, inv_t, combine, log_p):
     """log p into log_p: log softmax of sum_k w_k t_k / T, or the log of sum_k w_k softmax(t_k / T)."""
     n_teachers = row_w.shape[0]
     n_classes = log_p.shape[0]
@@ -404,22 +413,22 @@ def _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p):
             for k in range(n_teachers):
                 z += row_w[k] * teachers[k][i, j]
             log_p[j] = z * inv_t
-        lse = _row_lse(log_p, 1.0)
+        m, log_s = _row_lse(log_p, 1.0)
         for j in range(n_classes):
-            log_p[j] -= lse
+            log_p[j] = (log_p[j] - m) - log_s
     else:
         for k in range(n_teachers):
-            lse_t[k] = _row_lse(teachers[k][i], inv_t)
+            m_t[k], log_st[k] = _row_lse(teachers[k][i], inv_t)
         for j in range(n_classes):
             m = NEG_INF
             for k in range(n_teachers):
                 if row_w[k] > 0.0:
-                    m = max(m, log_mixture_term(math.log(row_w[k]), teachers[k][i, j] * inv_t, lse_t[k]))
+                    m = max(m, _weighted_log_prob(row_w[k], teachers[k][i, j], inv_t, m_t[k], log_st[k]))
             s = 0.0
             for k in range(n_teachers):
                 if row_w[k] > 0.0:
                     s += math.exp(
-                        log_mixture_term(math.log(row_w[k]), teachers[k][i, j] * inv_t, lse_t[k]) - m
+                        _weighted_log_prob(row_w[k], teachers[k][i, j], inv_t, m_t[k], log_st[k]) - m
                     )
             log_p[j] = m + math.log(s)
 
@@ -457,7 +466,8 @@ def general_rows(
     log_1m_beta = math.log1p(-beta)
     for block in prange(_n_blocks(n_rows)):
         row_w = np.empty(n_teachers)
-        lse_t = np.empty(n_teachers)
+        m_t = np.empty(n_teachers)
+        log_st = np.empty(n_teachers)
         log_p = np.empty(n_classes)
         for i in _block_rows(block, n_rows):
             y = labels[i]
@@ -475,16 +485,16 @@ def general_rows(
                     grad[i, :] = math.nan
                 continue
             _row_weights(teachers, weights, i, y, valid, temperature, weighting, row_w)
-            _target_log_probs(teachers, row_w, lse_t, i, inv_t, combine, log_p)
+            _target_log_probs(teachers, row_w, m_t, log_st, i, inv_t, combine, log_p)
             s = student[i]
-            lse_b = _row_lse(s, inv_t)
-            lse_s = _row_lse(s, 1.0)
+            m_b, log_sb = _row_lse(s, inv_t)
+            m_s, log_ss = _row_lse(s, 1.0)
             # The divergence, and sum_j q_j g_j (g = dD/dq) for its gradient.
             d = 0.0
             qg = 0.0
             for j in range(n_classes):
                 lp = log_p[j]
-                lq = s[j] * inv_t - lse_b
+                lq = (s[j] * inv_t - m_b) - log_sb
                 p = math.exp(lp)
                 q = math.exp(lq)
                 if divergence == FORWARD_KL:
@@ -499,12 +509,12 @@ def general_rows(
                     )
                     qg += q * (1.0 - beta) * (lq - lm)
             d_rows[i] = d
-            ce_rows[i] = lse_s - s[y]
+            ce_rows[i] = (m_s - s[y]) + log_ss
             if want_grad:
                 g_row = grad[i]
                 for j in range(n_classes):
                     lp = log_p[j]
-                    lq = s[j] * inv_t - lse_b
+                    lq = (s[j] * inv_t - m_b) - log_sb
                     q = math.exp(lq)
                     if divergence == FORWARD_KL:
                         dd = q - math.exp(lp)
@@ -512,5 +522,5 @@ def general_rows(
                         dd = q * (lq - lp + 1.0 - qg)
                     else:
                         dd = q * ((1.0 - beta) * (lq - log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
-                    g_row[j] = c_soft * dd * inv_t + c_hard * math.exp(s[j] - lse_s)
+                    g_row[j] = c_soft * dd * inv_t + c_hard * math.exp((s[j] - m_s) - log_ss)
                 g_row[y] -= c_hard
