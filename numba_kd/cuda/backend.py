@@ -115,7 +115,7 @@ def signature(
         codes = (types.int64, types.int64, types.int64)
         return (
             _array_type(dtype, 2, layout), teachers, vector, labels, types.int64, acc, acc, *codes, acc, acc,
-            vector, types.boolean, matrix, matrix, matrix, vector, vector, counter,
+            vector, types.boolean, matrix, matrix, matrix, matrix, vector, vector, counter,
         )  # fmt: skip
     raise ValueError(op)
 
@@ -392,7 +392,7 @@ class CudaBackend:
                 grad = grad_out
             else:
                 grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
-            scratch = (self.empty((n_rows, n_teachers), dtype), self.empty((n_rows, n_teachers), dtype))
+            scratch = tuple(self.empty((n_rows, n_teachers), dtype) for _ in range(3))
             args = (
                 student, teachers, w, labels, np.int64(options.ignore_code), scalar(1.0 / temperature),
                 scalar(options.beta), *(np.int64(c) for c in options.codes()),

@@ -83,8 +83,10 @@ def _tree_sum(sm, base, tx, width):
 
 
 @device_helper
-def _target_log_prob(teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse_a, neg_inf, one):
-    """log p_j of row i: logit combine (given lse_a) or the log-mixture of the teachers.
+def _target_log_prob(teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine, m_a, ls_a, neg_inf, one):
+    """log p_j of row i: logit combine (lse(z / T) = m_a + ls_a) or the log-mixture of
+    the teachers (lse(t_k / T) = m_t + ls_t).  Each (max, log S) pair stays apart, so
+    that log S survives a huge max.
 
     ``neg_inf`` and ``one`` carry the accumulation type (float32 stays float32)."""
     n_teachers = row_w.shape[1]
@@ -92,15 +94,14 @@ def _target_log_prob(teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse
         z = row_w[r, 0] / total * teachers[0][i, j]
         for k in range(1, n_teachers):
             z += row_w[r, k] / total * teachers[k][i, j]
-        return z * inv_t - lse_a
+        return (z * inv_t - m_a) - ls_a
     m = neg_inf
     s = one - one
     for k in range(n_teachers):
         w = row_w[r, k] / total
         if w > 0:
-            m, s = _m.online_lse_step(
-                m, s, _m.log_mixture_term(math.log(w), teachers[k][i, j] * inv_t, lse_t[r, k]), one
-            )
+            term = math.log(w) + ((teachers[k][i, j] * inv_t - m_t[r, k]) - ls_t[r, k])
+            m, s = _m.online_lse_step(m, s, term, one)
     return _m.lse_from_stats(m, s)
 
 
@@ -239,7 +240,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     cuda.atomic.add(bad_labels, 0, 1)
                     ce_rows[i] = acc(math.nan)
                 else:
-                    ce_rows[i] = _m.lse_from_stats(sm_ms[base], sm_ss[base]) - student[i, y]
+                    ce_rows[i] = (sm_ms[base] - student[i, y]) + math.log(sm_ss[base])
 
     @cuda.jit(cache=DISK_CACHE)
     def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, out):
@@ -283,7 +284,7 @@ def make_kernels(acc) -> SimpleNamespace:
     @cuda.jit(cache=DISK_CACHE)
     def general_rows(
         student, teachers, weights, labels, ignore_index, inv_t, beta, combine, divergence, weighting,
-        alpha_t2, one_m_alpha, divisor, want_grad, grad, row_w, lse_t, d_rows, ce_rows, bad_labels,
+        alpha_t2, one_m_alpha, divisor, want_grad, grad, row_w, m_t, ls_t, d_rows, ce_rows, bad_labels,
     ):  # fmt: skip
         """Every loss option, one row per thread group (see the CPU general_rows).
 
@@ -340,18 +341,20 @@ def make_kernels(acc) -> SimpleNamespace:
                     sm_m[slot] = m
                     sm_s[slot] = s
                     _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
-                    lse = _m.lse_from_stats(sm_m[base], sm_s[base])
+                    m = sm_m[base]
+                    ls = math.log(sm_s[base])
                     if weighting == 1:
                         if valid and in_range:
-                            w = w * math.exp(t[i, y_safe] - lse)
+                            w = w * math.exp((t[i, y_safe] - m) - ls)
                     else:
                         su = zero
                         for j in range(tx, n_classes, tpr):
-                            u = t[i, j] * inv_t
-                            su += math.exp(u - lse) * u
+                            d = t[i, j] * inv_t - m
+                            su += math.exp(d - ls) * d
                         sm_x[slot] = su
                         _tree_sum(sm_x, base, tx, tpr)
-                        w = w * math.exp(sm_x[base] - lse)
+                        # exp(-H), H = log S - sum_j p_j (u_j - max): relative to the max.
+                        w = w * math.exp(sm_x[base] - ls)
                     cuda.syncthreads()
                 if tx == 0 and i_raw < n_rows:
                     row_w[i, k] = w
@@ -367,7 +370,8 @@ def make_kernels(acc) -> SimpleNamespace:
             # Groups past the last row read row n_rows - 1's scratch; their results are dropped.
             r = i
             # Target statistics: lse(z / T) for the logit combine, lse(t_k / T) per teacher for probs.
-            lse_a = zero
+            m_a = zero
+            ls_a = zero
             if combine == 0:
                 m = acc(_m.NEG_INF)
                 s = zero
@@ -379,7 +383,8 @@ def make_kernels(acc) -> SimpleNamespace:
                 sm_m[slot] = m
                 sm_s[slot] = s
                 _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
-                lse_a = _m.lse_from_stats(sm_m[base], sm_s[base])
+                m_a = sm_m[base]
+                ls_a = math.log(sm_s[base])
                 cuda.syncthreads()
             else:
                 for k in range(n_teachers):
@@ -391,7 +396,8 @@ def make_kernels(acc) -> SimpleNamespace:
                     sm_s[slot] = s
                     _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
                     if tx == 0 and i_raw < n_rows:
-                        lse_t[r, k] = _m.lse_from_stats(sm_m[base], sm_s[base])
+                        m_t[r, k] = sm_m[base]
+                        ls_t[r, k] = math.log(sm_s[base])
                     cuda.syncthreads()
             # Student statistics: lse(s / T) and lse(s).
             m_b = acc(_m.NEG_INF)
@@ -405,21 +411,23 @@ def make_kernels(acc) -> SimpleNamespace:
             sm_m[slot] = m_b
             sm_s[slot] = s_b
             _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
-            lse_b = _m.lse_from_stats(sm_m[base], sm_s[base])
+            m_b = sm_m[base]
+            ls_b = math.log(sm_s[base])
             cuda.syncthreads()
             sm_m[slot] = m_s
             sm_s[slot] = s_s
             _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
-            lse_s = _m.lse_from_stats(sm_m[base], sm_s[base])
+            m_s = sm_m[base]
+            ls_s = math.log(sm_s[base])
             cuda.syncthreads()
             # The divergence and sum_j q_j g_j (g = dD/dq).
             d = zero
             qg = zero
             for j in range(tx, n_classes, tpr):
                 lp = _target_log_prob(
-                    teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse_a, neg_inf, one
+                    teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine, m_a, ls_a, neg_inf, one
                 )
-                lq = student[i, j] * inv_t - lse_b
+                lq = (student[i, j] * inv_t - m_b) - ls_b
                 p = math.exp(lp)
                 q = math.exp(lq)
                 if divergence == 0:
@@ -447,7 +455,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 if not in_range and y != ignore_index:
                     cuda.atomic.add(bad_labels, 0, 1)
                 d_rows[i] = d if valid else zero
-                ce_rows[i] = (lse_s - student[i, y_safe]) if valid else zero
+                ce_rows[i] = ((m_s - student[i, y_safe]) + ls_s) if valid else zero
                 if bad:
                     d_rows[i] = acc(math.nan)
                     ce_rows[i] = acc(math.nan)
@@ -462,9 +470,9 @@ def make_kernels(acc) -> SimpleNamespace:
                         grad[i, j] = zero
                         continue
                     lp = _target_log_prob(
-                        teachers, row_w, lse_t, r, i, j, total, inv_t, combine, lse_a, neg_inf, one
+                        teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine, m_a, ls_a, neg_inf, one
                     )
-                    lq = student[i, j] * inv_t - lse_b
+                    lq = (student[i, j] * inv_t - m_b) - ls_b
                     q = math.exp(lq)
                     if divergence == 0:
                         dd = q - math.exp(lp)
@@ -472,7 +480,7 @@ def make_kernels(acc) -> SimpleNamespace:
                         dd = q * (lq - lp + one - qg)
                     else:
                         dd = q * ((one - beta) * (lq - _m.log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
-                    g = c_soft * dd * inv_t + c_hard * math.exp(student[i, j] - lse_s)
+                    g = c_soft * dd * inv_t + c_hard * math.exp((student[i, j] - m_s) - ls_s)
                     if j == y_safe:
                         g -= c_hard
                     grad[i, j] = g

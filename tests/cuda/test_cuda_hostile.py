@@ -143,3 +143,20 @@ def test_out(rng, op):
         call(np.empty((3, 4)))
     with pytest.raises(ValueError, match="share memory"):
         call(t[1])
+
+
+def test_huge_logits_keep_distributions_normalized():
+    """Ties at |x / T| = 1e17: log S must not be rounded into the maximum."""
+    m = 1e17
+    t = np.array([[m, m, 0.0, -m]])
+    s = np.array([[0.0, m / 2, m, 0.0]])
+    y = np.array([0])
+    f = kd.DistillationLoss(1.0, 1.0)
+    args = (cuda.to_device(s), cuda.to_device(t), cuda.to_device(y))
+    exact = 7.5e16  # KL(p || q): p = (1/2, 1/2, 0, 0), log q = (-m, -m / 2, 0, -m)
+    assert abs(f(*args) - exact) <= 1e-12 * exact
+    assert abs(f(*args, combine="probs") - exact) <= 1e-12 * exact
+    assert f(*args, divergence="jsd") <= np.log(2) + 1e-12
+    # CE of a tied maximum: log(number of ties).
+    ce = kd.DistillationLoss(1.0, 0.0)(cuda.to_device(t), cuda.to_device(t), cuda.to_device(y))
+    assert abs(ce - np.log(2)) <= 1e-12
