@@ -145,3 +145,15 @@ def test_cli_on_the_cluster(client, batch, tmp_path):
         result["loss"], d.distillation_loss(student, teachers, labels, 0.3), rtol=1e-12
     )
     assert result["rows"] == B
+
+
+def test_numpy_inputs_do_not_import_dask():
+    code = (
+        "import sys, numpy as np, numba_kd as kd\n"
+        "d = kd.EnsembleDistiller([1.0], 2.0)\n"
+        "d.distillation_loss(np.ones((2, 3)), [np.ones((2, 3))], [0, 1], 0.5)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'zarr')))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
