@@ -212,10 +212,8 @@ def open_rows(path: str | os.PathLike, chunk_rows: int) -> Any:
 class _NpyRows:
     """A ``dask.array.store`` target writing row blocks into an existing ``.npy`` file."""
 
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.shape = shape
-        self.dtype = dtype
 
     def __setitem__(self, key: Any, value: np.ndarray) -> None:
         target = np.load(self.path, mmap_mode="r+")
@@ -255,25 +253,12 @@ def soft_labels(
 
     if resume:
         raise ValueError("--resume works without --scheduler only")
-    out_path = Path(out)
-    if not (offline.is_zarr_path(out_path) or out_path.suffix == ".npy"):
-        raise ValueError(f"out: {out_path} must end in .npy or .zarr")
-    if out_path.exists() and not overwrite:
-        raise ValueError(f"out: {out_path} exists (pass overwrite=True / --overwrite to replace it)")
-    if dtype not in offline.OUTPUT_DTYPES:
-        raise ValueError(f"dtype must be one of {offline.OUTPUT_DTYPES}; got {dtype!r}")
-    if combine not in ("logits", "probs"):
-        raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
-    local = [offline.open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
-    n_rows, n_classes, in_dtype = offline._check_logits(local, [f"teachers[{k}]" for k in range(len(local))])
-    del local
-    distiller = offline._distiller(weights, len(teachers), temperature)
-    if distiller.num_teachers != len(teachers):
-        raise ValueError(
-            f"Number of teachers must match number of weights: {len(teachers)} teachers, "
-            f"{distiller.num_teachers} weights"
-        )
-    rows = offline.chunk_rows_for(len(teachers), n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
+    plan = offline.plan_soft_labels(
+        teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite
+    )
+    distiller, out_path, rows = plan.distiller, plan.out_path, plan.rows_per_chunk
+    n_rows, n_classes, in_dtype = plan.n_rows, plan.n_classes, plan.in_dtype
+    del plan
     arrays = [open_rows(t, rows) for t in teachers]
     if combine == "logits":
         result = distiller.combine_teachers(arrays)
@@ -291,7 +276,7 @@ def soft_labels(
             da.to_zarr(result, str(partial))
         else:
             np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, n_classes))
-            target = _NpyRows(str(partial.resolve()), (n_rows, n_classes), np.dtype(dtype))
+            target = _NpyRows(str(partial.resolve()))
             da.store(result, target, lock=False)
     offline._finish(None, out_path, overwrite)
     seconds = time.perf_counter() - start
@@ -323,7 +308,7 @@ def dataset_loss(
     )
     offline._read_labels(labels, n_rows)
     del local
-    distiller = offline._distiller(weights, len(teachers), temperature)
+    distiller = offline._ensemble(weights, len(teachers), temperature)
     rows = offline.chunk_rows_for(len(teachers) + 1, n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
     s = open_rows(student, rows)
     t = [open_rows(p, rows) for p in teachers]

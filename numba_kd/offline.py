@@ -155,10 +155,17 @@ class Summary:
 # ---------------------------------------------------------------- soft labels
 
 
-def _distiller(weights: Sequence[float] | None, n_teachers: int, temperature: float) -> EnsembleDistiller:
+def _ensemble(weights: Sequence[float] | None, n_teachers: int, temperature: float) -> EnsembleDistiller:
+    """The distiller for ``n_teachers`` teachers (equal weights by default)."""
     if weights is None:
         return EnsembleDistiller.uniform(n_teachers, temperature)
-    return EnsembleDistiller(list(weights), temperature)
+    distiller = EnsembleDistiller(list(weights), temperature)
+    if distiller.num_teachers != n_teachers:
+        raise ValueError(
+            f"Number of teachers must match number of weights: {n_teachers} teachers, "
+            f"{distiller.num_teachers} weights"
+        )
+    return distiller
 
 
 def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_rows: int, attrs: dict):
@@ -194,6 +201,54 @@ def _resumed_output(path: Path, attrs: dict):
     return arr, completed
 
 
+@dataclass
+class SoftLabelPlan:
+    """Validated inputs and settings of a soft-label run (nothing written yet)."""
+
+    arrays: list[Any]
+    out_path: Path
+    distiller: EnsembleDistiller
+    n_rows: int
+    n_classes: int
+    in_dtype: np.dtype
+    rows_per_chunk: int
+    out_dtype: np.dtype
+
+
+def plan_soft_labels(
+    teachers: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    weights: Sequence[float] | None,
+    temperature: float,
+    combine: str,
+    eps: float,
+    chunk_rows: int | None,
+    dtype: str,
+    overwrite: bool,
+) -> SoftLabelPlan:
+    """Every check of a soft-label run, before anything is written."""
+    if combine not in ("logits", "probs"):
+        raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}; got {dtype!r}")
+    if len(teachers) == 0:
+        raise ValueError("Must have at least one teacher")
+    out_path = Path(out)
+    if not (is_zarr_path(out_path) or out_path.suffix == ".npy"):
+        raise ValueError(f"out: {out_path} must end in .npy or .zarr")
+    if out_path.exists() and not overwrite:
+        raise ValueError(f"out: {out_path} exists (pass overwrite=True / --overwrite to replace it)")
+    arrays = [open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
+    n_rows, n_classes, in_dtype = _check_logits(arrays, [f"teachers[{k}]" for k in range(len(arrays))])
+    distiller = _ensemble(weights, len(arrays), temperature)
+    if combine == "probs" and not (eps >= 0.0 and np.isfinite(eps)):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    rows_per_chunk = chunk_rows_for(len(arrays), n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
+    return SoftLabelPlan(
+        arrays, out_path, distiller, n_rows, n_classes, in_dtype, rows_per_chunk, np.dtype(dtype)
+    )
+
+
 def soft_labels(
     teachers: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -215,32 +270,12 @@ def soft_labels(
     ``T log(sum_k w_k softmax(t_k / T) + eps)``.  Everything is validated before
     anything is written.
     """
-    if combine not in ("logits", "probs"):
-        raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
-    if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}; got {dtype!r}")
-    if len(teachers) == 0:
-        raise ValueError("Must have at least one teacher")
-    out_path = Path(out)
-    if not (is_zarr_path(out_path) or out_path.suffix == ".npy"):
-        raise ValueError(f"out: {out_path} must end in .npy or .zarr")
-    if resume and not is_zarr_path(out_path):
+    plan = plan_soft_labels(teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite)
+    if resume and not is_zarr_path(plan.out_path):
         raise ValueError("--resume needs a Zarr output (a path ending in .zarr)")
-    if out_path.exists() and not overwrite:
-        raise ValueError(f"out: {out_path} exists (pass overwrite=True / --overwrite to replace it)")
-    arrays = [open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
-    names = [f"teachers[{k}]" for k in range(len(arrays))]
-    n_rows, n_classes, in_dtype = _check_logits(arrays, names)
-    distiller = _distiller(weights, len(arrays), temperature)
-    if distiller.num_teachers != len(arrays):
-        raise ValueError(
-            f"Number of teachers must match number of weights: {len(arrays)} teachers, "
-            f"{distiller.num_teachers} weights"
-        )
-    if combine == "probs" and not (eps >= 0.0 and np.isfinite(eps)):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
-    rows_per_chunk = chunk_rows_for(len(arrays), n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
-    out_dtype = np.dtype(dtype)
+    arrays, out_path, distiller = plan.arrays, plan.out_path, plan.distiller
+    n_rows, n_classes, in_dtype = plan.n_rows, plan.n_classes, plan.in_dtype
+    rows_per_chunk, out_dtype = plan.rows_per_chunk, plan.out_dtype
     attrs = {
         "teachers": [str(Path(t).resolve()) for t in teachers],
         "weights": distiller.weights.tolist(),
@@ -337,12 +372,7 @@ def dataset_loss(
     if n_rows == 0:
         raise ValueError("student logits must have at least one row: the mean over rows is undefined")
     y = _read_labels(labels, n_rows)
-    distiller = _distiller(weights, len(arrays), temperature)
-    if distiller.num_teachers != len(arrays):
-        raise ValueError(
-            f"Number of teachers must match number of weights: {len(arrays)} teachers, "
-            f"{distiller.num_teachers} weights"
-        )
+    distiller = _ensemble(weights, len(arrays), temperature)
     itemsize = max(np.dtype(a.dtype).itemsize for a in [s, *arrays])
     rows_per_chunk = chunk_rows_for(len(arrays) + 1, n_classes, itemsize, chunk_rows)
     bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in [s, *arrays])

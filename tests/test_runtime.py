@@ -137,16 +137,22 @@ def _run(code: str, env: dict[str, str], cwd: Path | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _tbb_loadable() -> bool:
-    code = "import numba_kd, numba; numba.get_num_threads(); print(numba.threading_layer())"
+def _layer(chosen: str | None) -> str | None:
+    """The layer numba_kd's kernels run on in a fresh process with NUMBA_THREADING_LAYER
+    set to ``chosen`` (unset for None); None when that process fails."""
+    code = "import numba_kd; from numba_kd import _runtime; print(_runtime.threading_layer())"
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        env=_env(NUMBA_THREADING_LAYER="tbb"),
+        env=_env(NUMBA_THREADING_LAYER=chosen),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    return proc.returncode == 0 and proc.stdout.strip() == "tbb"
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _tbb_loadable() -> bool:
+    return _layer("tbb") == "tbb"
 
 
 @pytest.mark.parametrize("layer", ["workqueue", "omp", "tbb", None])
@@ -165,29 +171,11 @@ def test_eight_threads_match_single_threaded_results(layer):
 @pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="tbb wheel platforms")
 def test_default_installation_uses_tbb():
     """pip installs tbb with numba_kd on Linux x86-64; numba_kd makes numba find it."""
-    code = "import numba_kd; from numba_kd import _runtime; print(_runtime.threading_layer())"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=_env(NUMBA_THREADING_LAYER=None),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "tbb"
+    assert _layer(None) == "tbb"
 
 
 def test_explicit_layer_is_respected():
-    code = "import numba_kd; from numba_kd import _runtime; print(_runtime.threading_layer())"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=_env(NUMBA_THREADING_LAYER="workqueue"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "workqueue"
+    assert _layer("workqueue") == "workqueue"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
