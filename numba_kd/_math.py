@@ -104,6 +104,14 @@ def log_mixture_term(log_weight, scaled_logit, teacher_lse):
 
 
 @njit(inline="always")
+def weighted_log_prob(log_weight, scaled_logit, row_max, log_sum):
+    """log(w_k) + log softmax(t_k / T)_j from the row's lse(t_k / T) = row_max + log_sum.
+
+    (x - max) - log S keeps log S even where max + log S would round it away."""
+    return log_weight + ((scaled_logit - row_max) - log_sum)
+
+
+@njit(inline="always")
 def tempered_log(p, eps, temperature):
     """T * log(p + eps): entrenar's way back from a probability to a logit."""
     return temperature * math.log(p + eps)

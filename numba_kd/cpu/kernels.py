@@ -30,6 +30,7 @@ from numba_kd._math import (
     log_like,
     log_mix,
     log_mixture_term,
+    weighted_log_prob,
 )
 from numba_kd._runtime import DISK_CACHE
 
@@ -397,12 +398,6 @@ def _row_weights(teachers, weights, i, y, valid, temperature, weighting, out):
 
 
 @njit(inline="always")
-def _weighted_log_prob(w, t, inv_t, m, log_s):
-    """log(w) + log softmax(t / T)_j, from the row's (max, log S) of t / T."""
-    return math.log(w) + ((t * inv_t - m) - log_s)
-
-
-@njit(inline="always")
 def _target_log_probs(teachers, row_w, m_t, log_st, i, inv_t, combine, log_p):
     """log p into log_p: log softmax of sum_k w_k t_k / T, or the log of sum_k w_k softmax(t_k / T)."""
     n_teachers = row_w.shape[0]
@@ -423,12 +418,15 @@ def _target_log_probs(teachers, row_w, m_t, log_st, i, inv_t, combine, log_p):
             m = NEG_INF
             for k in range(n_teachers):
                 if row_w[k] > 0.0:
-                    m = max(m, _weighted_log_prob(row_w[k], teachers[k][i, j], inv_t, m_t[k], log_st[k]))
+                    m = max(
+                        m, weighted_log_prob(math.log(row_w[k]), teachers[k][i, j] * inv_t, m_t[k], log_st[k])
+                    )
             s = 0.0
             for k in range(n_teachers):
                 if row_w[k] > 0.0:
                     s += math.exp(
-                        _weighted_log_prob(row_w[k], teachers[k][i, j], inv_t, m_t[k], log_st[k]) - m
+                        weighted_log_prob(math.log(row_w[k]), teachers[k][i, j] * inv_t, m_t[k], log_st[k])
+                        - m
                     )
             log_p[j] = m + math.log(s)
 

@@ -100,7 +100,7 @@ def _target_log_prob(teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine,
     for k in range(n_teachers):
         w = row_w[r, k] / total
         if w > 0:
-            term = math.log(w) + ((teachers[k][i, j] * inv_t - m_t[r, k]) - ls_t[r, k])
+            term = _m.weighted_log_prob(math.log(w), teachers[k][i, j] * inv_t, m_t[r, k], ls_t[r, k])
             m, s = _m.online_lse_step(m, s, term, one)
     return _m.lse_from_stats(m, s)
 
