@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
-from numba import from_dtype, types
+from numba import from_dtype, typeof, types
 
-from numba_kd import _runtime
+from numba_kd import _math, _runtime
 
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
@@ -133,33 +134,13 @@ _LABELS_TYPE = types.Array(types.int64, 1, "C", readonly=True)
 _ROWS_TYPE = types.Array(types.float64, 1, "C")
 
 
-def _loss_arg_types(teachers: Teachers, dtype: np.dtype, layout: str, extra: tuple) -> Callable[[], tuple]:
-    """Argument types of distillation_rows (extra = ()) and general_rows (extra = option types)."""
-
-    def arg_types():
-        return (
-            _input_array_type(dtype, 2, layout),
-            _teachers_type(teachers, dtype, layout),
-            _WEIGHTS_TYPE,
-            _LABELS_TYPE,
-            types.int64,
-            types.float64,
-            *extra,
-            types.float64,
-            types.float64,
-            types.boolean,
-            _output_type(dtype),
-            _ROWS_TYPE,
-            _ROWS_TYPE,
-        )
-
-    return arg_types
-
-
-# Above this temperature the fast kernel's KL, a difference of log-sums that
-# agree to about 1/T^2 of their size, loses digits (float32 all of them): losses
-# then run the general kernel, which works per element in float64.
+# Above this temperature a float32 soft term, a difference of log-sums that agree
+# to about 1/T^2 of their size, would lose its digits: float32 losses then
+# compute per element in float64.
 FAST_MAX_TEMPERATURE = 16.0
+# Below this temperature float32 losses compute in float64: 1/T times a logit range
+# could leave the float32 range.
+FLOAT32_MIN_TEMPERATURE = 1e-6
 
 
 def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -172,9 +153,9 @@ def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
 
 # Label value that never matches a validated label: "no ignore_index".
 NO_IGNORE = int(np.iinfo(np.int64).min)
-COMBINES = ("logits", "probs")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-WEIGHTINGS = ("static", "confidence", "entropy")
+COMBINES = _math.COMBINES
+DIVERGENCES = _math.DIVERGENCES
+WEIGHTINGS = _math.WEIGHTINGS
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -224,9 +205,36 @@ def _output_type(dtype: np.dtype):
     return types.Array(from_dtype(dtype), 2, "C")
 
 
-def _cpu_kernel(op: str, dtype: np.dtype, layout: str, teachers: Teachers, arg_types: Callable[[], tuple]):
+def _compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:
+    """The per-element arithmetic of the general kernel: float32 inputs compute in
+    float32 (vectorized exp and log) for temperatures in [FLOAT32_MIN_TEMPERATURE,
+    FAST_MAX_TEMPERATURE], in float64 outside."""
+    if dtype == np.float32 and FLOAT32_MIN_TEMPERATURE <= temperature <= FAST_MAX_TEMPERATURE:
+        return dtype
+    return np.dtype(np.float64)
+
+
+# Empty arrays that carry the per-element arithmetic's dtype into the kernels.
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+_PARAMS_TYPE = typeof(_math.LossParams(0, 1.0, 0.5, 0, 0, 0, 1.0, 1.0, False))
+
+
+def _per_block(n_rows: int) -> int:
+    from numba_kd.cpu import kernels
+
+    return kernels.rows_per_block(n_rows, numba.get_num_threads())
+
+
+def _vector_type(dtype: np.dtype):
+    return types.Array(from_dtype(dtype), 1, "C")
+
+
+def _cpu_kernel(op: str, dtypes, layout: str, teachers: Teachers, arg_types: Callable[[], tuple]):
+    """The compiled CPU kernel ``op`` for these argument types (``dtypes``: the input
+    dtype, or (input, computation) dtypes)."""
     mode = _runtime.launch_mode()
-    key = (op, "cpu", mode == _runtime.SERIAL, dtype.name, layout, *teacher_key(teachers))
+    names = tuple(np.dtype(d).name for d in dtypes) if isinstance(dtypes, tuple) else (dtypes.name,)
+    key = (op, "cpu", mode == _runtime.SERIAL, *names, layout, *teacher_key(teachers))
 
     def build():
         from numba_kd.cpu import kernels
@@ -304,22 +312,32 @@ class HostBackend:
         layout = self.layout(teachers)
 
         def arg_types():
-            return (_teachers_type(teachers, dtype, layout), _WEIGHTS_TYPE, _output_type(dtype))
+            return (_teachers_type(teachers, dtype, layout), _WEIGHTS_TYPE, types.int64, _output_type(dtype))
 
-        _cpu_kernel("combine_logits", dtype, layout, teachers, arg_types)(teachers, weights, out)
+        kernel = _cpu_kernel("combine_logits", dtype, layout, teachers, arg_types)
+        kernel(teachers, weights, _per_block(out.shape[0]), out)
 
     def combine_probabilities(
         self, teachers: Teachers, weights: np.ndarray, temperature: float, eps: float, out: np.ndarray
     ) -> None:
         dtype = out.dtype
         layout = self.layout(teachers)
+        probs = _math.COMBINES.index("probs")
+        params = _math.LossParams(NO_IGNORE, float(temperature), 0.5, probs, 0, 0, 0.0, 0.0, False)
 
         def arg_types():
             teachers_type = _teachers_type(teachers, dtype, layout)
-            return (teachers_type, _WEIGHTS_TYPE, types.float64, types.float64, _output_type(dtype))
+            return (
+                teachers_type,
+                _WEIGHTS_TYPE,
+                _PARAMS_TYPE,
+                types.float64,
+                types.int64,
+                _output_type(dtype),
+            )
 
         kernel = _cpu_kernel("combine_probabilities", dtype, layout, teachers, arg_types)
-        kernel(teachers, weights, temperature, eps, out)
+        kernel(teachers, weights, params, float(eps), _per_block(out.shape[0]), out)
 
     def loss(
         self,
@@ -348,18 +366,21 @@ class HostBackend:
         d_rows = np.empty(n_rows)
         ce_rows = np.empty(n_rows)
         layout = self.layout(student, teachers)
-        common = (weights, labels, np.int64(options.ignore_code), temperature)
-        tail = (c_soft, c_hard, want_grad, grad, d_rows, ce_rows)
-        if options.is_default and temperature <= FAST_MAX_TEMPERATURE:
-            types_of = _loss_arg_types(teachers, dtype, layout, extra=())
-            kernel = _cpu_kernel("distillation_rows", dtype, layout, teachers, types_of)
-            kernel(student, teachers, *common, *tail)
-        else:
-            extra = (types.float64, types.int64, types.int64, types.int64)
-            types_of = _loss_arg_types(teachers, dtype, layout, extra=extra)
-            kernel = _cpu_kernel("general_rows", dtype, layout, teachers, types_of)
-            codes = options.codes()
-            kernel(student, teachers, *common, options.beta, *codes, *tail)
+        params = _math.LossParams(
+            options.ignore_code, float(temperature), float(options.beta), *options.codes(),
+            float(c_soft), float(c_hard), bool(want_grad),
+        )  # fmt: skip
+        compute = _compute_dtype(dtype, temperature)
+
+        def types_of():
+            student_type = _input_array_type(dtype, 2, layout)
+            teachers_type = _teachers_type(teachers, dtype, layout)
+            inputs = (student_type, teachers_type, _WEIGHTS_TYPE, _LABELS_TYPE, _PARAMS_TYPE, types.int64)
+            return (*inputs, _vector_type(compute), _output_type(dtype), _ROWS_TYPE, _ROWS_TYPE)
+
+        kernel = _cpu_kernel("general_rows", (dtype, compute), layout, teachers, types_of)
+        per_block = _per_block(n_rows)
+        kernel(student, teachers, weights, labels, params, per_block, _EMPTY[compute], grad, d_rows, ce_rows)
         if options.reduction == "none":
             soft = (alpha * temperature * temperature * d_rows).astype(dtype)
             hard = ((1.0 - alpha) * ce_rows).astype(dtype)

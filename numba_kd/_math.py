@@ -11,6 +11,7 @@ running maximum ``m`` and ``s = sum_j exp(x_j - m)``; the KL term also carries
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -18,6 +19,34 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 NEG_INF = -math.inf
+
+# ---------------------------------------------------------------------------
+# Loss options: a name's code is its index in these tuples, on both targets.
+
+COMBINES = ("logits", "probs")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+WEIGHTINGS = ("static", "confidence", "entropy")
+COMBINE_LOGITS, COMBINE_PROBS = 0, 1
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
+
+
+class LossParams(NamedTuple):
+    """The scalars and option codes of one loss call, as the row kernels take them.
+
+    ``c_soft`` and ``c_hard`` scale the gradient: ``alpha T^2 / divisor`` and
+    ``(1 - alpha) / divisor``.
+    """
+
+    ignore_index: int
+    temperature: float
+    beta: float
+    combine: int
+    divergence: int
+    weighting: int
+    c_soft: float
+    c_hard: float
+    want_grad: bool
 
 
 @njit(inline="always")
@@ -77,13 +106,100 @@ def lse_from_stats(m, s):
 
 
 @njit(inline="always")
-def kl_from_stats(s_a, w_a, lse_a, lse_b):
-    """KL(softmax(a) || softmax(b)) = W / S_a - lse(a) + lse(b).
+def nonnegative(d):
+    """A divergence that rounding pushed below zero, clamped to 0 (NaN stays NaN)."""
+    return d - d if d < 0 else d
 
-    ``s_a`` and ``w_a`` are taken relative to the same maximum; ``lse_a`` and
-    ``lse_b`` are the log-sum-exps of the two rows.
+
+@njit(inline="always")
+def kl_from_stats(s_a, w_a, log_s_a, log_s_b):
+    """KL(softmax(a) || softmax(b)) = W / S_a - log S_a + log S_b.
+
+    Every term is relative to the row maxima: ``S_a = sum_j exp(a_j - max a)``,
+    ``W = sum_j exp(a_j - max a) ((a_j - max a) - (b_j - max b))`` and ``log S_b``
+    of ``b - max b``, so adding a constant to either row changes nothing.
     """
-    return w_a / s_a - lse_a + lse_b
+    return nonnegative(w_a / s_a - log_s_a + log_s_b)
+
+
+@njit(inline="always")
+def cross_entropy(row_max, label_logit, log_sum):
+    """lse(s) - s_y from the row's (max, log sum exp(s - max)): log S is kept apart
+    from a huge maximum, which would round it away."""
+    return (row_max - label_logit) + log_sum
+
+
+@njit(inline="always")
+def jsd_mixture_ratio(beta_p, rest_q):
+    """exp(-|h|) with h = log(beta p) - log((1 - beta) q): the smaller of the two
+    mixture parts over the larger (0 when both are 0)."""
+    small = min(beta_p, rest_q)
+    large = max(beta_p, rest_q)
+    # Divide unconditionally and select: a branch around the division would keep
+    # the CPU loops from vectorizing.
+    ratio = small / large
+    return ratio if large > small - small else small - small
+
+
+@njit(inline="always")
+def jsd_log_ratios(lq_lp, log_beta, log_1m_beta, ratio, like):
+    """(log p - log m, log q - log m) with m = beta p + (1 - beta) q, from
+    lq_lp = log q - log p and ratio = jsd_mixture_ratio(beta p, (1 - beta) q).
+
+    log m is the larger part's log plus log1p(ratio), so neither log-ratio
+    overflows when p or q underflows (lq_lp = +-inf gives the finite limit of the
+    other one) and neither cancels when p and q differ by orders of magnitude.
+    """
+    soft = log1p_like(ratio, like)
+    lp_lm = min(-log_beta, -log_1m_beta - lq_lp) - soft
+    lq_lm = min(lq_lp - log_beta, -log_1m_beta) - soft
+    return lp_lm, lq_lm
+
+
+@njit(inline="always")
+def jsd_term(p, q, lp_lm, lq_lm, beta, one_m_beta):
+    """beta p log(p / m) + (1 - beta) q log(q / m); a zero probability adds nothing."""
+    zero = p - p
+    a = beta * p * lp_lm if p > zero else zero
+    b = one_m_beta * q * lq_lm if q > zero else zero
+    return a + b
+
+
+@njit(inline="always")
+def kl_term(p, lp_lq):
+    """p log(p / q), 0 where p = 0 (forward KL; reverse KL with p and q swapped)."""
+    return p * lp_lq if p > p - p else p - p
+
+
+@njit(inline="always")
+def forward_kl_grad(p, q):
+    """d KL(p || q) / d(s / T)."""
+    return q - p
+
+
+@njit(inline="always")
+def reverse_kl_grad(q, lq_lp, divergence):
+    """d KL(q || p) / d(s / T) = q (log q - log p - KL)."""
+    return q * (lq_lp - divergence)
+
+
+@njit(inline="always")
+def jsd_grad(q, lq_lm, one_m_beta, q_g):
+    """d JSD / d(s / T) = q (g - sum_k q_k g_k), g = (1 - beta) log(q / m)."""
+    return q * (one_m_beta * lq_lm - q_g)
+
+
+@njit(inline="always")
+def confidence_weight(weight, shifted_label_logit, log_sum):
+    """w_k softmax(t_k)_y from the label's logit minus the row max and log sum exp(t_k - max)."""
+    return weight * math.exp(shifted_label_logit - log_sum)
+
+
+@njit(inline="always")
+def entropy_weight(weight, mean_shifted, log_sum):
+    """w_k exp(-H(softmax(u))), u = t_k / T, with H = log S - sum_j softmax(u)_j (u_j - max u)
+    (``mean_shifted`` is that sum): every term relative to the row maximum."""
+    return weight * math.exp(mean_shifted - log_sum)
 
 
 @njit(inline="always")
@@ -92,15 +208,6 @@ def distillation_terms(kl_sum, ce_sum, n_rows, alpha, temperature):
     soft = alpha * temperature * temperature * (kl_sum / n_rows)
     hard = (1.0 - alpha) * (ce_sum / n_rows)
     return soft, hard
-
-
-@njit(inline="always")
-def log_mixture_term(log_weight, scaled_logit, teacher_lse):
-    """log(w_k) + t_kj / T - lse(t_k / T): one teacher's log-probability, weighted.
-
-    The logit and its lse are subtracted first: for huge logits their sum with
-    log(w_k) would round log(w_k) away."""
-    return log_weight + (scaled_logit - teacher_lse)
 
 
 @njit(inline="always")
@@ -118,12 +225,32 @@ def tempered_log(p, eps, temperature):
 
 
 @njit(inline="always")
-def log_mix(log_p, log_q, log_beta, log_1m_beta):
-    """log(beta p + (1 - beta) q) from log p and log q, without overflow."""
-    a = log_beta + log_p
-    b = log_1m_beta + log_q
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)) without overflow (-inf when both are -inf)."""
     top = max(a, b)
-    return top + math.log(math.exp(a - top) + math.exp(b - top))
+    if top == NEG_INF:
+        return top
+    return top + math.log1p(math.exp(-abs(a - b)))
+
+
+@njit(inline="always")
+def nonfinite_probe(row):
+    """sum_j row_j * 0: 0 for a finite row, NaN if it holds a NaN or an infinity."""
+    zero = row[0] - row[0]
+    probe = zero
+    for j in range(row.shape[0]):
+        probe += row[j] * zero
+    return probe
+
+
+@njit(inline="always")
+def anchored_ensemble_logit(teachers, weights, i, j, anchor):
+    """sum_k w_k (t_k[i, j] - anchor), weights summing to 1: z_ij - anchor, with an offset
+    common to the teachers (and to the anchor) removed before it can round."""
+    z = weights[0] * (teachers[0][i, j] - anchor)
+    for k in range(1, weights.shape[0]):
+        z += weights[k] * (teachers[k][i, j] - anchor)
+    return z
 
 
 @njit(inline="always")
@@ -170,8 +297,10 @@ def _bits_from_f32(typingctx, value):
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_F32 = np.float32(0.6931471805599453)
-# exp(x) underflows below -87.33 in float32; clamp there (result ~1e-38, not 0).
-_EXP_LOWEST = np.float32(-87.0)
+# Below log(smallest normal float32) exp_f32 returns an exact 0; the reduction is
+# computed on the clamped argument so that the exponent bits stay valid.
+_EXP_LOWEST = np.float32(-87.33654)
+_F32_ZERO = np.float32(0.0)
 # 1/k! for the Taylor polynomial of exp on |r| <= ln(2)/2 (truncation error ~5e-9).
 _E2, _E3, _E4, _E5, _E6, _E7 = (np.float32(1.0 / math.factorial(k)) for k in range(2, 8))
 _F32_ONE = np.float32(1.0)
@@ -180,20 +309,20 @@ _F32_HALF = np.float32(0.5)
 
 @njit(inline="always")
 def exp_f32(x):
-    """exp(x) for a float32 x <= 0, all in float32 so that loops vectorize 8 wide.
+    """exp(x) for a float32 x <= 0 (0 below the normal range), all in float32 so that loops vectorize 8 wide.
 
     x = n ln2 + r with integer n and |r| <= ln(2)/2; exp(r) by its Taylor
     polynomial, 2^n from the exponent bits.  The reduction x - n ln2 is one FMA
     under contraction; its error grows with |n|, but the terms with large |n|
     are below 2^-|n| of the row's largest term, so sums stay within ~1e-7.
     """
-    # NaN fails the comparison and stays NaN.
-    x = _EXP_LOWEST if x < _EXP_LOWEST else x
-    n = np.floor(x * _LOG2E + _F32_HALF)
-    r = x - n * _LN2_F32
+    # NaN fails both comparisons and stays NaN.
+    clamped = _EXP_LOWEST if x < _EXP_LOWEST else x
+    n = np.floor(clamped * _LOG2E + _F32_HALF)
+    r = clamped - n * _LN2_F32
     p = _F32_ONE + r * (_F32_ONE + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * _E7))))))
     scale = _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-    return p * scale
+    return _F32_ZERO if x < _EXP_LOWEST else p * scale
 
 
 _LN2 = 0.6931471805599453
@@ -255,3 +384,35 @@ def _as_type_of(x, like):
     if like == types.float32:
         return lambda x, like: np.float32(x)
     return lambda x, like: np.float64(x)
+
+
+def log1p_like(x, like):
+    """log(1 + x) for x >= 0 in the precision of ``like``'s type."""
+    return math.log1p(x)
+
+
+@overload(log1p_like)
+def _log1p_like(x, like):
+    if like == types.float32:
+
+        def log1p_f32(x, like):
+            # log(u) * x / (u - 1) with u = 1 + x rounded corrects the rounding of u.
+            u = np.float32(x) + _F32_ONE
+            d = u - _F32_ONE
+            corrected = np.float32(log_f32(u)) * (np.float32(x) / d)
+            return np.float32(x) if d == _F32_ZERO else corrected
+
+        return log1p_f32
+    return lambda x, like: math.log1p(x)
+
+
+def tiny_like(like):
+    """Below this a probability of ``like``'s type has lost digits to underflow."""
+    return 1e-300
+
+
+@overload(tiny_like)
+def _tiny_like(like):
+    if like == types.float32:
+        return lambda like: np.float32(1e-30)
+    return lambda like: 1e-300

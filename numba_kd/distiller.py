@@ -32,12 +32,23 @@ def _real(value: object, name: str) -> float:
     return float(value)
 
 
+# Above this the soft term T^2 KL, a difference of log-sum-exps that agree to about
+# 1/T^2 of their size, has no correct digits left in float64 (its error is about
+# 1e-16 T^2 relative: 1e-4 here).
+MAX_TEMPERATURE = 1e6
+
+
 def _check_temperature(temperature: object) -> float:
     t = _real(temperature, "temperature")
     if not t > 0.0:
         raise ValueError(f"Temperature must be positive, got {t}")
     if not math.isfinite(t) or not math.isfinite(1.0 / t):
         raise ValueError(f"Temperature must be finite with a finite 1/T, got {t}")
+    if t > MAX_TEMPERATURE:
+        raise ValueError(
+            f"Temperature must be at most {MAX_TEMPERATURE:g}, got {t}: above it T^2 KL is a difference "
+            "of log-sum-exps that agree to about 1/T^2, which float64 cannot resolve"
+        )
     return t
 
 

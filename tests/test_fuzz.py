@@ -22,8 +22,8 @@ Tolerances.  Every comparison allows
     ROUNDING * u * (|reference| + M)
 
 where ``u`` is the unit roundoff of the arithmetic the documented path uses
-(float64 kernels, and the general float64 loss kernel that float32 losses run
-with any non-default option or T > 16: 2**-53; float32 kernels: 2**-24; results
+(float64 kernels, and float32 losses outside 1e-6 <= T <= 16, which compute per
+element in float64: 2**-53; float32 kernels: 2**-24; results
 stored in float32 add 2**-24 relative), and ``M`` is the size of the terms whose
 rounding the result inherits:
 
@@ -67,6 +67,8 @@ from hypothesis import strategies as st
 
 import numba_kd as kd
 from numba_kd import reference as kref
+from numba_kd._dispatch import FAST_MAX_TEMPERATURE as FLOAT32_MAX_TEMPERATURE
+from numba_kd._dispatch import FLOAT32_MIN_TEMPERATURE
 
 settings.register_profile(
     "ci",
@@ -622,14 +624,9 @@ def _check_combine_probabilities(case: Case, d, result, out) -> None:
 
 
 def _loss_path_roundoff(case: Case, dtype: np.dtype) -> float:
-    """u of the loss arithmetic: float32 only in the fast kernel (default options, T <= 16)."""
-    opts = case.options
-    default = (
-        opts["combine"] == "logits"
-        and opts["divergence"] == "forward_kl"
-        and opts["teacher_weighting"] == "static"
-    )
-    if dtype == F32 and default and case.temperature <= 16.0:
+    """u of the loss arithmetic: float32 inputs compute per element in float32 for every
+    option at 1e-6 <= T <= 16, in float64 outside (numba_kd._dispatch._compute_dtype)."""
+    if dtype == F32 and FLOAT32_MIN_TEMPERATURE <= case.temperature <= FLOAT32_MAX_TEMPERATURE:
         return UNIT_ROUNDOFF[F32]
     return UNIT_ROUNDOFF[F64]
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import reference as ref
+from helpers import make_batch
 
 import numba_kd as kd
 
@@ -191,6 +195,35 @@ def test_non_native_byte_order(d, batch):
 def test_huge_weights_normalize_without_overflow():
     d = kd.EnsembleDistiller([1e308, 1e308, 0.0], temperature=1.0)
     np.testing.assert_allclose(d.weights, [0.5, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("t", [1e6 * (1 + 1e-15), 1e8, 1e155, 1e300])
+def test_temperature_above_the_float64_limit(t):
+    with pytest.raises(ValueError, match="Temperature must be at most 1e"):
+        kd.EnsembleDistiller([1.0], temperature=t)
+    with pytest.raises(ValueError, match="Temperature must be at most 1e"):
+        kd.DistillationLoss(t, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("t", [1e-300, 1e-39, 1e-6, 1e6])
+@pytest.mark.parametrize(
+    "options", [{}, {"divergence": "jsd"}, {"combine": "probs", "divergence": "reverse_kl"}]
+)
+def test_extreme_accepted_temperatures_are_correct(t, dtype, options):
+    """Every accepted temperature gives the reference's loss: float32 outside
+    1e-6 <= T <= 16 computes in float64; at T = 1e6 the float64 soft term itself has an
+    error of about 1e-16 T^2 log C (the reference's too), so it gets that tolerance."""
+    rng = np.random.default_rng(3)
+    student, teachers, labels = make_batch(rng, 2, 4, 50, dtype)
+    d = kd.EnsembleDistiller([1.0, 1.0], temperature=t)
+    (loss, soft, hard), grad = d.loss_and_grad(
+        student, teachers, labels, 0.5, return_components=True, **options
+    )
+    expected = ref.general_loss(student, teachers, labels, [1.0, 1.0], t, 0.5, **options)
+    rtol = max(1e-16 * t * t * math.log(50), 1e-6 if dtype == np.float32 and 1e-6 <= t <= 16 else 1e-12)
+    np.testing.assert_allclose([loss, soft, hard], expected, rtol=rtol, atol=1e-300)
+    assert np.isfinite(grad).all()
 
 
 def test_temperature_whose_inverse_overflows():

@@ -1,11 +1,13 @@
-"""Fused CPU kernels.
+"""Fused CPU kernels: loops around the formulas of ``numba_kd._math``.
 
 Each kernel is a ``prange`` over blocks of rows.  A row is handled in sweeps
-over data that is still in cache (the ensemble row ``z``, a max sweep, then one
-exp-sum sweep), so each input element comes from memory once.  Inner loops run
-over contiguous columns without branches, so LLVM vectorizes them; for float32
-inputs the exponentials and logarithms are the vectorizable polynomials of
-``_math`` (``exp_like``/``log_like``), for float64 libm.
+over data that is still in cache (statistics sweeps per teacher where an option
+needs them, the target sweep, the student sweep, the gradient sweep), so each
+input element comes from memory once.  Inner loops run over contiguous slices
+without branches, so LLVM vectorizes them; the scratch rows have the dtype of
+the per-element arithmetic (the ``compute`` argument): for float32 the
+exponentials and logarithms are the vectorizable polynomials of ``_math``
+(``exp_like``/``log_like``), for float64 libm.
 
 Per-row partial results are float64 and are reduced over rows in a fixed order
 after the parallel loop, so the result does not depend on the number of
@@ -22,34 +24,68 @@ import numpy as np
 from numba import njit, prange
 
 from numba_kd._math import (
+    COMBINE_LOGITS,
+    COMBINE_PROBS,
+    CONFIDENCE,
+    ENTROPY,
+    FORWARD_KL,
+    JSD,
     NEG_INF,
+    REVERSE_KL,
+    STATIC,
     as_type_of,
+    confidence_weight,
+    cross_entropy,
     distillation_terms,
+    entropy_weight,
     exp_like,
+    forward_kl_grad,
+    jsd_grad,
+    jsd_log_ratios,
+    jsd_mixture_ratio,
+    jsd_term,
     kl_from_stats,
     log_like,
-    log_mix,
-    log_mixture_term,
+    logaddexp,
+    lse_from_stats,
+    nonfinite_probe,
+    nonnegative,
+    online_lse_step,
+    reverse_kl_grad,
+    tiny_like,
     weighted_log_prob,
 )
 from numba_kd._runtime import DISK_CACHE
 
-# Rows per parallel work item: amortizes the scratch rows, balances small B.
+# Most rows per parallel work item: a block allocates its scratch rows once.
 ROWS_PER_BLOCK = 16
 FASTMATH = {"reassoc", "contract"}
+# error_model="numpy": a float division by zero gives inf or NaN as in NumPy instead
+# of raising, so divisions need no branch and the loops around them vectorize.
+
+# The sweeps over one row are functions of their own, not inlined into the
+# kernels: each compiles (and vectorizes) once per signature, and the parallel
+# kernels that call them stay small, which keeps compilation short.
+row_function = njit(nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+
+
+def rows_per_block(n_rows: int, n_threads: int) -> int:
+    """Up to ROWS_PER_BLOCK rows per work item, but at least four items per thread
+    while there are rows for them, so that small batches use every thread."""
+    return max(1, min(ROWS_PER_BLOCK, n_rows // (4 * n_threads)))
 
 
 @njit(inline="always")
-def _n_blocks(n_rows):
-    return (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+def _n_blocks(n_rows, per_block):
+    return (n_rows + per_block - 1) // per_block
 
 
 @njit(inline="always")
-def _block_rows(block, n_rows):
-    return range(block * ROWS_PER_BLOCK, min(n_rows, (block + 1) * ROWS_PER_BLOCK))
+def _block_rows(block, n_rows, per_block):
+    return range(block * per_block, min(n_rows, (block + 1) * per_block))
 
 
-@njit(inline="always")
+@row_function
 def _ensemble_row(teachers, weights, i, z):
     """z[j] = sum_k w_k t_k[i, j] in z's precision, teacher by teacher (contiguous loops)."""
     first = teachers[0]
@@ -98,226 +134,18 @@ def _max(row):
 CHUNK = 256
 
 
-@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH)
-def combine_logits(teachers, weights, out):
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+def combine_logits(teachers, weights, per_block, out):
+    """out = sum_k w_k t_k, accumulated in float64 (float32 would round tiny weights
+    to 0, and 0 * inf is NaN where the sum is inf)."""
     n_rows, n_classes = out.shape
-    for block in prange(_n_blocks(n_rows)):
+    for block in prange(_n_blocks(n_rows, per_block)):
         z = np.empty(n_classes)
-        for i in _block_rows(block, n_rows):
+        for i in _block_rows(block, n_rows, per_block):
             _ensemble_row(teachers, weights, i, z)
+            row = out[i]
             for j in range(n_classes):
-                out[i, j] = z[j]
-
-
-@njit(inline="always")
-def _exp_row(row, shift, scale, out):
-    """out[j] = exp((row[j] - shift) * scale); returns sum_j out[j] (float32 partials of
-    CHUNK terms, float64 total), NaN if the row holds a NaN or an infinity."""
-    n = row.shape[0]
-    like = out[0]
-    zero = as_type_of(0.0, like)
-    total = 0.0
-    for start in range(0, n, CHUNK):
-        partial = zero
-        for j in range(start, min(start + CHUNK, n)):
-            e = exp_like((row[j] - shift) * scale, like)
-            out[j] = e
-            partial += e + row[j] * zero
-        total += partial
-    return total
-
-
-# Below this a float32 mixture has lost digits to underflow: such entries are
-# recomputed in float64 log space.
-_TINY_MIXTURE = 1e-30
-
-
-@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH)
-def combine_probabilities(teachers, weights, temperature, eps, out):
-    """T * log(sum_k w_k softmax(t_k / T) + eps); eps = 0: the exact log-mixture.
-
-    Per row: one sweep per teacher computes e_kj = exp((t_kj - max_k) / T) into a
-    scratch row and their sum S_k; the mixture is sum_k (w_k / S_k) e_kj, so each
-    exponential is computed once.  Entries whose mixture underflows (possible
-    only for extreme logits) are recomputed in float64 log space.
-    """
-    n_rows, n_classes = out.shape
-    n_teachers = weights.shape[0]
-    inv_t = 1.0 / temperature
-    for block in prange(_n_blocks(n_rows)):
-        # float32 rows stay in float32 per element (8 lanes); a mixture of K
-        # terms each <= 1 loses nothing measurable to it.
-        exps = np.empty((n_teachers, n_classes), out.dtype)
-        coeff = np.empty(n_teachers, out.dtype)
-        lse = np.empty(n_teachers)
-        acc = np.empty(n_classes, out.dtype)
-        like = acc[0]
-        scale = as_type_of(inv_t, like)
-        t_out = as_type_of(temperature, like)
-        eps_c = as_type_of(eps, like)
-        for i in _block_rows(block, n_rows):
-            for k in range(n_teachers):
-                row = teachers[k][i]
-                m = _max(row)
-                total = _exp_row(row, m, scale, exps[k])
-                coeff[k] = as_type_of(weights[k] / total, like)
-                lse[k] = m * inv_t + math.log(total)
-            acc[:] = 0.0
-            for k in range(n_teachers):
-                c = coeff[k]
-                e = exps[k]
-                for j in range(n_classes):
-                    acc[j] += c * e[j]
-            if eps > 0.0:
-                for j in range(n_classes):
-                    out[i, j] = t_out * log_like(acc[j] + eps_c, like)
-                for j in range(n_classes):
-                    if acc[j] < _TINY_MIXTURE:
-                        # Underflowed (or eps itself below float32): log(p + eps) in float64.
-                        log_p = _log_mixture_entry(teachers, weights, lse, i, j, inv_t)
-                        out[i, j] = temperature * log_mix(log_p, math.log(eps), 0.0, 0.0)
-            else:
-                for j in range(n_classes):
-                    out[i, j] = t_out * log_like(acc[j], like)
-                for j in range(n_classes):
-                    if acc[j] < _TINY_MIXTURE:
-                        out[i, j] = temperature * _log_mixture_entry(teachers, weights, lse, i, j, inv_t)
-
-
-@njit(inline="always")
-def _log_mixture_entry(teachers, weights, lse, i, j, inv_t):
-    """logsumexp_k(log w_k + t_kj / T - lse_k) in float64, teachers with w_k > 0."""
-    m = NEG_INF
-    for k in range(weights.shape[0]):
-        if weights[k] > 0.0:
-            m = max(m, log_mixture_term(math.log(weights[k]), teachers[k][i, j] * inv_t, lse[k]))
-    s = 0.0
-    for k in range(weights.shape[0]):
-        if weights[k] > 0.0:
-            s += math.exp(log_mixture_term(math.log(weights[k]), teachers[k][i, j] * inv_t, lse[k]) - m)
-    return m + math.log(s)
-
-
-@njit(inline="always")
-def _kl_stats(z, s, inv_t):
-    """Row statistics of KL(softmax(z / T) || softmax(s / T)) and of lse(s).
-
-    Sweep 1 takes the two row maxima; sweep 2, over data still in cache, sums
-    with a = z / T and b = s / T: S_a = sum exp(a - max a),
-    W = sum exp(a - max a) (a - b), S_b = sum exp(b - max b), S_s = sum exp(s - max s).
-    Returns (KL, max z, log S_a, max s, log S_b, log S_s).
-
-    A NaN or an infinity in z or s makes S_a and S_s, and so every result and
-    the gradient row, NaN (``x * 0`` is NaN exactly for those ``x``).
-    """
-    n_classes = s.shape[0]
-    m_z = _max(z)
-    m_s = _max(s)
-    like = s[0]
-    scale = as_type_of(inv_t, like)
-    zero = as_type_of(0.0, like)
-    s_a = 0.0
-    w_a = 0.0
-    s_b = 0.0
-    s_s = 0.0
-    for start in range(0, n_classes, CHUNK):
-        p_a = zero
-        p_w = zero
-        p_b = zero
-        p_s = zero
-        for j in range(start, min(start + CHUNK, n_classes)):
-            zj = z[j]
-            sj = s[j]
-            nonfinite = zj * zero + sj * zero
-            e_a = exp_like((zj - m_z) * scale, like)
-            p_a += e_a + nonfinite
-            p_w += e_a * (zj - sj)
-            d_s = sj - m_s
-            p_b += exp_like(d_s * scale, like)
-            p_s += exp_like(d_s, like) + nonfinite
-        s_a += p_a
-        w_a += p_w
-        s_b += p_b
-        s_s += p_s
-    log_sa = math.log(s_a)
-    log_sb = math.log(s_b)
-    log_ss = math.log(s_s)
-    kl = kl_from_stats(s_a, w_a * inv_t, m_z * inv_t + log_sa, m_s * inv_t + log_sb)
-    return kl, m_z, log_sa, m_s, log_sb, log_ss
-
-
-@njit(inline="always")
-def _kl_grad_row(z, s, y, inv_t, m_z, log_sa, m_s, log_sb, log_ss, c_soft, c_hard, out):
-    """out = c_soft * (q - p) / T + c_hard * (r - onehot(y)): the gradient sweep of the
-    forward-KL loss, p = softmax(z / T), q = softmax(s / T), r = softmax(s)."""
-    like = s[0]
-    scale = as_type_of(inv_t, like)
-    soft = as_type_of(c_soft * inv_t, like)
-    hard = as_type_of(c_hard, like)
-    shift_a = as_type_of(log_sa, like)
-    shift_b = as_type_of(log_sb, like)
-    shift_s = as_type_of(log_ss, like)
-    for j in range(s.shape[0]):
-        d_s = s[j] - m_s
-        p = exp_like((z[j] - m_z) * scale - shift_a, like)
-        q = exp_like(d_s * scale - shift_b, like)
-        r = exp_like(d_s - shift_s, like)
-        out[j] = soft * (q - p) + hard * r
-    out[y] -= hard
-
-
-@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH)
-def distillation_rows(
-    student,
-    teachers,
-    weights,
-    labels,
-    ignore_index,
-    temperature,
-    c_soft,
-    c_hard,
-    want_grad,
-    grad,
-    d_rows,
-    ce_rows,
-):
-    """Per row: KL(p || q) into d_rows and CE into ce_rows, p = softmax(sum_k w_k t_k / T);
-    rows whose label is ignore_index get 0 (and a zero gradient row).
-
-    With want_grad, one more sweep per row writes c_soft * dKL/ds + c_hard * dCE/ds
-    into grad; the row values are computed exactly as without it.
-    """
-    n_rows, n_classes = student.shape
-    inv_t = 1.0 / temperature
-    for block in prange(_n_blocks(n_rows)):
-        # The ensemble row in the input precision: float32 rows keep the exp
-        # sweeps in float32 (8 lanes); the sums are float64.
-        z = np.empty(n_classes, student.dtype)
-        for i in _block_rows(block, n_rows):
-            y = labels[i]
-            if y == ignore_index:
-                d_rows[i] = 0.0
-                ce_rows[i] = 0.0
-                if want_grad:
-                    grad[i, :] = 0.0
-                continue
-            if weights.shape[0] == 1:
-                # One teacher (weight exactly 1): the ensemble row is the teacher's.
-                d_rows[i], ce_rows[i] = _loss_row(
-                    teachers[0][i], student, i, y, inv_t, c_soft, c_hard, want_grad, grad
-                )
-            else:
-                _ensemble_row(teachers, weights, i, z)
-                d_rows[i], ce_rows[i] = _loss_row(z, student, i, y, inv_t, c_soft, c_hard, want_grad, grad)
-
-
-@njit(inline="always")
-def _loss_row(z, student, i, y, inv_t, c_soft, c_hard, want_grad, grad):
-    kl, m_z, log_sa, m_s, log_sb, log_ss = _kl_stats(z, student[i], inv_t)
-    if want_grad:
-        _kl_grad_row(z, student[i], y, inv_t, m_z, log_sa, m_s, log_sb, log_ss, c_soft, c_hard, grad[i])
-    # (max - s_y) + log S: lse(s) - s_y without rounding log S into a huge max.
-    return kl, (m_s - student[i, y]) + log_ss
+                row[j] = z[j]
 
 
 @njit(nogil=True, cache=DISK_CACHE)
@@ -332,193 +160,431 @@ def reduce_rows(d_rows, ce_rows, divisor, alpha, temperature):
     return distillation_terms(d_sum, ce_sum, divisor, alpha, temperature)
 
 
-# Option codes shared with the dispatcher.
-COMBINE_LOGITS, COMBINE_PROBS = 0, 1
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
-STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
+@row_function
+def _finite_teachers(teachers, i):
+    """Whether row i of every teacher is free of NaN and infinities."""
+    finite = True
+    for k in range(len(teachers)):
+        finite = finite and nonfinite_probe(teachers[k][i]) == 0.0
+    return finite
 
 
-@njit(inline="always")
-def _row_lse(x, scale):
-    """(m, log S) with lse(x * scale) = m + log S over a 1-D row (scale > 0), float64.
-
-    The two parts stay apart: a log-probability is (x_j * scale - m) - log S,
-    which keeps log S even where m is so large that m + log S would round it away.
-    """
-    m = _max(x) * scale
-    s = 0.0
-    for j in range(x.shape[0]):
-        s += math.exp(x[j] * scale - m)
-    return m, math.log(s)
-
-
-@njit(inline="always")
+@row_function
 def _finite_row(student, teachers, i):
     """Whether row i of the student and of every teacher is free of NaN and infinities."""
-    nonfinite = 0.0
-    for j in range(student.shape[1]):
-        nonfinite += student[i, j] * 0.0
-    for k in range(len(teachers)):
-        t = teachers[k]
-        for j in range(t.shape[1]):
-            nonfinite += t[i, j] * 0.0
-    return nonfinite == 0.0
+    return nonfinite_probe(student[i]) == 0.0 and _finite_teachers(teachers, i)
 
 
-@njit(inline="always")
-def _row_weights(teachers, weights, i, y, valid, temperature, weighting, out):
-    """Per-row teacher weights into out (summing to 1): the statistics sweep."""
-    n_teachers = weights.shape[0]
-    inv_t = 1.0 / temperature
+@row_function
+def _teacher_stats(row, inv_t, scaled, unit, like, e):
+    """One teacher row's statistics sweep; returns (m, log S, moment, log S1).
+
+    m = max(row).  With ``scaled``: e_j = exp((row_j - m) / T) into e, S = sum e,
+    moment = sum_j e_j (row_j - m) / T / S (for the probability combine and the
+    entropy).  With ``unit``: S1 = sum_j exp(row_j - m) (the confidence's softmax
+    at T = 1).  What is not asked for is 0.
+    """
+    n = row.shape[0]
+    m = _max(row)
+    shift = as_type_of(m, like)
+    scale = as_type_of(inv_t, like)
+    zero = as_type_of(0.0, like)
     total = 0.0
-    for k in range(n_teachers):
-        out[k] = weights[k]
-        if weighting == CONFIDENCE and valid:
+    moment = 0.0
+    s1 = 0.0
+    # Loops run over slices: indices from 0 let LLVM drop negative-index handling
+    # and vectorize.
+    for start in range(0, n, CHUNK):
+        x = row[start : start + CHUNK]
+        out = e[start : start + CHUNK]
+        if scaled:
+            p_total = zero
+            p_moment = zero
+            for j in range(x.shape[0]):
+                d = (x[j] - shift) * scale
+                v = exp_like(d, like)
+                out[j] = v
+                p_total += v
+                p_moment += v * d
+            total += p_total
+            moment += p_moment
+        if unit:
+            p_s1 = zero
+            for j in range(x.shape[0]):
+                p_s1 += exp_like(x[j] - shift, like)
+            s1 += p_s1
+    log_s = math.log(total) if scaled else 0.0
+    return m, log_s, moment / total if scaled else 0.0, math.log(s1) if unit else 0.0
+
+
+@row_function
+def _teacher_weights(teachers, weights, i, y, params, weighting, m_t, log_st, row_w, e, pt):
+    """Per-row teacher weights w_k (not normalized) into row_w; returns their sum.
+
+    For the probability combine or a data-dependent weighting each teacher row
+    gets a statistics sweep (lse(t_k / T) = m_t[k] + log_st[k]); for the
+    probability combine its exponentials, still in cache, are then added into
+    pt: pt_j = sum_k w_k exp(t_kj / T - lse_k), the mixture times sum_k w_k.
+    """
+    inv_t = 1.0 / params.temperature
+    like = e[0]
+    mix = params.combine == COMBINE_PROBS
+    if mix:
+        pt[:] = 0.0
+    total = 0.0
+    for k in range(weights.shape[0]):
+        w = weights[k]
+        if mix or weighting != STATIC:
             row = teachers[k][i]
-            m1, log_s1 = _row_lse(row, 1.0)
-            out[k] = weights[k] * math.exp((row[y] - m1) - log_s1)
-        elif weighting == ENTROPY:
-            row = teachers[k][i]
-            m, log_s = _row_lse(row, inv_t)
-            # H = log S - sum_j softmax(u)_j (u_j - m) with u = t / T: every term is
-            # relative to the row maximum, so H keeps its digits for huge logits.
-            su = 0.0
-            for j in range(row.shape[0]):
-                d = row[j] * inv_t - m
-                su += math.exp(d - log_s) * d
-            out[k] = weights[k] * math.exp(-(log_s - su))
-        total += out[k]
-    if not total > 0.0:
-        # Every confidence underflowed: fall back to the static weights.
-        for k in range(n_teachers):
-            out[k] = weights[k]
-        total = 1.0
-    for k in range(n_teachers):
-        out[k] /= total
+            scaled = mix or weighting == ENTROPY
+            unit = weighting == CONFIDENCE
+            m, log_s, moment, log_s1 = _teacher_stats(row, inv_t, scaled, unit, like, e)
+            m_t[k] = m * inv_t
+            log_st[k] = log_s
+            if weighting == CONFIDENCE:
+                w = confidence_weight(w, np.float64(row[y]) - np.float64(m), log_s1)
+            elif weighting == ENTROPY:
+                w = entropy_weight(w, moment, log_s)
+            if mix and w > 0.0:
+                c = as_type_of(w * math.exp(-log_s), like)
+                for j in range(pt.shape[0]):
+                    pt[j] += c * e[j]
+        row_w[k] = w
+        total += w
+    return total
+
+
+@row_function
+def _logit_target(teachers, row_w, i, inv_t, ell, pt):
+    """Logit combine: ell_j = (z_j - max z) / T with z = sum_k w_k (t_kj - anchor) and
+    pt_j = exp(ell_j); returns log sum_j pt_j.  The anchor (the row's first teacher
+    logit) takes an offset common to the teachers out of the sum exactly."""
+    like = ell[0]
+    anchor = as_type_of(teachers[0][i, 0], like)
+    n = ell.shape[0]
+    w = as_type_of(row_w[0], like)
+    first = teachers[0][i]
+    for j in range(n):
+        ell[j] = w * (first[j] - anchor)
+    for k in range(1, row_w.shape[0]):
+        t = teachers[k][i]
+        w = as_type_of(row_w[k], like)
+        for j in range(n):
+            ell[j] += w * (t[j] - anchor)
+    m = _max(ell)
+    scale = as_type_of(inv_t, like)
+    zero = as_type_of(0.0, like)
+    total = 0.0
+    for start in range(0, n, CHUNK):
+        a = ell[start : start + CHUNK]
+        p = pt[start : start + CHUNK]
+        partial = zero
+        for j in range(a.shape[0]):
+            x = (a[j] - m) * scale
+            v = exp_like(x, like)
+            a[j] = x
+            p[j] = v
+            partial += v
+        total += partial
+    return math.log(total)
+
+
+@row_function
+def _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, inv_total, ell, pt):
+    """Probability combine, after _teacher_weights: pt scaled to the mixture and
+    ell_j = log pt_j; returns log sum pt.  Entries whose mixture underflowed are
+    recomputed in float64 log space."""
+    like = ell[0]
+    n = ell.shape[0]
+    zero = as_type_of(0.0, like)
+    scale = as_type_of(inv_total, like)
+    tiny = tiny_like(like)
+    total = 0.0
+    n_tiny = 0.0
+    one = as_type_of(1.0, like)
+    for start in range(0, n, CHUNK):
+        p = pt[start : start + CHUNK]
+        a = ell[start : start + CHUNK]
+        partial = zero
+        small = zero
+        for j in range(p.shape[0]):
+            x = p[j] * scale
+            p[j] = x
+            a[j] = log_like(x, like)
+            partial += x
+            # A float count (a select) keeps the loop vectorized.
+            small += one if x < tiny else zero
+        total += partial
+        n_tiny += small
+    if n_tiny > 0.0:
+        for j in range(n):
+            if pt[j] < tiny:
+                ell[j] = _mixture_log_entry(teachers, row_w, m_t, log_st, i, j, inv_t)
+    return math.log(total)
 
 
 @njit(inline="always")
-def _target_log_probs(teachers, row_w, m_t, log_st, i, inv_t, combine, log_p):
-    """log p into log_p: log softmax of sum_k w_k t_k / T, or the log of sum_k w_k softmax(t_k / T)."""
-    n_teachers = row_w.shape[0]
-    n_classes = log_p.shape[0]
-    if combine == COMBINE_LOGITS:
-        for j in range(n_classes):
-            z = 0.0
-            for k in range(n_teachers):
-                z += row_w[k] * teachers[k][i, j]
-            log_p[j] = z * inv_t
-        m, log_s = _row_lse(log_p, 1.0)
-        for j in range(n_classes):
-            log_p[j] = (log_p[j] - m) - log_s
+def _mixture_log_entry(teachers, row_w, m_t, log_st, i, j, inv_t):
+    """log sum_k w_k softmax(t_k / T)_j in float64 over the teachers with w_k > 0, from
+    each teacher's lse(t_k / T) = m_t[k] + log_st[k]."""
+    m = NEG_INF
+    s = 0.0
+    for k in range(row_w.shape[0]):
+        if row_w[k] > 0.0:
+            term = weighted_log_prob(math.log(row_w[k]), teachers[k][i, j] * inv_t, m_t[k], log_st[k])
+            m, s = online_lse_step(m, s, term, 1.0)
+    return lse_from_stats(m, s)
+
+
+@row_function
+def _student_stats(s, rows, inv_t, divergence):
+    """The student's sweep: qt_j = exp((s_j - max s) / T) and the sum of the forward
+    or reverse KL, relative to both maxima.
+
+    Returns (max s, log S_b, log S_s, S_b, W): S_b = sum qt, S_s = sum exp(s - max s),
+    W = sum pt (ell - b) for forward KL, sum qt (b - ell) for reverse KL (b the
+    student's shifted logits over T), else 0.
+    """
+    ell, pt, qt, _ = rows
+    like = ell[0]
+    n = s.shape[0]
+    m_s = _max(s)
+    shift = as_type_of(m_s, like)
+    scale = as_type_of(inv_t, like)
+    zero = as_type_of(0.0, like)
+    s_b = 0.0
+    s_s = 0.0
+    w = 0.0
+    for start in range(0, n, CHUNK):
+        x = s[start : start + CHUNK]
+        a = ell[start : start + CHUNK]
+        p = pt[start : start + CHUNK]
+        q_out = qt[start : start + CHUNK]
+        p_b = zero
+        p_s = zero
+        p_w = zero
+        if divergence == FORWARD_KL:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                b = d * scale
+                q = exp_like(b, like)
+                q_out[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                p_w += p[j] * (a[j] - b)
+        elif divergence == REVERSE_KL:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                b = d * scale
+                q = exp_like(b, like)
+                q_out[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                p_w += q * (b - a[j])
+        else:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                q = exp_like(d * scale, like)
+                q_out[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+        s_b += p_b
+        s_s += p_s
+        w += p_w
+    return np.float64(m_s), math.log(s_b), math.log(s_s), s_b, w
+
+
+@row_function
+def _jsd_sweep(s, rows, stats, params):
+    """JSD(beta) of the row and sum_j q_j g_j with g = (1 - beta) log(q_j / m_j);
+    log(q / m) per class into aux for the gradient sweep."""
+    ell, pt, qt, aux = rows
+    m_s, log_sa, log_sb, _, s_a, s_b = stats
+    like = ell[0]
+    n = s.shape[0]
+    beta = params.beta
+    shift = as_type_of(m_s, like)
+    scale = as_type_of(1.0 / params.temperature, like)
+    offset = as_type_of(log_sb - log_sa, like)
+    inv_sa = as_type_of(1.0 / s_a, like)
+    inv_sb = as_type_of(1.0 / s_b, like)
+    lb = as_type_of(math.log(beta), like)
+    l1b = as_type_of(math.log1p(-beta), like)
+    b_c = as_type_of(beta, like)
+    b1_c = as_type_of(1.0 - beta, like)
+    zero = as_type_of(0.0, like)
+    d_sum = 0.0
+    qg_sum = 0.0
+    for start in range(0, n, CHUNK):
+        x = s[start : start + CHUNK]
+        a = ell[start : start + CHUNK]
+        p = pt[start : start + CHUNK]
+        q_row = qt[start : start + CHUNK]
+        g_out = aux[start : start + CHUNK]
+        p_d = zero
+        p_qg = zero
+        for j in range(x.shape[0]):
+            lq_lp = ((x[j] - shift) * scale - a[j]) - offset
+            p_j = p[j] * inv_sa
+            q = q_row[j] * inv_sb
+            ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
+            lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
+            g_out[j] = lq_lm
+            p_d += jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
+            p_qg += q * lq_lm
+        d_sum += p_d
+        qg_sum += p_qg
+    return nonnegative(d_sum), (1.0 - beta) * qg_sum
+
+
+@row_function
+def _grad_sweep(s, y, rows, stats, d, qg, params, out):
+    """out = c_soft dD/ds + c_hard dCE/ds for one row (D the divergence, value d)."""
+    ell, pt, qt, aux = rows
+    m_s, log_sa, log_sb, log_ss, s_a, s_b = stats
+    like = ell[0]
+    n = s.shape[0]
+    inv_t = 1.0 / params.temperature
+    shift = as_type_of(m_s, like)
+    scale = as_type_of(inv_t, like)
+    soft = as_type_of(params.c_soft * inv_t, like)
+    hard = as_type_of(params.c_hard, like)
+    inv_sa = as_type_of(1.0 / s_a, like)
+    inv_sb = as_type_of(1.0 / s_b, like)
+    shift_s = as_type_of(log_ss, like)
+    if params.divergence == FORWARD_KL:
+        for j in range(n):
+            dd = forward_kl_grad(pt[j] * inv_sa, qt[j] * inv_sb)
+            out[j] = soft * dd + hard * exp_like((s[j] - shift) - shift_s, like)
+    elif params.divergence == REVERSE_KL:
+        offset = as_type_of(log_sb - log_sa, like)
+        d_c = as_type_of(d, like)
+        for j in range(n):
+            lq_lp = ((s[j] - shift) * scale - ell[j]) - offset
+            dd = reverse_kl_grad(qt[j] * inv_sb, lq_lp, d_c)
+            out[j] = soft * dd + hard * exp_like((s[j] - shift) - shift_s, like)
     else:
-        for k in range(n_teachers):
-            m_t[k], log_st[k] = _row_lse(teachers[k][i], inv_t)
-        for j in range(n_classes):
-            m = NEG_INF
-            for k in range(n_teachers):
-                if row_w[k] > 0.0:
-                    m = max(
-                        m, weighted_log_prob(math.log(row_w[k]), teachers[k][i, j] * inv_t, m_t[k], log_st[k])
-                    )
-            s = 0.0
-            for k in range(n_teachers):
-                if row_w[k] > 0.0:
-                    s += math.exp(
-                        weighted_log_prob(math.log(row_w[k]), teachers[k][i, j] * inv_t, m_t[k], log_st[k])
-                        - m
-                    )
-            log_p[j] = m + math.log(s)
+        b1_c = as_type_of(1.0 - params.beta, like)
+        qg_c = as_type_of(qg, like)
+        for j in range(n):
+            dd = jsd_grad(qt[j] * inv_sb, aux[j], b1_c, qg_c)
+            out[j] = soft * dd + hard * exp_like((s[j] - shift) - shift_s, like)
+    out[y] -= hard
 
 
-@njit(parallel=True, nogil=True, cache=DISK_CACHE)
-def general_rows(
-    student,
-    teachers,
-    weights,
-    labels,
-    ignore_index,
-    temperature,
-    beta,
-    combine,
-    divergence,
-    weighting,
-    c_soft,
-    c_hard,
-    want_grad,
-    grad,
-    d_rows,
-    ce_rows,
-):
-    """Every option: combine (logits/probs), divergence (forward KL, reverse KL, JSD),
-    per-row teacher weights (static/confidence/entropy), masks; float64 per element.
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+def general_rows(student, teachers, weights, labels, params, per_block, compute, grad, d_rows, ce_rows):
+    """Every loss option, per row: the divergence into d_rows, CE into ce_rows and, with
+    params.want_grad, c_soft dD/ds + c_hard dCE/ds into grad.
 
-    Per row: a statistics sweep for the teacher weights, the target log p into a
-    scratch row, one sweep for the divergence and CE, and with want_grad one
-    sweep that writes c_soft * dD/ds + c_hard * dCE/ds.
+    ``compute`` is an empty array whose dtype is the per-element arithmetic's
+    (float32 sweeps use the vectorized exp and log); sums are float64.  Per row: a
+    finiteness probe, the teachers' statistics sweeps (probability combine or
+    data-dependent weights), the target sweep (ell = the target's log-probabilities
+    up to the constant log S_a, pt = exp(ell)), the student's sweep, a JSD sweep,
+    and the gradient sweep.  Ignored rows get 0 (and a zero gradient row); rows
+    with a NaN or an infinity get NaN.
     """
     n_rows, n_classes = student.shape
     n_teachers = weights.shape[0]
-    inv_t = 1.0 / temperature
-    log_beta = math.log(beta)
-    log_1m_beta = math.log1p(-beta)
-    for block in prange(_n_blocks(n_rows)):
+    inv_t = 1.0 / params.temperature
+    need_stats = params.combine == COMBINE_PROBS or params.weighting != STATIC
+    for block in prange(_n_blocks(n_rows, per_block)):
         row_w = np.empty(n_teachers)
         m_t = np.empty(n_teachers)
         log_st = np.empty(n_teachers)
-        log_p = np.empty(n_classes)
-        for i in _block_rows(block, n_rows):
+        e = np.empty(n_classes if need_stats else 1, compute.dtype)
+        aux_size = n_classes if params.divergence == JSD else 1
+        rows = (
+            np.empty(n_classes, compute.dtype),  # ell: log target + const
+            np.empty(n_classes, compute.dtype),  # pt: exp(ell)
+            np.empty(n_classes, compute.dtype),  # qt: exp((s - max s) / T)
+            np.empty(aux_size, compute.dtype),  # JSD: log(q / m)
+        )
+        ell, pt = rows[0], rows[1]
+        for i in _block_rows(block, n_rows, per_block):
             y = labels[i]
-            valid = y != ignore_index
-            if not valid:
+            if y == params.ignore_index:
                 d_rows[i] = 0.0
                 ce_rows[i] = 0.0
-                if want_grad:
+                if params.want_grad:
                     grad[i, :] = 0.0
                 continue
             if not _finite_row(student, teachers, i):
                 d_rows[i] = math.nan
                 ce_rows[i] = math.nan
-                if want_grad:
+                if params.want_grad:
                     grad[i, :] = math.nan
                 continue
-            _row_weights(teachers, weights, i, y, valid, temperature, weighting, row_w)
-            _target_log_probs(teachers, row_w, m_t, log_st, i, inv_t, combine, log_p)
+            total = _teacher_weights(
+                teachers, weights, i, y, params, params.weighting, m_t, log_st, row_w, e, pt
+            )
+            if not total > 0.0:
+                # Every data-dependent weight underflowed: the static weights.
+                total = _teacher_weights(teachers, weights, i, y, params, STATIC, m_t, log_st, row_w, e, pt)
+            for k in range(n_teachers):
+                row_w[k] /= total
+            if params.combine == COMBINE_LOGITS:
+                log_sa = _logit_target(teachers, row_w, i, inv_t, ell, pt)
+            else:
+                log_sa = _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, 1.0 / total, ell, pt)
             s = student[i]
-            m_b, log_sb = _row_lse(s, inv_t)
-            m_s, log_ss = _row_lse(s, 1.0)
-            # The divergence, and sum_j q_j g_j (g = dD/dq) for its gradient.
-            d = 0.0
+            m_s, log_sb, log_ss, s_b, w = _student_stats(s, rows, inv_t, params.divergence)
+            stats = (m_s, log_sa, log_sb, log_ss, math.exp(log_sa), s_b)
             qg = 0.0
-            for j in range(n_classes):
-                lp = log_p[j]
-                lq = (s[j] * inv_t - m_b) - log_sb
-                p = math.exp(lp)
-                q = math.exp(lq)
-                if divergence == FORWARD_KL:
-                    d += p * (lp - lq) if p > 0.0 else 0.0
-                elif divergence == REVERSE_KL:
-                    d += q * (lq - lp) if q > 0.0 else 0.0
-                    qg += q * (lq - lp + 1.0)
-                else:
-                    lm = log_mix(lp, lq, log_beta, log_1m_beta)
-                    d += (beta * p * (lp - lm) if p > 0.0 else 0.0) + (
-                        (1.0 - beta) * q * (lq - lm) if q > 0.0 else 0.0
-                    )
-                    qg += q * (1.0 - beta) * (lq - lm)
+            if params.divergence == FORWARD_KL:
+                d = kl_from_stats(stats[4], w, log_sa, log_sb)
+            elif params.divergence == REVERSE_KL:
+                d = kl_from_stats(s_b, w, log_sb, log_sa)
+            else:
+                d, qg = _jsd_sweep(s, rows, stats, params)
             d_rows[i] = d
-            ce_rows[i] = (m_s - s[y]) + log_ss
-            if want_grad:
-                g_row = grad[i]
+            ce_rows[i] = cross_entropy(m_s, np.float64(s[y]), log_ss)
+            if params.want_grad:
+                _grad_sweep(s, y, rows, stats, d, qg, params, grad[i])
+
+
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+def combine_probabilities(teachers, weights, params, eps, per_block, out):
+    """T * log(sum_k w_k softmax(t_k / T) + eps); eps = 0: the exact log-mixture.
+
+    Per row the statistics and mixing sweeps of the probability-combine loss
+    (params: temperature, combine = probs, static weights); entries whose
+    mixture underflowed come from float64 log space.  A row in which a teacher
+    holds a NaN or an infinity is NaN.
+    """
+    n_rows, n_classes = out.shape
+    n_teachers = weights.shape[0]
+    temperature = params.temperature
+    inv_t = 1.0 / temperature
+    for block in prange(_n_blocks(n_rows, per_block)):
+        row_w = np.empty(n_teachers)
+        m_t = np.empty(n_teachers)
+        log_st = np.empty(n_teachers)
+        e = np.empty(n_classes, out.dtype)
+        ell = np.empty(n_classes, out.dtype)
+        pt = np.empty(n_classes, out.dtype)
+        like = ell[0]
+        t_out = as_type_of(temperature, like)
+        eps_c = as_type_of(eps, like)
+        tiny = tiny_like(like)
+        log_eps = math.log(eps) if eps > 0.0 else NEG_INF
+        for i in _block_rows(block, n_rows, per_block):
+            if not _finite_teachers(teachers, i):
+                out[i, :] = math.nan
+                continue
+            total = _teacher_weights(teachers, weights, i, 0, params, STATIC, m_t, log_st, row_w, e, pt)
+            for k in range(n_teachers):
+                row_w[k] /= total
+            _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, 1.0 / total, ell, pt)
+            row = out[i]
+            if eps > 0.0:
                 for j in range(n_classes):
-                    lp = log_p[j]
-                    lq = (s[j] * inv_t - m_b) - log_sb
-                    q = math.exp(lq)
-                    if divergence == FORWARD_KL:
-                        dd = q - math.exp(lp)
-                    elif divergence == REVERSE_KL:
-                        dd = q * (lq - lp + 1.0 - qg)
-                    else:
-                        dd = q * ((1.0 - beta) * (lq - log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
-                    g_row[j] = c_soft * dd * inv_t + c_hard * math.exp((s[j] - m_s) - log_ss)
-                g_row[y] -= c_hard
+                    row[j] = t_out * log_like(pt[j] + eps_c, like)
+                for j in range(n_classes):
+                    if pt[j] < tiny or eps_c < tiny:
+                        # log(p + eps) from log p and log eps, in float64.
+                        row[j] = temperature * logaddexp(np.float64(ell[j]), log_eps)
+            else:
+                for j in range(n_classes):
+                    row[j] = t_out * ell[j]

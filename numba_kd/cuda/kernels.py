@@ -16,6 +16,7 @@ The scalar math is ``numba_kd._math``, shared with the CPU kernels.
 from __future__ import annotations
 
 import math
+import types
 from types import SimpleNamespace
 
 import numba
@@ -26,17 +27,49 @@ from numba_kd._runtime import DISK_CACHE
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
-# The simulator runs kernels as Python threads and hands them fake arrays, which
-# @njit functions cannot take; there the helpers run as the plain Python they are.
-if SIMULATOR:
-    _m = SimpleNamespace(**{k: getattr(f, "py_func", f) for k, f in vars(_math).items()})
-else:
-    _m = _math
-
 
 def device_helper(fn):
-    """A helper inlined into the kernels (plain Python under the simulator)."""
+    """A helper inlined into the kernels (plain Python under the simulator, which
+    runs kernels as Python threads and hands them arrays @njit cannot take)."""
     return fn if SIMULATOR else njit(inline="always")(fn)
+
+
+def _device_exp(x, like):
+    return math.exp(x)
+
+
+def _device_log(x, like):
+    return math.log(x)
+
+
+def _device_log1p(x, like):
+    return math.log1p(x)
+
+
+# The CPU's vectorizable float32 exp and log are CPU overloads; on the device the
+# formulas call the libdevice functions (float32 for float32 arguments) instead.
+_DEVICE_PRIMITIVES = {"exp_like": _device_exp, "log_like": _device_log, "log1p_like": _device_log1p}
+
+
+def _device_math(module) -> types.ModuleType:
+    """The @njit formulas of ``module``, compiled from the same source for the device:
+    each function is rebuilt over globals in which the CPU-only primitives are
+    replaced and every other formula is its device version.  (A module object,
+    because numba resolves attributes of modules in kernels.)"""
+    namespace = dict(vars(module))
+    for name, fn in _DEVICE_PRIMITIVES.items():
+        namespace[name] = device_helper(fn)
+    for name, obj in vars(module).items():
+        py_func = getattr(obj, "py_func", None)
+        if py_func is not None and py_func.__module__ == module.__name__:
+            rebuilt = types.FunctionType(py_func.__code__, namespace, name, py_func.__defaults__)
+            namespace[name] = device_helper(rebuilt)
+    device_module = types.ModuleType(f"{module.__name__}_device")
+    vars(device_module).update(namespace)
+    return device_module
+
+
+_m = _device_math(_math)
 
 
 # Threads per block; the shared arrays of the row reductions have this size.
@@ -173,11 +206,14 @@ def make_kernels(acc) -> SimpleNamespace:
                 out[i, j] = _m.tempered_log(p, eps, temperature) + nonfinite
             else:
                 # Exact log-mixture: logsumexp over the teachers with positive weight.
+                zero = acc(0.0)
                 m = acc(_m.NEG_INF)
                 s = acc(0.0)
                 for k in range(n_teachers):
                     if weights[k] > 0:
-                        term = _m.log_mixture_term(log_weights[k], teachers[k][i, j] * inv_t, lse[k, i])
+                        term = _m.weighted_log_prob(
+                            log_weights[k], teachers[k][i, j] * inv_t, lse[k, i], zero
+                        )
                         m, s = _m.online_lse_step(m, s, term, acc(1.0))
                 out[i, j] = temperature * _m.lse_from_stats(m, s) + nonfinite
 
@@ -210,10 +246,14 @@ def make_kernels(acc) -> SimpleNamespace:
             s_s = acc(0.0)
             nonfinite = acc(0.0)
             if i < n_rows:
+                # Anchors (each row's first logit) take a constant shift of the
+                # teachers or of the student out of every sum.
+                anchor_t = teachers[0][i, 0]
+                anchor_s = student[i, 0]
                 for j in range(tx, n_classes, threads_per_row):
-                    a = _m.ensemble_logit(teachers, weights, i, j) * inv_t
+                    a = _m.anchored_ensemble_logit(teachers, weights, i, j, anchor_t) * inv_t
                     x = student[i, j]
-                    b = x * inv_t
+                    b = (x - anchor_s) * inv_t
                     m_a, s_a, w_a = _m.online_weighted_step(m_a, s_a, w_a, a, a - b, one)
                     m_b, s_b = _m.online_lse_step(m_b, s_b, b, one)
                     m_s, s_s = _m.online_lse_step(m_s, s_s, x, one)
@@ -231,16 +271,17 @@ def make_kernels(acc) -> SimpleNamespace:
             _tree_merge_lse(sm_mb, sm_sb, base, tx, threads_per_row)
             _tree_merge_lse(sm_ms, sm_ss, base, tx, threads_per_row)
             if tx == 0 and i < n_rows:
-                lse_a = _m.lse_from_stats(sm_ma[base], sm_sa[base])
-                lse_b = _m.lse_from_stats(sm_mb[base], sm_sb[base])
-                kl_rows[i] = _m.kl_from_stats(sm_sa[base], sm_wa[base], lse_a, lse_b)
+                # W sums e_a (a - b); relative to both maxima it is W - S_a (m_a - m_b).
+                s_a = sm_sa[base]
+                w_rel = sm_wa[base] - s_a * (sm_ma[base] - sm_mb[base])
+                kl_rows[i] = _m.kl_from_stats(s_a, w_rel, math.log(s_a), math.log(sm_sb[base]))
                 y = labels[i]
                 if y < 0 or y >= n_classes:
                     # Never read out of bounds: flag the row, poison the loss.
                     cuda.atomic.add(bad_labels, 0, 1)
                     ce_rows[i] = acc(math.nan)
                 else:
-                    ce_rows[i] = (sm_ms[base] - student[i, y]) + math.log(sm_ss[base])
+                    ce_rows[i] = _m.cross_entropy(sm_ms[base], student[i, y], math.log(sm_ss[base]))
 
     @cuda.jit(cache=DISK_CACHE)
     def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, out):
@@ -307,7 +348,8 @@ def make_kernels(acc) -> SimpleNamespace:
         zero = acc(0.0)
         neg_inf = acc(_m.NEG_INF)
         log_beta = math.log(beta)
-        log_1m_beta = math.log(one - beta)
+        log_1m_beta = math.log1p(-beta)
+        one_m_beta = one - beta
         for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
             i_raw = first + ty
             i = min(i_raw, n_rows - 1)
@@ -345,7 +387,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     ls = math.log(sm_s[base])
                     if weighting == 1:
                         if valid and in_range:
-                            w = w * math.exp((t[i, y_safe] - m) - ls)
+                            w = _m.confidence_weight(w, t[i, y_safe] - m, ls)
                     else:
                         su = zero
                         for j in range(tx, n_classes, tpr):
@@ -353,8 +395,7 @@ def make_kernels(acc) -> SimpleNamespace:
                             su += math.exp(d - ls) * d
                         sm_x[slot] = su
                         _tree_sum(sm_x, base, tx, tpr)
-                        # exp(-H), H = log S - sum_j p_j (u_j - max): relative to the max.
-                        w = w * math.exp(sm_x[base] - ls)
+                        w = _m.entropy_weight(w, sm_x[base], ls)
                     cuda.syncthreads()
                 if tx == 0 and i_raw < n_rows:
                     row_w[i, k] = w
@@ -431,31 +472,26 @@ def make_kernels(acc) -> SimpleNamespace:
                 p = math.exp(lp)
                 q = math.exp(lq)
                 if divergence == 0:
-                    if p > zero:
-                        d += p * (lp - lq)
+                    d += _m.kl_term(p, lp - lq)
                 elif divergence == 1:
-                    if q > zero:
-                        d += q * (lq - lp)
-                    qg += q * (lq - lp + one)
+                    d += _m.kl_term(q, lq - lp)
                 else:
-                    lm = _m.log_mix(lp, lq, log_beta, log_1m_beta)
-                    if p > zero:
-                        d += beta * p * (lp - lm)
-                    if q > zero:
-                        d += (one - beta) * q * (lq - lm)
-                    qg += q * (one - beta) * (lq - lm)
+                    ratio = _m.jsd_mixture_ratio(beta * p, one_m_beta * q)
+                    lp_lm, lq_lm = _m.jsd_log_ratios(lq - lp, log_beta, log_1m_beta, ratio, one)
+                    d += _m.jsd_term(p, q, lp_lm, lq_lm, beta, one_m_beta)
+                    qg += q * lq_lm
             sm_s[slot] = d
             sm_x[slot] = qg
             _tree_sum(sm_s, base, tx, tpr)
             _tree_sum(sm_x, base, tx, tpr)
-            d = sm_s[base]
-            qg = sm_x[base]
+            d = _m.nonnegative(sm_s[base])
+            qg = one_m_beta * sm_x[base]
             cuda.syncthreads()
             if tx == 0 and i_raw < n_rows:
                 if not in_range and y != ignore_index:
                     cuda.atomic.add(bad_labels, 0, 1)
                 d_rows[i] = d if valid else zero
-                ce_rows[i] = ((m_s - student[i, y_safe]) + ls_s) if valid else zero
+                ce_rows[i] = _m.cross_entropy(m_s, student[i, y_safe], ls_s) if valid else zero
                 if bad:
                     d_rows[i] = acc(math.nan)
                     ce_rows[i] = acc(math.nan)
@@ -475,11 +511,13 @@ def make_kernels(acc) -> SimpleNamespace:
                     lq = (student[i, j] * inv_t - m_b) - ls_b
                     q = math.exp(lq)
                     if divergence == 0:
-                        dd = q - math.exp(lp)
+                        dd = _m.forward_kl_grad(math.exp(lp), q)
                     elif divergence == 1:
-                        dd = q * (lq - lp + one - qg)
+                        dd = _m.reverse_kl_grad(q, lq - lp, d)
                     else:
-                        dd = q * ((one - beta) * (lq - _m.log_mix(lp, lq, log_beta, log_1m_beta)) - qg)
+                        ratio = _m.jsd_mixture_ratio(beta * math.exp(lp), one_m_beta * q)
+                        lp_lm, lq_lm = _m.jsd_log_ratios(lq - lp, log_beta, log_1m_beta, ratio, one)
+                        dd = _m.jsd_grad(q, lq_lm, one_m_beta, qg)
                     g = c_soft * dd * inv_t + c_hard * math.exp((student[i, j] - m_s) - ls_s)
                     if j == y_safe:
                         g -= c_hard
