@@ -20,7 +20,7 @@ class Operations:
     def setup(self, operation, n_teachers, shape, dtype):
         self.op = OPERATIONS[operation]
         self.case = Case(n_teachers, shape[0], shape[1], dtype)
-        self.args = self.case.arrays()
+        self.args = self.case.arrays(ignored=self.op.ignored)
         self.op.numba_kd(*self.args)  # compile, or load from the on-disk cache
 
     def time_call(self, operation, n_teachers, shape, dtype):

@@ -1,16 +1,21 @@
 """``python -m numba_kd bench``: numba_kd against its peers and the memory roofline.
 
-Every figure is measured in this process, side by side, as a median over
-repeated calls after warm-up.  The roofline of an operation is the time
-``np.copyto`` takes to copy an array of as many bytes as the operation must
-move (its inputs read, plus its output written for the combines); a copy is
-timed right before each timed call, so "% of roofline" is the median of those
-paired ratios and drifts of a shared machine cancel out.
+Every figure is measured in this process, side by side.  For each row (an
+operation with its options, from ``numba_kd.registry``) the implementations run
+in rounds: in every round each implementation is timed once, right after a
+``np.copyto`` of as many bytes as the operation must move (its inputs read,
+plus its output written for the combines and the gradient).  An
+implementation's time is the median over the rounds, and its "% of roofline" is
+the median of its paired copy/call ratios, so a drift of a shared machine hits
+every implementation of a row alike.  The NumPy reference is slow; it is timed
+in the first ``NUMPY_ROUNDS`` rounds only.
+
+Peers: the float64 NumPy reference, eager torch, ``torch.compile`` (inductor)
+and ``jax.jit`` (XLA) when installed, all at numba's thread count.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -20,15 +25,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from numba_kd.registry import OPERATIONS, Case, relative_error, torch_available
+from numba_kd.registry import OPERATIONS, Case, Operation, jax_available, relative_error, torch_available
 
-SHAPES = [(8192, 1000), (512, 32000)]
+SHAPES = [(8192, 1000), (512, 32000), (64, 128000)]
 QUICK_SHAPES = [(1024, 1000), (64, 32000)]
 N_TEACHERS = 4
+NUMPY_ROUNDS = 3
+PEERS = ("numpy", "torch", "torch.compile", "jax.jit")
 
 
 @dataclass
@@ -39,45 +46,97 @@ class Row:
     n_teachers: int
     dtype: str
     numba_kd_ms: float
-    numpy_ms: float | None
-    torch_ms: float | None
     gb_per_s: float
     roofline_pct: float
     copy_gb_per_s: float
     max_rel_error: float
+    # Median ms and % of the roofline of each peer that ran (keys from PEERS).
+    peer_ms: dict[str, float] = field(default_factory=dict)
+    peer_roofline_pct: dict[str, float] = field(default_factory=dict)
+
+    def speedup(self, peer: str) -> float | None:
+        """The peer's time over numba_kd's: above 1, numba_kd is faster."""
+        ms = self.peer_ms.get(peer)
+        return None if ms is None else ms / self.numba_kd_ms
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time.perf_counter() - start
 
 
 def paired_with_copy(fn: Callable[[], object], n_bytes: int, repeats: int) -> tuple[float, float, float]:
-    """(median time of fn, median copy time, median of copy/fn ratios)."""
-    src = np.ones(n_bytes // 4, dtype=np.float32)
+    """(median time of fn, median copy time, median of copy/fn ratios), each call of
+    fn timed right after a copy of ``n_bytes``."""
+    timings = interleaved({"fn": fn}, n_bytes, repeats)["fn"]
+    return timings.median, timings.copy_median, timings.roofline
+
+
+@dataclass
+class Timings:
+    calls: list[float] = field(default_factory=list)
+    copies: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.calls)
+
+    @property
+    def copy_median(self) -> float:
+        return statistics.median(self.copies)
+
+    @property
+    def roofline(self) -> float:
+        return statistics.median(c / t for c, t in zip(self.copies, self.calls, strict=True))
+
+
+def interleaved(
+    implementations: dict[str, Callable[[], object]],
+    n_bytes: int,
+    rounds: int,
+    limited: dict[str, int] | None = None,
+) -> dict[str, Timings]:
+    """Time every implementation once per round, each right after a paired copy;
+    ``limited`` caps the rounds of slow implementations."""
+    src = np.ones(max(n_bytes // 4, 1), dtype=np.float32)
     dst = np.empty_like(src)
-    fn()
-    np.copyto(dst, src)
-    op_times, copy_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        copy_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fn()
-        op_times.append(time.perf_counter() - start)
-    ratios = [c / o for c, o in zip(copy_times, op_times, strict=True)]
-    return statistics.median(op_times), statistics.median(copy_times), statistics.median(ratios)
+    for fn in implementations.values():
+        fn()  # warm-up (and compilation)
+    results = {name: Timings() for name in implementations}
+    for r in range(rounds):
+        for name, fn in implementations.items():
+            if limited and r >= limited.get(name, rounds):
+                continue
+            results[name].copies.append(_timed(lambda: np.copyto(dst, src)))
+            results[name].calls.append(_timed(fn))
+    return results
+
+
+def _peer_calls(op: Operation, args, peers: bool) -> dict[str, Callable[[], object]]:
+    calls: dict[str, Callable[[], object]] = {}
+    if not peers:
+        return calls
+    calls["numpy"] = lambda: op.numpy(*args)
+    if torch_available():
+        if op.torch is not None:
+            calls["torch"] = lambda: op.torch(*args)
+        if op.torch_compile is not None:
+            calls["torch.compile"] = op.torch_compile(*args)
+    if jax_available() and op.jax_jit is not None:
+        calls["jax.jit"] = op.jax_jit(*args)
+    return calls
 
 
 def measure(
-    shapes, n_teachers: int, dtype: str, repeats: int, peer_repeats: int, peers: bool = True
+    shapes,
+    n_teachers: int,
+    dtype: str,
+    rounds: int,
+    peers: bool = True,
+    operations: list[str] | None = None,
 ) -> list[Row]:
+    """One Row per (shape, operation), every implementation timed in the same rounds."""
     import numba
 
     if torch_available():
@@ -87,42 +146,41 @@ def measure(
     rows = []
     for n_rows, n_classes in shapes:
         case = Case(n_teachers, n_rows, n_classes, dtype)
-        args = case.arrays()
-        for op in OPERATIONS.values():
-            result = op.numba_kd(*args)
-            expected = op.numpy(*args)
+        for name in operations or list(OPERATIONS):
+            op = OPERATIONS[name]
+            args = case.arrays(ignored=op.ignored)
+            error = relative_error(op.numba_kd(*args), op.numpy(*args))
+            calls = {"numba_kd": lambda op=op, args=args: op.numba_kd(*args), **_peer_calls(op, args, peers)}
             n_bytes = op.bytes_moved(case)
-            t_op, t_copy, ratio = paired_with_copy(functools.partial(op.numba_kd, *args), n_bytes, repeats)
-            t_numpy = _median_time(functools.partial(op.numpy, *args), peer_repeats) if peers else None
-            t_torch = None
-            if peers and op.torch is not None and torch_available():
-                t_torch = _median_time(functools.partial(op.torch, *args), peer_repeats)
+            timings = interleaved(calls, n_bytes, rounds, {"numpy": min(rounds, NUMPY_ROUNDS)})
+            mine = timings.pop("numba_kd")
             rows.append(
                 Row(
-                    operation=op.name,
+                    operation=name,
                     rows=n_rows,
                     classes=n_classes,
                     n_teachers=n_teachers,
                     dtype=dtype,
-                    numba_kd_ms=t_op * 1e3,
-                    numpy_ms=None if t_numpy is None else t_numpy * 1e3,
-                    torch_ms=None if t_torch is None else t_torch * 1e3,
-                    gb_per_s=n_bytes / t_op / 1e9,
-                    roofline_pct=100.0 * ratio,
-                    copy_gb_per_s=n_bytes / t_copy / 1e9,
-                    max_rel_error=relative_error(result, expected),
+                    numba_kd_ms=mine.median * 1e3,
+                    gb_per_s=n_bytes / mine.median / 1e9,
+                    roofline_pct=100.0 * mine.roofline,
+                    copy_gb_per_s=n_bytes / mine.copy_median / 1e9,
+                    max_rel_error=error,
+                    peer_ms={k: t.median * 1e3 for k, t in timings.items()},
+                    peer_roofline_pct={k: 100.0 * t.roofline for k, t in timings.items()},
                 )
             )
     return rows
 
 
-def _first_call_seconds(cache_dir: str) -> float:
+def _first_call_seconds(cache_dir: str, operation: str) -> float:
     code = (
         "import time\n"
         "from numba_kd.registry import Case, OPERATIONS\n"
-        f"args = Case({N_TEACHERS}, 64, 1000).arrays()\n"
+        f"op = OPERATIONS[{operation!r}]\n"
+        f"args = Case({N_TEACHERS}, 64, 1000).arrays(ignored=op.ignored)\n"
         "start = time.perf_counter()\n"
-        "OPERATIONS['distillation_loss'].numba_kd(*args)\n"
+        "op.numba_kd(*args)\n"
         "print(time.perf_counter() - start)\n"
     )
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
@@ -130,21 +188,29 @@ def _first_call_seconds(cache_dir: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def compile_latency() -> dict[str, float]:
-    """import time, cold first call (empty cache), first call with a warm on-disk cache."""
+LATENCY_OPERATIONS = [
+    "distillation_loss",
+    "loss_and_grad",
+    "combine_teachers",
+    "combine_via_probabilities",
+]
+
+
+def compile_latency(operations: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """import time, and per operation the first call in a fresh process with an empty
+    on-disk cache (cold) and with the cache that call left (warm, median of 3)."""
     code = "import time; start = time.perf_counter(); import numba_kd; print(time.perf_counter() - start)"
     imports = []
     for _ in range(3):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         imports.append(float(out.stdout.strip()))
-    with tempfile.TemporaryDirectory() as cache_dir:
-        cold = _first_call_seconds(cache_dir)
-        warm = statistics.median(_first_call_seconds(cache_dir) for _ in range(3))
-    return {
-        "import_s": statistics.median(imports),
-        "cold_first_call_s": cold,
-        "warm_cache_first_call_s": warm,
-    }
+    result: dict[str, dict[str, float]] = {"import": {"seconds": statistics.median(imports)}}
+    for name in operations or LATENCY_OPERATIONS:
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold = _first_call_seconds(cache_dir, name)
+            warm = statistics.median(_first_call_seconds(cache_dir, name) for _ in range(3))
+        result[name] = {"cold_s": cold, "warm_s": warm}
+    return result
 
 
 def machine() -> dict[str, str]:
@@ -167,11 +233,16 @@ def machine() -> dict[str, str]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     if torch_available():
         import torch
 
         info["torch"] = torch.__version__
+    if jax_available():
+        import jax
+
+        info["jax"] = jax.__version__
     return info
 
 
@@ -180,18 +251,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = (
-        f"| operation | B x C | numba_kd ms | NumPy ms | torch ms | GB/s | % roofline | "
-        f"x NumPy | x torch | max rel err |\n|{'---|' * 10}"
+    """Markdown: numba_kd's time and roofline share, each peer's time over numba_kd's
+    (above 1: numba_kd faster), the better compiler's roofline share, the error."""
+    columns = (
+        "| operation | B x C | numba_kd ms | % roofline | x NumPy | x torch | x torch.compile | x jax.jit "
     )
-    lines = [header]
+    lines = [columns + "| best compiler % roofline | max rel err |", "|" + "---|" * 10]
     for r in rows:
-        vs_numpy = None if r.numpy_ms is None else r.numpy_ms / r.numba_kd_ms
-        vs_torch = None if r.torch_ms is None else r.torch_ms / r.numba_kd_ms
+        compilers = [r.peer_roofline_pct[p] for p in ("torch.compile", "jax.jit") if p in r.peer_roofline_pct]
         lines.append(
-            f"| {r.operation} | {r.rows} x {r.classes} | {r.numba_kd_ms:.2f} | {_fmt(r.numpy_ms, '.1f')} | "
-            f"{_fmt(r.torch_ms, '.1f')} | {r.gb_per_s:.1f} | {r.roofline_pct:.0f}% | "
-            f"{_fmt(vs_numpy, '.1f')} | {_fmt(vs_torch, '.1f')} | {r.max_rel_error:.1e} |"
+            f"| {r.operation} | {r.rows} x {r.classes} | {r.numba_kd_ms:.2f} | {r.roofline_pct:.0f}% | "
+            + " | ".join(_fmt(r.speedup(p), ".2f") for p in PEERS)
+            + f" | {_fmt(max(compilers) if compilers else None, '.0f')} | {r.max_rel_error:.1e} |"
         )
     return "\n".join(lines)
 
@@ -206,46 +277,71 @@ def plot(rows: list[Row], path: str) -> None:
         raise SystemExit('--plot needs matplotlib: pip install "numba_kd[bench]"') from exc
     labels = [f"{r.operation}\n{r.rows}x{r.classes}" for r in rows]
     x = np.arange(len(rows))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(rows)), 8), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, 0.45 * len(rows)), 9), sharex=True)
     top.bar(x, [r.roofline_pct for r in rows], color="tab:blue")
     top.axhline(100, color="grey", linestyle="--", linewidth=1)
-    top.set_ylabel("% of copy roofline")
-    width = 0.4
-    numpy = [0 if r.numpy_ms is None else r.numpy_ms / r.numba_kd_ms for r in rows]
-    torch = [0 if r.torch_ms is None else r.torch_ms / r.numba_kd_ms for r in rows]
-    bottom.bar(x - width / 2, numpy, width, label="vs NumPy reference")
-    bottom.bar(x + width / 2, torch, width, label="vs torch CPU")
+    top.set_ylabel("numba_kd, % of copy roofline")
+    shown = [p for p in ("torch", "torch.compile", "jax.jit") if any(p in r.peer_ms for r in rows)]
+    width = 0.8 / max(len(shown), 1)
+    for n, peer in enumerate(shown):
+        values = [r.speedup(peer) or 0.0 for r in rows]
+        bottom.bar(x + (n - (len(shown) - 1) / 2) * width, values, width, label=f"vs {peer}")
     bottom.axhline(1, color="grey", linestyle="--", linewidth=1)
-    bottom.set_ylabel("speed-up of numba_kd (x)")
+    bottom.set_ylabel("peer time / numba_kd time")
     bottom.set_yscale("log")
-    bottom.legend()
-    bottom.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+    if shown:
+        bottom.legend()
+    bottom.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
     first = rows[0]
     fig.suptitle(f"numba_kd, K={first.n_teachers}, {first.dtype}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
+def rows_from_json(path: str) -> tuple[dict[str, str], list[Row]]:
+    """The machine description and rows of a ``bench --json`` file."""
+    with open(path) as f:
+        data = json.load(f)
+    return data["machine"], [Row(**row) for row in data["rows"]]
+
+
 def run(args) -> int:
+    if args.from_json:
+        _, rows = rows_from_json(args.from_json)
+        print(format_table(rows))
+        return 0
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 3 if args.quick else args.repeats
+    rounds = 3 if args.quick else args.repeats
+    operations = None
+    if args.operations:
+        operations = [name.strip() for name in args.operations.split(",")]
+        unknown = [name for name in operations if name not in OPERATIONS]
+        if unknown:
+            raise SystemExit(f"unknown operations {unknown}; known: {', '.join(OPERATIONS)}")
     info = machine()
     print(
         f"# numba_kd bench: {info['cpu']}, {info['cores']} cores, {info['numba_threads']} numba threads, "
         f"Python {info['python']}, NumPy {info['numpy']}, numba {info['numba']}, "
-        f"torch {info.get('torch', '-')}, {info['date']}"
+        f"torch {info.get('torch', '-')}, jax {info.get('jax', '-')}, {info['date']}, "
+        f"load {info['load_before']}"
     )
     print(
-        f"# K={N_TEACHERS}, {args.dtype}; medians of {repeats} calls after warm-up; torch at the same threads"
+        f"# K={N_TEACHERS}, {args.dtype}; medians of {rounds} interleaved rounds after warm-up "
+        f"(NumPy: {min(rounds, NUMPY_ROUNDS)}); peers at numba's thread count; x PEER = peer time / "
+        "numba_kd time"
     )
-    rows = measure(shapes, N_TEACHERS, args.dtype, repeats, max(1, min(repeats, 5)))
+    rows = measure(shapes, N_TEACHERS, args.dtype, rounds, peers=not args.no_peers, operations=operations)
     print(format_table(rows))
-    latency = compile_latency()
-    print(
-        f"\ncompile latency: import numba_kd {latency['import_s'] * 1e3:.0f} ms; "
-        f"distillation_loss first call: cold cache {latency['cold_first_call_s']:.2f} s, "
-        f"warm on-disk cache {latency['warm_cache_first_call_s']:.2f} s"
-    )
+    info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# load average after: {info['load_after']}")
+    latency = {} if args.no_latency else compile_latency()
+    if latency:
+        parts = [f"import numba_kd {latency['import']['seconds'] * 1e3:.0f} ms"]
+        for name in LATENCY_OPERATIONS:
+            parts.append(
+                f"{name} cold {latency[name]['cold_s']:.2f} s / warm {latency[name]['warm_s']:.2f} s"
+            )
+        print("\ncompile latency (first call in a fresh process): " + "; ".join(parts))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": [asdict(r) for r in rows], "compile": latency}, f, indent=2)

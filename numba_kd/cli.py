@@ -88,9 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=check)
 
-    b = sub.add_parser("bench", help="numba_kd vs NumPy, torch CPU and the memory roofline")
-    b.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
-    b.add_argument("--repeats", type=int, default=9, help="timed calls per measurement (default 9)")
+    b = sub.add_parser(
+        "bench", help="numba_kd vs NumPy, torch, torch.compile, jax.jit and the memory roofline"
+    )
+    b.add_argument("--quick", action="store_true", help="small shapes, few rounds (a smoke test)")
+    b.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (default 9)")
+    b.add_argument("--operations", metavar="NAMES", help="comma-separated rows (default: every row)")
+    b.add_argument("--no-peers", action="store_true", help="time numba_kd and the roofline only")
+    b.add_argument("--no-latency", action="store_true", help="skip the compile-latency subprocesses")
+    b.add_argument("--from-json", metavar="PATH", help="print the table of a saved --json run and exit")
     b.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")

@@ -1,14 +1,21 @@
-"""One registry of the public operations and their peer implementations.
+"""One registry of the public operations, their options and their peers.
 
-Each ``Operation`` knows how to run numba_kd, the float64 NumPy reference and
-(when installed) torch CPU on one ``Case``, and how many bytes the operation
-must move at the least.  The test suite takes its oracles from here, and
-``python -m numba_kd bench`` and the asv suite take their rows from here, so the
-three always compare the same things.
+Each ``Operation`` is one benchmark row: a public operation with one set of loss
+options.  It knows how to run numba_kd, the float64 NumPy reference, eager torch,
+``torch.compile`` and ``jax.jit`` on one ``Case`` (the last three only when
+installed), and how many bytes the operation must move at the least.  The test
+suite takes its oracles from here, and ``python -m numba_kd bench`` and the asv
+suite take their rows from here, so all three compare the same things.
+
+The peers compute the same formula in the input precision, written with their
+own array operations as a user of that library would: ``torch.compile``
+(inductor) and ``jax.jit`` (XLA) of that code are the compilers a user would pick
+instead of numba_kd.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +26,23 @@ from numba_kd import reference
 
 TEMPERATURE = 2.0
 ALPHA = 0.7
+IGNORE_INDEX = -100
+# Loss options, one benchmark row each (for distillation_loss and loss_and_grad).
+LOSS_OPTIONS: dict[str, dict[str, Any]] = {
+    "": {},
+    "reverse_kl": {"divergence": "reverse_kl"},
+    "jsd": {"divergence": "jsd", "beta": 0.5},
+    "probs": {"combine": "probs"},
+    "confidence": {"teacher_weighting": "confidence"},
+    "entropy": {"teacher_weighting": "entropy"},
+    "ignore_index": {"ignore_index": IGNORE_INDEX},
+}
 
 
 @dataclass(frozen=True)
 class Case:
-    """Synthetic logits: K teachers that broadly agree, a noisier student, labels."""
+    """Synthetic logits: K teachers that broadly agree, a noisier student, labels
+    (every 8th of them IGNORE_INDEX when ``ignored``)."""
 
     n_teachers: int
     rows: int
@@ -31,7 +50,7 @@ class Case:
     dtype: str = "float32"
     seed: int = 0
 
-    def arrays(self) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    def arrays(self, ignored: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         shape = (self.rows, self.classes)
         dtype = np.dtype(self.dtype)
@@ -42,20 +61,40 @@ class Case:
         ]
         student = (np.float32(0.5) * signal + rng.standard_normal(shape, dtype=np.float32) * 2).astype(dtype)
         labels = rng.integers(0, self.classes, size=self.rows)
+        if ignored:
+            labels[::8] = IGNORE_INDEX
         weights = np.arange(1.0, self.n_teachers + 1.0)
         return student, teachers, labels, weights
 
 
+Args = tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]
+
+
 @dataclass(frozen=True)
 class Operation:
+    """One benchmark row: an operation with its options.
+
+    ``numba_kd``, ``numpy`` and ``torch`` take the arrays of a Case; ``torch_compile``
+    and ``jax_jit`` take them too and return a zero-argument callable that runs the
+    compiled peer on inputs converted once (so that conversions are not timed).
+    """
+
     name: str
+    options: dict[str, Any]
     # Number of [B, C] arrays the operation must move (read or written) at the least.
     arrays_moved: Callable[[int], int]
     numba_kd: Callable[..., Any]
     numpy: Callable[..., Any]
     torch: Callable[..., Any] | None = None
+    torch_compile: Callable[..., Callable[[], Any]] | None = None
+    jax_jit: Callable[..., Callable[[], Any]] | None = None
     scalar: bool = False
     notes: str = field(default="")
+
+    @property
+    def ignored(self) -> bool:
+        """Whether the Case's labels carry ignored rows for this row."""
+        return "ignore_index" in self.options
 
     def bytes_moved(self, case: Case) -> int:
         return self.arrays_moved(case.n_teachers) * case.rows * case.classes * np.dtype(case.dtype).itemsize
@@ -67,11 +106,37 @@ def _distiller(weights):
     return kd.EnsembleDistiller(weights, temperature=TEMPERATURE)
 
 
-# ---------------------------------------------------------------- numba_kd
+# ---------------------------------------------------------------- numba_kd and NumPy
 
 
-def _kd_loss(student, teachers, labels, weights):
-    return _distiller(weights).distillation_loss(student, teachers, labels, ALPHA)
+def _kd_loss(options):
+    def run(student, teachers, labels, weights):
+        return _distiller(weights).distillation_loss(student, teachers, labels, ALPHA, **options)
+
+    return run
+
+
+def _kd_grad(options):
+    """loss_and_grad, compared through its gradient (the loss is distillation_loss's)."""
+
+    def run(student, teachers, labels, weights):
+        return _distiller(weights).loss_and_grad(student, teachers, labels, ALPHA, **options)[1]
+
+    return run
+
+
+def _np_loss(options):
+    def run(student, teachers, labels, weights):
+        return reference.general_loss(student, teachers, labels, weights, TEMPERATURE, ALPHA, **options)[0]
+
+    return run
+
+
+def _np_grad(options):
+    def run(student, teachers, labels, weights):
+        return reference.general_grad(student, teachers, labels, weights, TEMPERATURE, ALPHA, **options)
+
+    return run
 
 
 def _kd_forward(student, teachers, labels, weights):
@@ -80,51 +145,33 @@ def _kd_forward(student, teachers, labels, weights):
     return kd.DistillationLoss(TEMPERATURE, ALPHA).forward(student, teachers[0], labels)
 
 
-def _kd_combine(student, teachers, labels, weights):
-    return _distiller(weights).combine_teachers(teachers)
-
-
-def _kd_probs(student, teachers, labels, weights):
-    return _distiller(weights).combine_via_probabilities(teachers)
-
-
-def _kd_log_mixture(student, teachers, labels, weights):
-    return _distiller(weights).combine_via_probabilities(teachers, eps=0.0)
-
-
-def _kd_grad(student, teachers, labels, weights):
-    """loss_and_grad, compared through its gradient (the loss is distillation_loss's)."""
-    return _distiller(weights).loss_and_grad(student, teachers, labels, ALPHA)[1]
-
-
-# ---------------------------------------------------------------- NumPy reference (float64)
-
-
-def _np_loss(student, teachers, labels, weights):
-    return reference.distillation_loss(student, teachers, labels, weights, TEMPERATURE, ALPHA)
-
-
 def _np_forward(student, teachers, labels, weights):
     return reference.distillation_loss_single(student, teachers[0], labels, TEMPERATURE, ALPHA)
+
+
+def _kd_combine(student, teachers, labels, weights):
+    return _distiller(weights).combine_teachers(teachers)
 
 
 def _np_combine(student, teachers, labels, weights):
     return reference.combine_teachers(teachers, weights)
 
 
-def _np_probs(student, teachers, labels, weights):
-    return reference.combine_via_probabilities(teachers, weights, TEMPERATURE, 1e-10)
+def _kd_probs(eps):
+    def run(student, teachers, labels, weights):
+        return _distiller(weights).combine_via_probabilities(teachers, eps=eps)
+
+    return run
 
 
-def _np_log_mixture(student, teachers, labels, weights):
-    return reference.combine_via_probabilities(teachers, weights, TEMPERATURE, 0.0)
+def _np_probs(eps):
+    def run(student, teachers, labels, weights):
+        return reference.combine_via_probabilities(teachers, weights, TEMPERATURE, eps)
+
+    return run
 
 
-def _np_grad(student, teachers, labels, weights):
-    return reference.general_grad(student, teachers, labels, weights, TEMPERATURE, ALPHA)
-
-
-# ---------------------------------------------------------------- torch CPU (eager, input dtype)
+# ---------------------------------------------------------------- torch (input dtype)
 
 
 def _torch():
@@ -135,102 +182,355 @@ def _torch():
     return torch
 
 
+def _jax():
+    try:
+        import jax
+    except ImportError:
+        return None
+    return jax
+
+
 def torch_available() -> bool:
     return _torch() is not None
+
+
+def jax_available() -> bool:
+    return _jax() is not None
+
+
+def _torch_loss_fn(options: dict[str, Any], single: bool = False):
+    """The loss in torch operations: (student [B, C], teachers [K, B, C], labels, weights [K])."""
+    import torch
+    import torch.nn.functional as F
+
+    combine = options.get("combine", "logits")
+    divergence = options.get("divergence", "forward_kl")
+    beta = options.get("beta", 0.5)
+    weighting = options.get("teacher_weighting", "static")
+    ignore = options.get("ignore_index")
+    t_inv = 1.0 / TEMPERATURE
+
+    def loss(s, t, y, w):
+        valid = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
+        safe_y = torch.where(valid, y, torch.zeros_like(y))
+        if weighting == "static":
+            row_w = w[None, :]
+        elif weighting == "confidence":
+            conf = torch.softmax(t, dim=-1).gather(-1, safe_y.expand(t.shape[0], -1)[..., None])[..., 0].T
+            row_w = w * conf
+        else:
+            log_pk = torch.log_softmax(t * t_inv, dim=-1)
+            row_w = w * torch.exp((log_pk.exp() * log_pk).sum(-1).T)
+        row_w = row_w / row_w.sum(dim=1, keepdim=True)
+        if combine == "logits":
+            if weighting == "static":
+                z = torch.einsum("k,kbc->bc", w, t)
+            else:
+                z = torch.einsum("bk,kbc->bc", row_w, t)
+            log_p = torch.log_softmax(z * t_inv, dim=-1)
+        else:
+            log_p = torch.logsumexp(torch.log(row_w.T)[..., None] + torch.log_softmax(t * t_inv, dim=-1), 0)
+        log_q = torch.log_softmax(s * t_inv, dim=-1)
+        if divergence == "forward_kl":
+            d = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        elif divergence == "reverse_kl":
+            d = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+        else:
+            log_m = torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
+            d = beta * F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1) + (
+                1 - beta
+            ) * F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
+        ce = F.cross_entropy(s, safe_y, reduction="none")
+        rows = torch.where(valid, ALPHA * TEMPERATURE**2 * d + (1 - ALPHA) * ce, torch.zeros_like(d))
+        return rows.sum() / valid.sum().clamp(min=1)
+
+    return loss
 
 
 def _as_torch(student, teachers, labels, weights):
     torch = _torch()
     s = torch.from_numpy(np.ascontiguousarray(student))
-    t = [torch.from_numpy(np.ascontiguousarray(x)) for x in teachers]
-    w = reference.normalized_weights(weights).tolist()
-    return torch, s, t, torch.from_numpy(np.asarray(labels, dtype=np.int64)), w
+    t = torch.stack([torch.from_numpy(np.ascontiguousarray(x)) for x in teachers])
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    w = torch.from_numpy(reference.normalized_weights(weights).astype(student.dtype))
+    return s, t, y, w
 
 
-def _torch_ensemble(t, w):
-    z = w[0] * t[0]
-    for k in range(1, len(t)):
-        z = z + w[k] * t[k]
-    return z
+def _torch_loss(options):
+    def run(*args):
+        return float(_torch_loss_fn(options)(*_as_torch(*args)))
+
+    return run
 
 
-def _torch_loss_tensor(torch, s, z, y):
-    import torch.nn.functional as F
+def _torch_grad(options):
+    def run(*args):
+        s, t, y, w = _as_torch(*args)
+        s = s.detach().requires_grad_(True)
+        _torch_loss_fn(options)(s, t, y, w).backward()
+        return s.grad.numpy()
 
-    kl = F.kl_div(
-        F.log_softmax(s / TEMPERATURE, dim=-1),
-        F.log_softmax(z / TEMPERATURE, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return ALPHA * TEMPERATURE**2 * kl + (1.0 - ALPHA) * F.cross_entropy(s, y)
+    return run
 
 
-def _torch_loss_from(torch, s, z, y):
-    return float(_torch_loss_tensor(torch, s, z, y))
+def _compile_cache():
+    torch = _torch()
+    # Every benchmark row is its own function; the default cache would evict them.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch
 
 
-def _torch_loss(*args):
-    torch, s, t, y, w = _as_torch(*args)
-    return _torch_loss_from(torch, s, _torch_ensemble(t, w), y)
+def _torch_compiled_loss(options):
+    def build(*args):
+        torch = _compile_cache()
+        fn = torch.compile(_torch_loss_fn(options), dynamic=False)
+        inputs = _as_torch(*args)
+        return lambda: float(fn(*inputs))
+
+    return build
 
 
-def _torch_forward(*args):
-    torch, s, t, y, _ = _as_torch(*args)
-    return _torch_loss_from(torch, s, t[0], y)
+def _torch_compiled_grad(options):
+    def build(*args):
+        torch = _compile_cache()
+        fn = torch.compile(_torch_loss_fn(options), dynamic=False)
+        s, t, y, w = _as_torch(*args)
 
+        def run():
+            x = s.detach().requires_grad_(True)
+            fn(x, t, y, w).backward()
+            return x.grad.numpy()
 
-def _torch_grad(*args):
-    torch, s, t, y, w = _as_torch(*args)
-    s = s.detach().requires_grad_(True)
-    loss = _torch_loss_tensor(torch, s, _torch_ensemble(t, w), y)
-    loss.backward()
-    return s.grad.numpy()
+        return run
+
+    return build
 
 
 def _torch_combine(*args):
-    _, _, t, _, w = _as_torch(*args)
-    return _torch_ensemble(t, w).numpy()
+    _, t, _, w = _as_torch(*args)
+    return torch_combine(t, w).numpy()
 
 
-def _torch_probs(*args):
-    torch, _, t, _, w = _as_torch(*args)
-    p = w[0] * torch.softmax(t[0] / TEMPERATURE, dim=-1)
-    for k in range(1, len(t)):
-        p = p + w[k] * torch.softmax(t[k] / TEMPERATURE, dim=-1)
-    return (TEMPERATURE * torch.log(p + 1e-10)).numpy()
+def torch_combine(t, w):
+    return (w[:, None, None] * t).sum(0)
 
 
-def _torch_log_mixture(*args):
-    import math
+def _torch_probs_fn(eps):
+    def probs(t, w):
+        import torch
 
-    torch, _, t, _, w = _as_torch(*args)
-    terms = torch.stack(
-        [math.log(w[k]) + torch.log_softmax(t[k] / TEMPERATURE, dim=-1) for k in range(len(t)) if w[k] > 0]
-    )
-    return (TEMPERATURE * torch.logsumexp(terms, dim=0)).numpy()
+        if eps > 0:
+            p = (w[:, None, None] * torch.softmax(t / TEMPERATURE, dim=-1)).sum(0)
+            return TEMPERATURE * torch.log(p + eps)
+        return TEMPERATURE * torch.logsumexp(
+            torch.log(w)[:, None, None] + torch.log_softmax(t / TEMPERATURE, -1), 0
+        )
+
+    return probs
 
 
-OPERATIONS: dict[str, Operation] = {
-    op.name: op
-    for op in [
-        Operation("distillation_loss", lambda k: k + 1, _kd_loss, _np_loss, _torch_loss, scalar=True),
-        Operation(
-            "DistillationLoss.forward", lambda k: 2, _kd_forward, _np_forward, _torch_forward, scalar=True
-        ),
+def _torch_probs(eps):
+    def run(*args):
+        _, t, _, w = _as_torch(*args)
+        return _torch_probs_fn(eps)(t, w).numpy()
+
+    return run
+
+
+def _torch_compiled(fn):
+    def build(*args):
+        torch = _compile_cache()
+        compiled = torch.compile(fn, dynamic=False)
+        _, t, _, w = _as_torch(*args)
+        return lambda: compiled(t, w).numpy()
+
+    return build
+
+
+# ---------------------------------------------------------------- JAX (input dtype)
+
+
+def _jax_loss_fn(options: dict[str, Any]):
+    import jax
+    import jax.numpy as jnp
+
+    combine = options.get("combine", "logits")
+    divergence = options.get("divergence", "forward_kl")
+    beta = options.get("beta", 0.5)
+    weighting = options.get("teacher_weighting", "static")
+    ignore = options.get("ignore_index")
+    t_inv = 1.0 / TEMPERATURE
+
+    def loss(s, t, y, w):
+        valid = y != ignore if ignore is not None else jnp.ones(y.shape, bool)
+        safe_y = jnp.where(valid, y, 0)
+        if weighting == "static":
+            row_w = w[None, :]
+        elif weighting == "confidence":
+            log_conf = jnp.take_along_axis(jax.nn.log_softmax(t, axis=-1), safe_y[None, :, None], axis=-1)
+            row_w = w * jnp.exp(log_conf[..., 0].T)
+        else:
+            log_pk = jax.nn.log_softmax(t * t_inv, axis=-1)
+            row_w = w * jnp.exp((jnp.exp(log_pk) * log_pk).sum(-1).T)
+        row_w = row_w / row_w.sum(axis=1, keepdims=True)
+        if combine == "logits":
+            z = jnp.einsum("k,kbc->bc", w, t) if weighting == "static" else jnp.einsum("bk,kbc->bc", row_w, t)
+            log_p = jax.nn.log_softmax(z * t_inv, axis=-1)
+        else:
+            terms = jnp.log(row_w.T)[..., None] + jax.nn.log_softmax(t * t_inv, axis=-1)
+            log_p = jax.scipy.special.logsumexp(terms, axis=0)
+        log_q = jax.nn.log_softmax(s * t_inv, axis=-1)
+        p, q = jnp.exp(log_p), jnp.exp(log_q)
+        if divergence == "forward_kl":
+            d = (p * (log_p - log_q)).sum(-1)
+        elif divergence == "reverse_kl":
+            d = (q * (log_q - log_p)).sum(-1)
+        else:
+            log_m = jnp.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
+            d = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+        log_r = jax.nn.log_softmax(s, axis=-1)
+        ce = -jnp.take_along_axis(log_r, safe_y[:, None], axis=-1)[:, 0]
+        rows = jnp.where(valid, ALPHA * TEMPERATURE**2 * d + (1 - ALPHA) * ce, 0.0)
+        return rows.sum() / jnp.maximum(valid.sum(), 1)
+
+    return loss
+
+
+def _as_jax(student, teachers, labels, weights):
+    import jax.numpy as jnp
+
+    s = jnp.asarray(student)
+    t = jnp.asarray(np.stack(teachers))
+    y = jnp.asarray(np.asarray(labels, dtype=np.int32))
+    w = jnp.asarray(reference.normalized_weights(weights).astype(student.dtype))
+    return s, t, y, w
+
+
+def _jax_jitted_loss(options):
+    def build(*args):
+        import jax
+
+        fn = jax.jit(_jax_loss_fn(options))
+        inputs = _as_jax(*args)
+        return lambda: float(fn(*inputs))
+
+    return build
+
+
+def _jax_jitted_grad(options):
+    def build(*args):
+        import jax
+
+        fn = jax.jit(jax.grad(_jax_loss_fn(options)))
+        inputs = _as_jax(*args)
+        return lambda: np.asarray(fn(*inputs).block_until_ready())
+
+    return build
+
+
+def _jax_jitted_combine(*args):
+    import jax
+
+    fn = jax.jit(lambda t, w: (w[:, None, None] * t).sum(0))
+    _, t, _, w = _as_jax(*args)
+    return lambda: np.asarray(fn(t, w).block_until_ready())
+
+
+def _jax_jitted_probs(eps):
+    def build(*args):
+        import jax
+        import jax.numpy as jnp
+
+        def probs(t, w):
+            if eps > 0:
+                p = (w[:, None, None] * jax.nn.softmax(t / TEMPERATURE, axis=-1)).sum(0)
+                return TEMPERATURE * jnp.log(p + eps)
+            terms = jnp.log(w)[:, None, None] + jax.nn.log_softmax(t / TEMPERATURE, axis=-1)
+            return TEMPERATURE * jax.scipy.special.logsumexp(terms, axis=0)
+
+        fn = jax.jit(probs)
+        _, t, _, w = _as_jax(*args)
+        return lambda: np.asarray(fn(t, w).block_until_ready())
+
+    return build
+
+
+# ---------------------------------------------------------------- the rows
+
+
+def _row_name(operation: str, option: str) -> str:
+    return f"{operation}[{option}]" if option else operation
+
+
+def _operations() -> list[Operation]:
+    ops = []
+    for option, kw in LOSS_OPTIONS.items():
+        ops.append(
+            Operation(
+                name=_row_name("distillation_loss", option),
+                options=kw,
+                arrays_moved=lambda k: k + 1,
+                numba_kd=_kd_loss(kw),
+                numpy=_np_loss(kw),
+                torch=_torch_loss(kw),
+                torch_compile=_torch_compiled_loss(kw),
+                jax_jit=_jax_jitted_loss(kw),
+                scalar=True,
+            )
+        )
         # Reads K + 1 arrays, writes the gradient; compared through the gradient.
-        Operation("loss_and_grad", lambda k: k + 2, _kd_grad, _np_grad, _torch_grad),
-        Operation("combine_teachers", lambda k: k + 1, _kd_combine, _np_combine, _torch_combine),
-        Operation("combine_via_probabilities", lambda k: k + 1, _kd_probs, _np_probs, _torch_probs),
+        ops.append(
+            Operation(
+                name=_row_name("loss_and_grad", option),
+                options=kw,
+                arrays_moved=lambda k: k + 2,
+                numba_kd=_kd_grad(kw),
+                numpy=_np_grad(kw),
+                torch=_torch_grad(kw),
+                torch_compile=_torch_compiled_grad(kw),
+                jax_jit=_jax_jitted_grad(kw),
+            )
+        )
+    ops.append(
         Operation(
-            "combine_via_probabilities(eps=0)",
-            lambda k: k + 1,
-            _kd_log_mixture,
-            _np_log_mixture,
-            _torch_log_mixture,
-        ),
-    ]
-}
+            name="DistillationLoss.forward",
+            options={},
+            arrays_moved=lambda k: 2,
+            numba_kd=_kd_forward,
+            numpy=_np_forward,
+            torch=lambda s, t, y, w: _torch_loss({})(s, t[:1], y, w[:1]),
+            scalar=True,
+        )
+    )
+    ops.append(
+        Operation(
+            name="combine_teachers",
+            options={},
+            arrays_moved=lambda k: k + 1,
+            numba_kd=_kd_combine,
+            numpy=_np_combine,
+            torch=_torch_combine,
+            torch_compile=_torch_compiled(torch_combine),
+            jax_jit=_jax_jitted_combine,
+        )
+    )
+    for eps in (1e-10, 0.0):
+        ops.append(
+            Operation(
+                name="combine_via_probabilities" + ("(eps=0)" if eps == 0 else ""),
+                options={"eps": eps},
+                arrays_moved=lambda k: k + 1,
+                numba_kd=_kd_probs(eps),
+                numpy=_np_probs(eps),
+                torch=_torch_probs(eps),
+                torch_compile=_torch_compiled(_torch_probs_fn(eps)),
+                jax_jit=_jax_jitted_probs(eps),
+            )
+        )
+    return ops
+
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _operations()}
 
 
 def relative_error(result: Any, expected: Any) -> float:

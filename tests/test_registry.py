@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from numba_kd import bench
-from numba_kd.registry import OPERATIONS, Case, relative_error, torch_available
+from numba_kd.registry import (
+    LOSS_OPTIONS,
+    OPERATIONS,
+    Case,
+    jax_available,
+    relative_error,
+    torch_available,
+)
 
 # Max error relative to the largest magnitude of the float64 reference.
 RTOL = {"float32": 1e-6, "float64": 1e-12}
@@ -19,7 +26,7 @@ TORCH_RTOL = {"float32": 1e-5, "float64": 1e-11}
 @pytest.mark.parametrize("name", list(OPERATIONS))
 def test_operation_matches_its_reference(name, dtype):
     op = OPERATIONS[name]
-    args = Case(3, 17, 130, dtype, seed=4).arrays()
+    args = Case(3, 17, 130, dtype, seed=4).arrays(ignored=op.ignored)
     result = op.numba_kd(*args)
     assert relative_error(result, op.numpy(*args)) <= RTOL[dtype]
     if op.scalar:
@@ -33,15 +40,41 @@ def test_operation_matches_its_reference(name, dtype):
 @pytest.mark.parametrize("name", list(OPERATIONS))
 def test_operation_matches_torch(name, dtype):
     op = OPERATIONS[name]
-    args = Case(3, 17, 130, dtype, seed=5).arrays()
+    args = Case(3, 17, 130, dtype, seed=5).arrays(ignored=op.ignored)
     assert relative_error(op.numba_kd(*args), op.torch(*args)) <= TORCH_RTOL[dtype]
 
 
+@pytest.mark.skipif(not jax_available(), reason="jax is not installed")
+@pytest.mark.parametrize("name", [name for name, op in OPERATIONS.items() if op.jax_jit is not None])
+def test_operation_matches_jax(name):
+    op = OPERATIONS[name]
+    args = Case(3, 17, 130, "float32", seed=6).arrays(ignored=op.ignored)
+    assert relative_error(op.numba_kd(*args), op.jax_jit(*args)()) <= TORCH_RTOL["float32"]
+
+
+def test_every_loss_option_is_a_row():
+    for option in LOSS_OPTIONS:
+        for operation in ("distillation_loss", "loss_and_grad"):
+            assert (f"{operation}[{option}]" if option else operation) in OPERATIONS
+
+
 def test_bench_measures_every_operation():
-    rows = bench.measure([(8, 40)], n_teachers=2, dtype="float32", repeats=2, peer_repeats=1, peers=False)
+    rows = bench.measure([(8, 40)], n_teachers=2, dtype="float32", rounds=2, peers=False)
     assert [r.operation for r in rows] == list(OPERATIONS)
     for r in rows:
         assert r.numba_kd_ms > 0 and r.gb_per_s > 0 and r.roofline_pct > 0
         assert r.max_rel_error <= 1e-6
+        assert r.peer_ms == {}
     table = bench.format_table(rows)
     assert all(name in table for name in OPERATIONS)
+
+
+def test_bench_times_the_peers_in_the_same_rounds():
+    names = ["distillation_loss", "combine_teachers"]
+    rows = bench.measure([(8, 40)], n_teachers=2, dtype="float32", rounds=2, operations=names)
+    assert [r.operation for r in rows] == names
+    for r in rows:
+        assert "numpy" in r.peer_ms
+        assert ("torch.compile" in r.peer_ms) == torch_available()
+        assert ("jax.jit" in r.peer_ms) == jax_available()
+        assert all(ms > 0 for ms in r.peer_ms.values())
