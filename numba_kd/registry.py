@@ -431,7 +431,7 @@ def _jax_jitted_grad(options):
 def _jax_jitted_combine(*args):
     import jax
 
-    fn = jax.jit(lambda t, w: (w[:, None, None] * t).sum(0))
+    fn = jax.jit(lambda t, w: jax.numpy.einsum("k,kbc->bc", w, t))
     _, t, _, w = _as_jax(*args)
     return lambda: np.asarray(fn(t, w).block_until_ready())
 

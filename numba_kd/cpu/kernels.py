@@ -85,20 +85,6 @@ def _block_rows(block, n_rows, per_block):
     return range(block * per_block, min(n_rows, (block + 1) * per_block))
 
 
-@row_function
-def _ensemble_row(teachers, weights, i, z):
-    """z[j] = sum_k w_k t_k[i, j] in z's precision, teacher by teacher (contiguous loops)."""
-    first = teachers[0]
-    w = as_type_of(weights[0], z[0])
-    for j in range(z.shape[0]):
-        z[j] = w * first[i, j]
-    for k in range(1, weights.shape[0]):
-        t = teachers[k]
-        w = as_type_of(weights[k], z[0])
-        for j in range(z.shape[0]):
-            z[j] += w * t[i, j]
-
-
 @njit(inline="always")
 def _max(row):
     """Maximum of a 1-D row with eight independent running maxima.
@@ -136,16 +122,47 @@ CHUNK = 256
 
 @njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
 def combine_logits(teachers, weights, per_block, out):
-    """out = sum_k w_k t_k, accumulated in float64 (float32 would round tiny weights
-    to 0, and 0 * inf is NaN where the sum is inf)."""
+    """out = sum_k w_k t_k, CHUNK columns at a time (the partial sums stay in L1).
+
+    The sums run in the output's precision, unless a positive weight is below the
+    smallest normal float32: rounded to 0 it would turn inf * w into NaN, so then
+    they run in float64.
+    """
     n_rows, n_classes = out.shape
+    wide = False
+    for k in range(weights.shape[0]):
+        wide = wide or 0.0 < weights[k] < _F32_TINY
     for block in prange(_n_blocks(n_rows, per_block)):
-        z = np.empty(n_classes)
+        z = np.empty(CHUNK, out.dtype)
+        z64 = np.empty(CHUNK if wide else 0)
         for i in _block_rows(block, n_rows, per_block):
-            _ensemble_row(teachers, weights, i, z)
-            row = out[i]
-            for j in range(n_classes):
-                row[j] = z[j]
+            for start in range(0, n_classes, CHUNK):
+                stop = min(start + CHUNK, n_classes)
+                if wide:
+                    _ensemble_chunk(teachers, weights, i, start, stop, z64, out[i, start:stop])
+                else:
+                    _ensemble_chunk(teachers, weights, i, start, stop, z, out[i, start:stop])
+
+
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+@njit(inline="always")
+def _ensemble_chunk(teachers, weights, i, start, stop, z, out):
+    """out = sum_k w_k t_k[i, start:stop], summed in z's precision."""
+    acc = z[: stop - start]
+    like = z[0]
+    first = teachers[0][i, start:stop]
+    w = as_type_of(weights[0], like)
+    for j in range(acc.shape[0]):
+        acc[j] = w * first[j]
+    for k in range(1, weights.shape[0]):
+        t = teachers[k][i, start:stop]
+        w = as_type_of(weights[k], like)
+        for j in range(acc.shape[0]):
+            acc[j] += w * t[j]
+    for j in range(acc.shape[0]):
+        out[j] = acc[j]
 
 
 @njit(nogil=True, cache=DISK_CACHE)
