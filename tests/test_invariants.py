@@ -98,3 +98,67 @@ def test_against_torch(rng, dtype, shape, temperature, alpha):
     expected = ref.torch_distillation_loss(student, teachers, labels, weights, temperature, alpha)
     scale = logit_scale(student, *teachers) / min(temperature, 1.0)
     assert_loss_close(d.distillation_loss(student, teachers, labels, alpha), expected, dtype, scale)
+
+
+OPTIONS = [
+    {},
+    {"divergence": "reverse_kl"},
+    {"divergence": "jsd", "beta": 0.3},
+    {"combine": "probs"},
+    {"teacher_weighting": "confidence"},
+    {"teacher_weighting": "entropy"},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "default")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_huge_common_offset_changes_nothing(rng, dtype, options):
+    """Every teacher logit shifted by 1e15 (float64) or 1e6 (float32), or every student
+    logit: the soft term stays that of the unshifted logits (it is computed relative
+    to each row's maximum, and the teacher average relative to one teacher logit)."""
+    student, teachers, labels = make_batch(rng, 3, 8, 40, np.float64)
+    offset = 1e15 if dtype == np.float64 else 1e6
+    # Logits on the grid of the shifted values, so that the shift itself is exact.
+    grid = np.spacing(np.asarray(offset, dtype=dtype)) * 4
+    student, teachers = np.round(student / grid) * grid, [np.round(t / grid) * grid for t in teachers]
+    d = kd.EnsembleDistiller([1.0, 2.0, 3.0], temperature=2.0)
+    kwargs = dict(return_components=True, **options)
+    base = d.distillation_loss(
+        student.astype(dtype), [t.astype(dtype) for t in teachers], labels, 1.0, **kwargs
+    )
+    shifted_t = [(t + offset).astype(dtype) for t in teachers]
+    moved = d.distillation_loss(student.astype(dtype), shifted_t, labels, 1.0, **kwargs)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    assert moved.soft == pytest.approx(base.soft, rel=rtol, abs=rtol)
+    moved = d.distillation_loss(
+        (student + offset).astype(dtype), [t.astype(dtype) for t in teachers], labels, 1.0, **kwargs
+    )
+    assert moved.soft == pytest.approx(base.soft, rel=rtol, abs=rtol)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "default")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_divergence_rows_are_never_negative(rng, dtype, options):
+    """C = 1 (every divergence is exactly 0) and near-identical rows: rounding never
+    makes a row's divergence negative."""
+    d = kd.EnsembleDistiller([1.0, 2.0], temperature=3.0)
+    for classes in (1, 2, 50):
+        student = rng.normal(size=(64, classes)).astype(dtype)
+        teachers = [student + (rng.normal(size=student.shape) * 1e-7).astype(dtype) for _ in range(2)]
+        labels = np.zeros(64, dtype=np.int64)
+        soft = d.distillation_loss(student, teachers, labels, 1.0, reduction="none", **options)
+        assert (soft >= 0).all(), soft.min()
+
+
+def test_exactly_zero_probabilities_stay_zero():
+    """A teacher class 200 logits below the others has probability exactly 0 in float32
+    (exp(-200) underflows): the forward KL gets no term from it, and the student's
+    gradient entry there is q exactly (no 1e-38 floor from a clamped exp)."""
+    student = np.zeros((1, 3), dtype=np.float32)
+    teacher = np.array([[0.0, 0.0, -200.0]], dtype=np.float32)
+    loss, grad = kd.DistillationLoss(1.0, 1.0).loss_and_grad(student, teacher, np.array([0]))
+    assert loss == pytest.approx(np.log(1.5), rel=1e-6)
+    assert grad[0, 2] == pytest.approx(1.0 / 3.0, rel=1e-6)
+    from numba_kd._math import exp_f32
+
+    assert exp_f32(np.float32(-88.0)) == 0.0 and exp_f32(np.float32(-87.0)) > 0.0

@@ -14,7 +14,7 @@ import numpy as np
 from numba import cuda, types
 
 from numba_kd import _dispatch
-from numba_kd.cuda.kernels import BLOCK_THREADS, make_kernels
+from numba_kd.cuda.kernels import BLOCK_THREADS, DeviceLossParams, make_kernels
 
 # The simulator runs every CUDA thread as a Python thread: keep launches tiny.
 SIMULATOR_THREADS = 8
@@ -112,11 +112,13 @@ def signature(
     if op == "general_rows":
         labels = _array_type(np.dtype(label_dtype), 1, layout)
         counter = types.Array(types.int32, 1, "C")
-        codes = (types.int64, types.int64, types.int64)
-        return (
-            _array_type(dtype, 2, layout), teachers, vector, labels, types.int64, acc, acc, *codes, acc, acc,
-            vector, types.boolean, matrix, matrix, matrix, matrix, vector, vector, counter,
-        )  # fmt: skip
+        params = types.NamedTuple(
+            (types.int64, acc, acc, types.int64, types.int64, types.int64, acc, acc, types.boolean),
+            DeviceLossParams,
+        )
+        scratch = types.UniTuple(matrix, 3)
+        inputs = (_array_type(dtype, 2, layout), teachers, vector, labels, params)
+        return (*inputs, vector, matrix, scratch, vector, vector, counter)
     raise ValueError(op)
 
 
@@ -393,12 +395,12 @@ class CudaBackend:
             else:
                 grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
             scratch = tuple(self.empty((n_rows, n_teachers), dtype) for _ in range(3))
-            args = (
-                student, teachers, w, labels, np.int64(options.ignore_code), scalar(1.0 / temperature),
-                scalar(options.beta), *(np.int64(c) for c in options.codes()),
-                scalar(alpha * temperature * temperature), scalar(1.0 - alpha), divisor, want_grad, grad,
-                *scratch, d_rows, ce_rows, bad_labels,
+            params = DeviceLossParams(
+                np.int64(options.ignore_code), scalar(1.0 / temperature), scalar(options.beta),
+                *(np.int64(c) for c in options.codes()), scalar(alpha * temperature * temperature),
+                scalar(1.0 - alpha), bool(want_grad),
             )  # fmt: skip
+            args = (student, teachers, w, labels, params, divisor, grad, scratch, d_rows, ce_rows, bad_labels)
             _launch("general_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
         if options.reduction == "none":
             results = tuple(self.empty((n_rows,), dtype) for _ in range(3))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import types
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numba
 from numba import cuda, njit
@@ -74,6 +75,21 @@ _m = _device_math(_math)
 
 # Threads per block; the shared arrays of the row reductions have this size.
 BLOCK_THREADS = 256
+
+
+class DeviceLossParams(NamedTuple):
+    """The scalars and option codes of general_rows, floats in the accumulation type
+    (so that float32 kernels stay free of double precision)."""
+
+    ignore_index: int
+    inv_t: float
+    beta: float
+    combine: int
+    divergence: int
+    weighting: int
+    alpha_t2: float  # alpha T^2, before the division by the row count
+    one_m_alpha: float
+    want_grad: bool
 
 
 @device_helper
@@ -324,15 +340,18 @@ def make_kernels(acc) -> SimpleNamespace:
 
     @cuda.jit(cache=DISK_CACHE)
     def general_rows(
-        student, teachers, weights, labels, ignore_index, inv_t, beta, combine, divergence, weighting,
-        alpha_t2, one_m_alpha, divisor, want_grad, grad, row_w, m_t, ls_t, d_rows, ce_rows, bad_labels,
-    ):  # fmt: skip
+        student, teachers, weights, labels, params, divisor, grad, scratch, d_rows, ce_rows, bad_labels
+    ):
         """Every loss option, one row per thread group (see the CPU general_rows).
+        ``params`` is a DeviceLossParams, ``scratch`` the [B, K] rows of the per-row
+        teacher weights and of each teacher's (max, log S).
 
         Every thread of a block runs the same sequence of tree reductions
         (syncthreads) whatever its row: ignored rows and rows past the end are
         computed on a safe row and discarded.
         """
+        ignore_index, inv_t, beta, combine, divergence, weighting, alpha_t2, one_m_alpha, want_grad = params
+        row_w, m_t, ls_t = scratch
         n_rows, n_classes = student.shape
         n_teachers = weights.shape[0]
         tx = cuda.threadIdx.x
