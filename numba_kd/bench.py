@@ -135,8 +135,10 @@ def measure(
     rounds: int,
     peers: bool = True,
     operations: list[str] | None = None,
+    progress: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """One Row per (shape, operation), every implementation timed in the same rounds."""
+    """One Row per (shape, operation), every implementation timed in the same rounds;
+    ``progress`` sees each row as soon as it is measured."""
     import numba
 
     if torch_available():
@@ -170,6 +172,8 @@ def measure(
                     peer_roofline_pct={k: 100.0 * t.roofline for k, t in timings.items()},
                 )
             )
+            if progress is not None:
+                progress(rows[-1])
     return rows
 
 
@@ -250,21 +254,25 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+TABLE_HEADER = (
+    "| operation | B x C | numba_kd ms | % roofline | x NumPy | x torch | x torch.compile | x jax.jit "
+    "| best compiler % roofline | max rel err |\n|" + "---|" * 10
+)
+
+
+def format_row(r: Row) -> str:
+    compilers = [r.peer_roofline_pct[p] for p in ("torch.compile", "jax.jit") if p in r.peer_roofline_pct]
+    return (
+        f"| {r.operation} | {r.rows} x {r.classes} | {r.numba_kd_ms:.2f} | {r.roofline_pct:.0f}% | "
+        + " | ".join(_fmt(r.speedup(p), ".2f") for p in PEERS)
+        + f" | {_fmt(max(compilers) if compilers else None, '.0f')} | {r.max_rel_error:.1e} |"
+    )
+
+
 def format_table(rows: list[Row]) -> str:
     """Markdown: numba_kd's time and roofline share, each peer's time over numba_kd's
     (above 1: numba_kd faster), the better compiler's roofline share, the error."""
-    columns = (
-        "| operation | B x C | numba_kd ms | % roofline | x NumPy | x torch | x torch.compile | x jax.jit "
-    )
-    lines = [columns + "| best compiler % roofline | max rel err |", "|" + "---|" * 10]
-    for r in rows:
-        compilers = [r.peer_roofline_pct[p] for p in ("torch.compile", "jax.jit") if p in r.peer_roofline_pct]
-        lines.append(
-            f"| {r.operation} | {r.rows} x {r.classes} | {r.numba_kd_ms:.2f} | {r.roofline_pct:.0f}% | "
-            + " | ".join(_fmt(r.speedup(p), ".2f") for p in PEERS)
-            + f" | {_fmt(max(compilers) if compilers else None, '.0f')} | {r.max_rel_error:.1e} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEADER, *(format_row(r) for r in rows)])
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -330,8 +338,13 @@ def run(args) -> int:
         f"(NumPy: {min(rounds, NUMPY_ROUNDS)}); peers at numba's thread count; x PEER = peer time / "
         "numba_kd time"
     )
-    rows = measure(shapes, N_TEACHERS, args.dtype, rounds, peers=not args.no_peers, operations=operations)
-    print(format_table(rows))
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    print(TABLE_HEADER, flush=True)
+    rows = measure(
+        shapes, N_TEACHERS, args.dtype, rounds, peers=not args.no_peers, operations=operations,
+        progress=lambda row: print(format_row(row), flush=True),
+    )  # fmt: skip
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"# load average after: {info['load_after']}")
     latency = {} if args.no_latency else compile_latency()

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small shapes, few rounds (a smoke test)")
     b.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (default 9)")
     b.add_argument("--operations", metavar="NAMES", help="comma-separated rows (default: every row)")
+    b.add_argument("--shapes", metavar="BxC,...", help="e.g. 8192x1000,512x32000 (default: all three)")
     b.add_argument("--no-peers", action="store_true", help="time numba_kd and the roofline only")
     b.add_argument("--no-latency", action="store_true", help="skip the compile-latency subprocesses")
     b.add_argument("--from-json", metavar="PATH", help="print the table of a saved --json run and exit")
