@@ -441,12 +441,14 @@ def _jax_jitted_probs(eps):
         import jax
         import jax.numpy as jnp
 
+        # XLA on the CPU reduces over a leading axis very slowly (seconds here): the
+        # teacher sum is an einsum, and the log-sum-exp runs over a last axis.
         def probs(t, w):
             if eps > 0:
-                p = (w[:, None, None] * jax.nn.softmax(t / TEMPERATURE, axis=-1)).sum(0)
+                p = jnp.einsum("k,kbc->bc", w, jax.nn.softmax(t / TEMPERATURE, axis=-1))
                 return TEMPERATURE * jnp.log(p + eps)
             terms = jnp.log(w)[:, None, None] + jax.nn.log_softmax(t / TEMPERATURE, axis=-1)
-            return TEMPERATURE * jax.scipy.special.logsumexp(terms, axis=0)
+            return TEMPERATURE * jax.scipy.special.logsumexp(jnp.moveaxis(terms, 0, -1), axis=-1)
 
         fn = jax.jit(probs)
         _, t, _, w = _as_jax(*args)
