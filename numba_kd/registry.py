@@ -466,33 +466,31 @@ def _row_name(operation: str, option: str) -> str:
 
 def _operations() -> list[Operation]:
     ops = []
+    # (operation, arrays moved, scalar result, builders of numba_kd, NumPy, torch,
+    # torch.compile and jax.jit for one set of options).  loss_and_grad reads K + 1
+    # arrays, writes the gradient, and is compared through the gradient.
+    loss_rows = (
+        ("distillation_loss", lambda k: k + 1, True,
+         (_kd_loss, _np_loss, _torch_loss, _torch_compiled_loss, _jax_jitted_loss)),
+        ("loss_and_grad", lambda k: k + 2, False,
+         (_kd_grad, _np_grad, _torch_grad, _torch_compiled_grad, _jax_jitted_grad)),
+    )  # fmt: skip
     for option, kw in LOSS_OPTIONS.items():
-        ops.append(
-            Operation(
-                name=_row_name("distillation_loss", option),
-                options=kw,
-                arrays_moved=lambda k: k + 1,
-                numba_kd=_kd_loss(kw),
-                numpy=_np_loss(kw),
-                torch=_torch_loss(kw),
-                torch_compile=_torch_compiled_loss(kw),
-                jax_jit=_jax_jitted_loss(kw),
-                scalar=True,
+        for operation, moved, scalar, builders in loss_rows:
+            kd_fn, np_fn, torch_fn, compiled_fn, jax_fn = (build(kw) for build in builders)
+            ops.append(
+                Operation(
+                    name=_row_name(operation, option),
+                    options=kw,
+                    arrays_moved=moved,
+                    numba_kd=kd_fn,
+                    numpy=np_fn,
+                    torch=torch_fn,
+                    torch_compile=compiled_fn,
+                    jax_jit=jax_fn,
+                    scalar=scalar,
+                )
             )
-        )
-        # Reads K + 1 arrays, writes the gradient; compared through the gradient.
-        ops.append(
-            Operation(
-                name=_row_name("loss_and_grad", option),
-                options=kw,
-                arrays_moved=lambda k: k + 2,
-                numba_kd=_kd_grad(kw),
-                numpy=_np_grad(kw),
-                torch=_torch_grad(kw),
-                torch_compile=_torch_compiled_grad(kw),
-                jax_jit=_jax_jitted_grad(kw),
-            )
-        )
     ops.append(
         Operation(
             name="DistillationLoss.forward",
