@@ -6,10 +6,11 @@
 methods: ``asarray``, ``cast``, ``labels``, ``empty``, ``combine_logits``,
 ``combine_probabilities``, ``loss`` and ``wrap``.
 
-Kernel specializations are compiled on first use with an explicit signature,
-one per (operation, target, dtype, layout, teacher layout, K), and kept in
-``_COMPILED``; numba's on-disk cache lets a later process load them instead of
-compiling them again.
+Kernels take their arguments by parameter name; their signatures come from the
+argument values (``numba_kd._signatures``).  A specialization is compiled on
+first use, one per (operation, target, argument types), and kept in
+``_COMPILED``; numba's on-disk cache lets a later process load it instead of
+compiling it again.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import from_dtype, typeof, types
 
-from numba_kd import _math, _runtime
+from numba_kd import _math, _runtime, _signatures
 
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
@@ -119,21 +119,6 @@ def backend_for(inputs: Iterable[object], device: str | None, stream: object = N
 # ---------------------------------------------------------------- CPU backend
 
 
-def _input_array_type(dtype: np.dtype, ndim: int, layout: str):
-    return types.Array(from_dtype(dtype), ndim, layout, readonly=True)
-
-
-def _teachers_type(teachers: Teachers, dtype: np.dtype, layout: str):
-    if isinstance(teachers, tuple):
-        return types.UniTuple(_input_array_type(dtype, 2, layout), len(teachers))
-    return _input_array_type(dtype, 3, layout)
-
-
-_WEIGHTS_TYPE = types.Array(types.float64, 1, "C", readonly=True)
-_LABELS_TYPE = types.Array(types.int64, 1, "C", readonly=True)
-_ROWS_TYPE = types.Array(types.float64, 1, "C")
-
-
 # Above this temperature a float32 soft term, a difference of log-sums that agree
 # to about 1/T^2 of their size, would lose its digits: float32 losses then
 # compute per element in float64.
@@ -201,10 +186,6 @@ class LossOptions:
         return divisor, alpha * temperature * temperature / divisor, (1.0 - alpha) / divisor
 
 
-def _output_type(dtype: np.dtype):
-    return types.Array(from_dtype(dtype), 2, "C")
-
-
 def _compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:
     """The per-element arithmetic of the general kernel: float32 inputs compute in
     float32 (vectorized exp and log) for temperatures in [FLOAT32_MIN_TEMPERATURE,
@@ -216,7 +197,6 @@ def _compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:
 
 # Empty arrays that carry the per-element arithmetic's dtype into the kernels.
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
-_PARAMS_TYPE = typeof(_math.LossParams(0, 1.0, 0.5, 0, 0, 0, 1.0, 1.0, False))
 
 
 def _per_block(n_rows: int) -> int:
@@ -225,27 +205,27 @@ def _per_block(n_rows: int) -> int:
     return kernels.rows_per_block(n_rows, numba.get_num_threads())
 
 
-def _vector_type(dtype: np.dtype):
-    return types.Array(from_dtype(dtype), 1, "C")
+def run_cpu_kernel(op: str, **arguments: Any) -> Any:
+    """Run CPU kernel ``op`` on its arguments (by parameter name).
 
+    The specialization for the arguments' types is compiled (or loaded from
+    numba's disk cache) on first use and kept in ``_COMPILED``.
+    """
+    from numba_kd.cpu import kernels
 
-def _cpu_kernel(op: str, dtypes, layout: str, teachers: Teachers, arg_types: Callable[[], tuple]):
-    """The compiled CPU kernel ``op`` for these argument types (``dtypes``: the input
-    dtype, or (input, computation) dtypes)."""
+    kernel = getattr(kernels, op)
+    args = _signatures.bind(kernel.py_func, arguments)
     mode = _runtime.launch_mode()
-    names = tuple(np.dtype(d).name for d in dtypes) if isinstance(dtypes, tuple) else (dtypes.name,)
-    key = (op, "cpu", mode == _runtime.SERIAL, *names, layout, *teacher_key(teachers))
+    key = (op, "cpu", mode == _runtime.SERIAL, _signatures.signature_key(args))
 
     def build():
-        from numba_kd.cpu import kernels
+        dispatcher = _runtime.serial_dispatcher(kernel) if mode == _runtime.SERIAL else kernel
+        return dispatcher.compile(_signatures.types_of(kernel.py_func, args, host=True))
 
-        kernel = getattr(kernels, op)
-        if mode == _runtime.SERIAL:
-            kernel = _runtime.serial_dispatcher(kernel)
-        return kernel.compile(arg_types())
-
-    kernel = cached_kernel(key, build)
-    return _runtime.locked(kernel) if mode == _runtime.LOCKED else kernel
+    compiled = cached_kernel(key, build)
+    if mode == _runtime.LOCKED:
+        return _runtime.locked(compiled)(*args)
+    return compiled(*args)
 
 
 class HostBackend:
@@ -308,36 +288,19 @@ class HostBackend:
         return out
 
     def combine_logits(self, teachers: Teachers, weights: np.ndarray, out: np.ndarray) -> None:
-        dtype = out.dtype
-        layout = self.layout(teachers)
-
-        def arg_types():
-            return (_teachers_type(teachers, dtype, layout), _WEIGHTS_TYPE, types.int64, _output_type(dtype))
-
-        kernel = _cpu_kernel("combine_logits", dtype, layout, teachers, arg_types)
-        kernel(teachers, weights, _per_block(out.shape[0]), out)
+        run_cpu_kernel(
+            "combine_logits", teachers=teachers, weights=weights, per_block=_per_block(out.shape[0]), out=out
+        )
 
     def combine_probabilities(
         self, teachers: Teachers, weights: np.ndarray, temperature: float, eps: float, out: np.ndarray
     ) -> None:
-        dtype = out.dtype
-        layout = self.layout(teachers)
         probs = _math.COMBINES.index("probs")
         params = _math.LossParams(NO_IGNORE, float(temperature), 0.5, probs, 0, 0, 0.0, 0.0, False)
-
-        def arg_types():
-            teachers_type = _teachers_type(teachers, dtype, layout)
-            return (
-                teachers_type,
-                _WEIGHTS_TYPE,
-                _PARAMS_TYPE,
-                types.float64,
-                types.int64,
-                _output_type(dtype),
-            )
-
-        kernel = _cpu_kernel("combine_probabilities", dtype, layout, teachers, arg_types)
-        kernel(teachers, weights, params, float(eps), _per_block(out.shape[0]), out)
+        run_cpu_kernel(
+            "combine_probabilities", teachers=teachers, weights=weights, params=params,
+            eps=float(eps), per_block=_per_block(out.shape[0]), out=out,
+        )  # fmt: skip
 
     def loss(
         self,
@@ -365,22 +328,15 @@ class HostBackend:
             grad = np.empty(student.shape if want_grad else (0, 0), dtype=dtype)
         d_rows = np.empty(n_rows)
         ce_rows = np.empty(n_rows)
-        layout = self.layout(student, teachers)
         params = _math.LossParams(
             options.ignore_code, float(temperature), float(options.beta), *options.codes(),
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
-        compute = _compute_dtype(dtype, temperature)
-
-        def types_of():
-            student_type = _input_array_type(dtype, 2, layout)
-            teachers_type = _teachers_type(teachers, dtype, layout)
-            inputs = (student_type, teachers_type, _WEIGHTS_TYPE, _LABELS_TYPE, _PARAMS_TYPE, types.int64)
-            return (*inputs, _vector_type(compute), _output_type(dtype), _ROWS_TYPE, _ROWS_TYPE)
-
-        kernel = _cpu_kernel("general_rows", (dtype, compute), layout, teachers, types_of)
-        per_block = _per_block(n_rows)
-        kernel(student, teachers, weights, labels, params, per_block, _EMPTY[compute], grad, d_rows, ce_rows)
+        run_cpu_kernel(
+            "general_rows", student=student, teachers=teachers, weights=weights, labels=labels,
+            params=params, per_block=_per_block(n_rows), compute=_EMPTY[_compute_dtype(dtype, temperature)],
+            grad=grad, d_rows=d_rows, ce_rows=ce_rows,
+        )  # fmt: skip
         if options.reduction == "none":
             soft = (alpha * temperature * temperature * d_rows).astype(dtype)
             hard = ((1.0 - alpha) * ce_rows).astype(dtype)

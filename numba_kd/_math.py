@@ -123,6 +123,15 @@ def kl_from_stats(s_a, w_a, log_s_a, log_s_b):
 
 
 @njit(inline="always")
+def kl_from_online_stats(m_a, s_a, w_a, m_b, s_b):
+    """KL(softmax(a) || softmax(b)) from online states: (m_a, s_a, w_a) of
+    online_weighted_step over x = a, v = a - b, and (m_b, s_b) of online_lse_step
+    over b.  w_a sums e_a (a - b) relative to m_a alone; relative to both maxima
+    it is w_a - s_a (m_a - m_b)."""
+    return kl_from_stats(s_a, w_a - s_a * (m_a - m_b), math.log(s_a), math.log(s_b))
+
+
+@njit(inline="always")
 def cross_entropy(row_max, label_logit, log_sum):
     """lse(s) - s_y from the row's (max, log sum exp(s - max)): log S is kept apart
     from a huge maximum, which would round it away."""

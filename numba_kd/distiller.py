@@ -274,15 +274,16 @@ class LossComponents(NamedTuple):
 
 
 def _evaluate(
-    backend, like, s, t, weights, y, lead, temperature, alpha, options, want_grad, components, device_scalar,
-    out, inputs,
+    backend, like, batch, weights, temperature, alpha, options, *, want_grad, components, device_scalar, out,
 ):  # fmt: skip
-    """Run the loss kernels and shape the results as the caller's inputs."""
+    """Run the loss kernels on ``batch`` (student, teachers, labels, lead shape) and
+    shape the results as the caller's inputs."""
+    s, t, y, lead = batch
     grad_out = None
     if out is not None:
         if not want_grad:
             raise TypeError("out= is an argument of loss_and_grad (it receives the gradient)")
-        target = backend.output(out, (*lead, s.shape[1]), np.dtype(s.dtype), inputs)
+        target = backend.output(out, (*lead, s.shape[1]), np.dtype(s.dtype), [s, t, y])
         grad_out = target.reshape(s.shape)
     loss, soft, hard, grad = backend.loss(
         s, t, weights, y, temperature, alpha, options, want_grad, device_scalar, grad_out
@@ -432,9 +433,24 @@ class EnsembleDistiller:
         option; ``return_components=True`` returns ``LossComponents(loss, soft, hard)``.
         """
         return self._loss(
-            student, teachers, labels, alpha, False, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, None,
-        )  # fmt: skip
+            student,
+            teachers,
+            labels,
+            alpha,
+            want_grad=False,
+            out=None,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            combine=combine,
+            divergence=divergence,
+            beta=beta,
+            teacher_weighting=teacher_weighting,
+            return_components=return_components,
+            check_finite=check_finite,
+            device=device,
+            stream=stream,
+            return_device_scalar=return_device_scalar,
+        )
 
     def loss_and_grad(
         self,
@@ -463,14 +479,46 @@ class EnsembleDistiller:
         gradient is that of the sum of the per-row losses; ignored rows get a zero
         gradient.  ``out`` receives the gradient when given (and is returned)."""
         return self._loss(
-            student, teachers, labels, alpha, True, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
-        )  # fmt: skip
+            student,
+            teachers,
+            labels,
+            alpha,
+            want_grad=True,
+            out=out,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            combine=combine,
+            divergence=divergence,
+            beta=beta,
+            teacher_weighting=teacher_weighting,
+            return_components=return_components,
+            check_finite=check_finite,
+            device=device,
+            stream=stream,
+            return_device_scalar=return_device_scalar,
+        )
 
     def _loss(
-        self, student, teachers, labels, alpha, want_grad, reduction, ignore_index, combine, divergence, beta,
-        teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
-    ):  # fmt: skip
+        self,
+        student,
+        teachers,
+        labels,
+        alpha,
+        *,
+        want_grad,
+        out,
+        reduction,
+        ignore_index,
+        combine,
+        divergence,
+        beta,
+        teacher_weighting,
+        return_components,
+        check_finite,
+        device,
+        stream,
+        return_device_scalar,
+    ):
         a = _check_alpha(alpha)
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         if _dispatch.has_dask_array([student, teachers, labels]):
@@ -487,9 +535,18 @@ class EnsembleDistiller:
         if _check_bool(check_finite, "check_finite"):
             _check_finite(backend, [("student", s), *_named_teachers(t)])
         return _evaluate(
-            backend, student, s, t, self._weights, y, lead, self._temperature, a, options, want_grad,
-            return_components, return_device_scalar, out, [s, t, y],
-        )  # fmt: skip
+            backend,
+            student,
+            (s, t, y, lead),
+            self._weights,
+            self._temperature,
+            a,
+            options,
+            want_grad=want_grad,
+            components=return_components,
+            device_scalar=return_device_scalar,
+            out=out,
+        )
 
     def _combine_inputs(self, backend, teachers: TeacherLogits, out: Any, check_finite: bool):
         """(teachers as one dtype, the array that receives the result)."""
@@ -555,9 +612,23 @@ class DistillationLoss:
         (options as in :meth:`EnsembleDistiller.distillation_loss`; with one teacher
         ``combine`` and ``teacher_weighting`` change nothing)."""
         return self._loss(
-            student, teacher, labels, False, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, None,
-        )  # fmt: skip
+            student,
+            teacher,
+            labels,
+            want_grad=False,
+            out=None,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            combine=combine,
+            divergence=divergence,
+            beta=beta,
+            teacher_weighting=teacher_weighting,
+            return_components=return_components,
+            check_finite=check_finite,
+            device=device,
+            stream=stream,
+            return_device_scalar=return_device_scalar,
+        )
 
     def loss_and_grad(
         self,
@@ -581,14 +652,44 @@ class DistillationLoss:
         """``(loss, grad)`` with the gradient with respect to the student logits
         (written into ``out`` when given)."""
         return self._loss(
-            student, teacher, labels, True, reduction, ignore_index, combine, divergence, beta,
-            teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
-        )  # fmt: skip
+            student,
+            teacher,
+            labels,
+            want_grad=True,
+            out=out,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            combine=combine,
+            divergence=divergence,
+            beta=beta,
+            teacher_weighting=teacher_weighting,
+            return_components=return_components,
+            check_finite=check_finite,
+            device=device,
+            stream=stream,
+            return_device_scalar=return_device_scalar,
+        )
 
     def _loss(
-        self, student, teacher, labels, want_grad, reduction, ignore_index, combine, divergence, beta,
-        teacher_weighting, return_components, check_finite, device, stream, return_device_scalar, out,
-    ):  # fmt: skip
+        self,
+        student,
+        teacher,
+        labels,
+        *,
+        want_grad,
+        out,
+        reduction,
+        ignore_index,
+        combine,
+        divergence,
+        beta,
+        teacher_weighting,
+        return_components,
+        check_finite,
+        device,
+        stream,
+        return_device_scalar,
+    ):
         options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
         if _dispatch.has_dask_array([student, teacher, labels]):
 
@@ -606,8 +707,17 @@ class DistillationLoss:
         if _check_bool(check_finite, "check_finite"):
             _check_finite(backend, [("student", s), *_named_teachers(t, single=True)])
         return _evaluate(
-            backend, student, s, t, _SINGLE_TEACHER_WEIGHT, y, lead, self._temperature, self._alpha, options,
-            want_grad, return_components, return_device_scalar, out, [s, t, y],
-        )  # fmt: skip
+            backend,
+            student,
+            (s, t, y, lead),
+            _SINGLE_TEACHER_WEIGHT,
+            self._temperature,
+            self._alpha,
+            options,
+            want_grad=want_grad,
+            components=return_components,
+            device_scalar=return_device_scalar,
+            out=out,
+        )
 
     __call__ = forward

@@ -56,6 +56,7 @@ from numba_kd._math import (
     weighted_log_prob,
 )
 from numba_kd._runtime import DISK_CACHE
+from numba_kd._signatures import reads
 
 # Most rows per parallel work item: a block allocates its scratch rows once.
 ROWS_PER_BLOCK = 16
@@ -121,6 +122,7 @@ CHUNK = 256
 
 
 @njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+@reads("teachers", "weights")
 def combine_logits(teachers, weights, per_block, out):
     """out = sum_k w_k t_k, CHUNK columns at a time (the partial sums stay in L1).
 
@@ -490,6 +492,7 @@ def _grad_sweep(s, y, rows, stats, d, qg, params, out):
 
 
 @njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+@reads("student", "teachers", "weights", "labels")
 def general_rows(student, teachers, weights, labels, params, per_block, compute, grad, d_rows, ce_rows):
     """Every loss option, per row: the divergence into d_rows, CE into ce_rows and, with
     params.want_grad, c_soft dD/ds + c_hard dCE/ds into grad.
@@ -562,6 +565,7 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
 
 
 @njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+@reads("teachers", "weights")
 def combine_probabilities(teachers, weights, params, eps, per_block, out):
     """T * log(sum_k w_k softmax(t_k / T) + eps); eps = 0: the exact log-mixture.
 

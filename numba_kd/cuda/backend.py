@@ -11,9 +11,9 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import cuda, types
+from numba import cuda
 
-from numba_kd import _dispatch
+from numba_kd import _dispatch, _signatures
 from numba_kd.cuda.kernels import BLOCK_THREADS, DeviceLossParams, make_kernels
 
 # The simulator runs every CUDA thread as a Python thread: keep launches tiny.
@@ -73,58 +73,48 @@ def elementwise_config(n_elements: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- signatures
 
 
-def _array_type(dtype: np.dtype, ndim: int, layout: str):
-    return types.Array(numba.from_dtype(dtype), ndim, layout)
+def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype=None) -> dict:
+    """Host values with the types of every CUDA kernel parameter, by name: the PTX
+    tests compile each kernel for these (``layout`` applies to the inputs)."""
+    scalar = dtype.type(1.0)
+    label_dtype = LABEL_DTYPES[0] if label_dtype is None else label_dtype
 
+    def array(shape, array_dtype=dtype, array_layout="C"):
+        full = np.zeros((*shape[:-1], 2 * shape[-1]), dtype=array_dtype)
+        return full if array_layout == "C" else full[..., ::2]
 
-def _teachers_type(kind: str, n_teachers: int | None, dtype: np.dtype, layout: str):
+    matrix = array((2, 3))
+    vector = array((3,))
     if kind == "list":
-        return types.UniTuple(_array_type(dtype, 2, layout), n_teachers)
-    return _array_type(dtype, 3, layout)
-
-
-def signature(
-    op: str, dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype=None
-) -> tuple:
-    """Argument types of kernel ``op``; the runtime and the PTX tests both use this."""
-    acc = numba.from_dtype(dtype)
-    teachers = _teachers_type(kind, n_teachers, dtype, layout)
-    vector = _array_type(dtype, 1, "C")
-    matrix = _array_type(dtype, 2, "C")
-    if op == "combine_logits":
-        return (teachers, vector, matrix)
-    if op == "teacher_lse":
-        return (teachers, acc, matrix)
-    if op == "mix_probabilities":
-        return (teachers, vector, vector, matrix, acc, acc, acc, matrix)
-    if op == "loss_rows":
-        labels = _array_type(np.dtype(label_dtype), 1, layout)
-        counter = types.Array(types.int32, 1, "C")
-        return (_array_type(dtype, 2, layout), teachers, vector, labels, acc, vector, vector, counter)
-    if op == "reduce_loss":
-        return (vector, vector, acc, acc, vector, vector)
-    if op == "scale_rows":
-        return (vector, vector, acc, acc, vector, vector, vector)
-    if op == "count_nonfinite":
-        return (_array_type(dtype, 2, layout), types.Array(types.int32, 1, "C"))
-    if op == "count_valid":
-        return (_array_type(np.dtype(label_dtype), 1, layout), types.int64, types.boolean, vector)
-    if op == "general_rows":
-        labels = _array_type(np.dtype(label_dtype), 1, layout)
-        counter = types.Array(types.int32, 1, "C")
-        params = types.NamedTuple(
-            (types.int64, acc, acc, types.int64, types.int64, types.int64, acc, acc, types.boolean),
-            DeviceLossParams,
-        )
-        scratch = types.UniTuple(matrix, 3)
-        inputs = (_array_type(dtype, 2, layout), teachers, vector, labels, params)
-        return (*inputs, vector, matrix, scratch, vector, vector, counter)
-    raise ValueError(op)
+        teachers = tuple(array((2, 3), dtype, layout) for _ in range(n_teachers))
+    else:
+        teachers = array((n_teachers or 2, 2, 3), dtype, layout)
+    code = np.int64(0)
+    values = {
+        "teachers": teachers,
+        "student": array((2, 3), dtype, layout),
+        "x": array((2, 3), dtype, layout),
+        "labels": array((2,), label_dtype, layout),
+        "params": DeviceLossParams(code, scalar, scalar, code, code, code, scalar, scalar, True),
+        "scratch": (matrix,) * 3,
+        "ignore_index": code,
+        "mean": True,
+        "counter": array((1,), np.int32),
+        "bad_labels": array((1,), np.int32),
+    }
+    for name in ("lse", "out", "grad"):
+        values[name] = matrix
+    for name in ("weights", "log_weights", "kl_rows", "ce_rows", "d_rows", "divisor", "loss", "soft", "hard",
+                 "results"):  # fmt: skip
+        values[name] = vector
+    for name in ("inv_t", "temperature", "eps", "alpha", "alpha_t2", "one_m_alpha"):
+        values[name] = scalar
+    return values
 
 
 def kernel_signatures():
-    """Every (op, dtype, layout, kind, K, label dtype) the dispatcher can produce,
-    with K = 1 and 3 standing for all list lengths."""
+    """Every (op, dtype, layout, kind, K, label dtype) the PTX tests compile, with
+    K = 1 and 3 standing for all list lengths."""
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         for layout in ("C", "A"):
             for kind, n_teachers in (("list", 1), ("list", 3), ("stacked", None)):
@@ -140,29 +130,25 @@ def kernel_signatures():
         yield "scale_rows", dtype, "C", "none", None, None
 
 
-def _launch(
-    op: str, dtype: np.dtype, layout: str, teachers, griddim, blockdim, stream, args, label_dtype=None
-):
-    """Launch kernel ``op``, compiling its specialization on first use."""
-    if teachers is None:
-        kind, n_teachers = "none", None
-    else:
-        kind, n_teachers = _dispatch.teacher_key(teachers)
-    key = (
-        op,
-        "cuda",
-        dtype.name,
-        layout,
-        kind,
-        n_teachers,
-        None if label_dtype is None else label_dtype.name,
-    )
+def signature(op: str, dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype) -> tuple:
+    """The argument types of kernel ``op`` for one entry of kernel_signatures()."""
+    function = getattr(kernels_for(dtype), op).py_func
+    values = stand_ins(dtype, layout, kind, n_teachers, label_dtype)
+    args = _signatures.bind(function, {name: values[name] for name in _signatures.parameters(function)})
+    return _signatures.types_of(function, args, host=False)
+
+
+def _launch(op: str, dtype: np.dtype, griddim, blockdim, stream, **arguments: Any) -> None:
+    """Launch kernel ``op`` (of the kernels accumulating in ``dtype``) on its
+    arguments by parameter name, compiling its specialization on first use."""
+    dispatcher = getattr(kernels_for(dtype), op)
+    args = _signatures.bind(dispatcher.py_func, arguments)
+    key = (op, "cuda", dtype.name, _signatures.signature_key(args))
 
     def build():
-        dispatcher = getattr(kernels_for(dtype), op)
         if simulating():
             return dispatcher
-        return dispatcher.compile(signature(op, dtype, layout, kind, n_teachers, label_dtype))
+        return dispatcher.compile(_signatures.types_of(dispatcher.py_func, args, host=False))
 
     kernel = _dispatch.cached_kernel(key, build)
     if simulating():
@@ -297,8 +283,7 @@ class CudaBackend:
         dtype = np.dtype(arr.dtype)
         for matrix in arr if arr.ndim == 3 else (arr,):
             grid, block = elementwise_config(matrix.shape[0] * matrix.shape[1])
-            args = (matrix, counter)
-            _launch("count_nonfinite", dtype, self.layout(matrix), None, grid, block, self.stream, args)
+            _launch("count_nonfinite", dtype, grid, block, self.stream, x=matrix, counter=counter)
         return bool(counter.copy_to_host(stream=self.stream)[0])
 
     def output(self, out, shape: tuple[int, ...], dtype: np.dtype, inputs: list[object]):
@@ -323,8 +308,10 @@ class CudaBackend:
     def combine_logits(self, teachers, weights: np.ndarray, out) -> None:
         dtype = np.dtype(out.dtype)
         grid, block = elementwise_config(out.shape[0] * out.shape[1])
-        args = (teachers, self.vector(weights, dtype), out)
-        _launch("combine_logits", dtype, self.layout(teachers), teachers, grid, block, self.stream, args)
+        weights = self.vector(weights, dtype)
+        _launch(
+            "combine_logits", dtype, grid, block, self.stream, teachers=teachers, weights=weights, out=out
+        )
 
     def combine_probabilities(
         self, teachers, weights: np.ndarray, temperature: float, eps: float, out
@@ -334,25 +321,18 @@ class CudaBackend:
         if n_rows == 0:
             return
         scalar = dtype.type
-        layout = self.layout(teachers)
+        inv_t = scalar(1.0 / temperature)
         lse = self.empty((len(weights), n_rows), dtype)
         grid, block = row_config(len(weights) * n_rows, out.shape[1])
-        args = (teachers, scalar(1.0 / temperature), lse)
-        _launch("teacher_lse", dtype, layout, teachers, grid, block, self.stream, args)
+        _launch("teacher_lse", dtype, grid, block, self.stream, teachers=teachers, inv_t=inv_t, lse=lse)
         with np.errstate(divide="ignore"):
             log_weights = np.log(weights)
         grid, block = elementwise_config(n_rows * out.shape[1])
-        args = (
-            teachers,
-            self.vector(weights, dtype),
-            self.vector(log_weights, dtype),
-            lse,
-            scalar(temperature),
-            scalar(1.0 / temperature),
-            scalar(eps),
-            out,
-        )
-        _launch("mix_probabilities", dtype, layout, teachers, grid, block, self.stream, args)
+        _launch(
+            "mix_probabilities", dtype, grid, block, self.stream, teachers=teachers,
+            weights=self.vector(weights, dtype), log_weights=self.vector(log_weights, dtype), lse=lse,
+            temperature=scalar(temperature), inv_t=inv_t, eps=scalar(eps), out=out,
+        )  # fmt: skip
 
     def loss(self, student, teachers, weights: np.ndarray, labels, temperature: float, alpha: float,
              options, want_grad: bool = False, return_device_scalar: bool = False,
@@ -373,8 +353,6 @@ class CudaBackend:
         scalar = dtype.type
         n_rows, n_classes = student.shape
         n_teachers = len(weights)
-        label_dtype = np.dtype(labels.dtype)
-        layout = self.layout(student, teachers, labels)
         d_rows = self.empty((n_rows,), dtype)
         ce_rows = self.empty((n_rows,), dtype)
         bad_labels = cuda.to_device(np.zeros(1, dtype=np.int32), stream=self.stream)
@@ -382,13 +360,18 @@ class CudaBackend:
         grid, block = row_config(n_rows, n_classes)
         divisor = self.empty((1,), dtype)
         threads = _block_threads()
-        args = (labels, np.int64(options.ignore_code), options.reduction == "mean", divisor)
-        _launch("count_valid", dtype, layout, None, 1, threads, self.stream, args, label_dtype)
+        _launch(
+            "count_valid", dtype, 1, threads, self.stream, labels=labels,
+            ignore_index=np.int64(options.ignore_code), mean=options.reduction == "mean", divisor=divisor,
+        )  # fmt: skip
         grad = None
         fast = temperature <= _dispatch.FAST_MAX_TEMPERATURE  # see _dispatch.FAST_MAX_TEMPERATURE
         if options.is_default and options.ignore_index is None and not want_grad and fast:
-            args = (student, teachers, w, labels, scalar(1.0 / temperature), d_rows, ce_rows, bad_labels)
-            _launch("loss_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
+            _launch(
+                "loss_rows", dtype, grid, block, self.stream, student=student, teachers=teachers,
+                weights=w, labels=labels, inv_t=scalar(1.0 / temperature), kl_rows=d_rows,
+                ce_rows=ce_rows, bad_labels=bad_labels,
+            )  # fmt: skip
         else:
             if grad_out is not None:
                 grad = grad_out
@@ -400,21 +383,29 @@ class CudaBackend:
                 *(np.int64(c) for c in options.codes()), scalar(alpha * temperature * temperature),
                 scalar(1.0 - alpha), bool(want_grad),
             )  # fmt: skip
-            args = (student, teachers, w, labels, params, divisor, grad, scratch, d_rows, ce_rows, bad_labels)
-            _launch("general_rows", dtype, layout, teachers, grid, block, self.stream, args, label_dtype)
+            _launch(
+                "general_rows", dtype, grid, block, self.stream, student=student, teachers=teachers,
+                weights=w, labels=labels, params=params, divisor=divisor, grad=grad, scratch=scratch,
+                d_rows=d_rows, ce_rows=ce_rows, bad_labels=bad_labels,
+            )  # fmt: skip
         if options.reduction == "none":
-            results = tuple(self.empty((n_rows,), dtype) for _ in range(3))
-            args = (d_rows, ce_rows, scalar(alpha * temperature * temperature), scalar(1.0 - alpha), *results)
+            loss, soft, hard = (self.empty((n_rows,), dtype) for _ in range(3))
             egrid, eblock = elementwise_config(n_rows)
-            _launch("scale_rows", dtype, "C", None, egrid, eblock, self.stream, args)
+            _launch(
+                "scale_rows", dtype, egrid, eblock, self.stream, d_rows=d_rows, ce_rows=ce_rows,
+                alpha_t2=scalar(alpha * temperature * temperature), one_m_alpha=scalar(1.0 - alpha),
+                loss=loss, soft=soft, hard=hard,
+            )  # fmt: skip
             self._raise_on_bad_labels(bad_labels, n_classes)
-            return (*results, grad if want_grad else None)
-        out = self.empty((3,), dtype)
-        args = (d_rows, ce_rows, scalar(temperature), scalar(alpha), divisor, out)
-        _launch("reduce_loss", dtype, "C", None, 1, threads, self.stream, args)
+            return loss, soft, hard, grad if want_grad else None
+        results = self.empty((3,), dtype)
+        _launch(
+            "reduce_loss", dtype, 1, threads, self.stream, kl_rows=d_rows, ce_rows=ce_rows,
+            temperature=scalar(temperature), alpha=scalar(alpha), divisor=divisor, results=results,
+        )  # fmt: skip
         if return_device_scalar:
-            return out[0:1], out[1:2], out[2:3], grad if want_grad else None
-        values = out.copy_to_host(stream=self.stream)
+            return results[0:1], results[1:2], results[2:3], grad if want_grad else None
+        values = results.copy_to_host(stream=self.stream)
         self._raise_on_bad_labels(bad_labels, n_classes)
         return float(values[0]), float(values[1]), float(values[2]), grad if want_grad else None
 

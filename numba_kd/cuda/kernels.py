@@ -132,12 +132,15 @@ def _tree_sum(sm, base, tx, width):
 
 
 @device_helper
-def _target_log_prob(teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine, m_a, ls_a, neg_inf, one):
-    """log p_j of row i: logit combine (lse(z / T) = m_a + ls_a) or the log-mixture of
-    the teachers (lse(t_k / T) = m_t + ls_t).  Each (max, log S) pair stays apart, so
-    that log S survives a huge max.
+def _target_log_prob(teachers, scratch, r, i, j, total, inv_t, combine, target_stats, neg_inf, one):
+    """log p_j of row i: logit combine (lse(z / T) = m_a + ls_a, ``target_stats``) or
+    the log-mixture of the teachers (lse(t_k / T) = m_t + ls_t; ``scratch`` holds the
+    rows of weights, m_t and ls_t).  Each (max, log S) pair stays apart, so that
+    log S survives a huge max.
 
     ``neg_inf`` and ``one`` carry the accumulation type (float32 stays float32)."""
+    row_w, m_t, ls_t = scratch
+    m_a, ls_a = target_stats
     n_teachers = row_w.shape[1]
     if combine == 0:
         z = row_w[r, 0] / total * teachers[0][i, j]
@@ -287,10 +290,9 @@ def make_kernels(acc) -> SimpleNamespace:
             _tree_merge_lse(sm_mb, sm_sb, base, tx, threads_per_row)
             _tree_merge_lse(sm_ms, sm_ss, base, tx, threads_per_row)
             if tx == 0 and i < n_rows:
-                # W sums e_a (a - b); relative to both maxima it is W - S_a (m_a - m_b).
-                s_a = sm_sa[base]
-                w_rel = sm_wa[base] - s_a * (sm_ma[base] - sm_mb[base])
-                kl_rows[i] = _m.kl_from_stats(s_a, w_rel, math.log(s_a), math.log(sm_sb[base]))
+                kl_rows[i] = _m.kl_from_online_stats(
+                    sm_ma[base], sm_sa[base], sm_wa[base], sm_mb[base], sm_sb[base]
+                )
                 y = labels[i]
                 if y < 0 or y >= n_classes:
                     # Never read out of bounds: flag the row, poison the loss.
@@ -300,8 +302,8 @@ def make_kernels(acc) -> SimpleNamespace:
                     ce_rows[i] = _m.cross_entropy(sm_ms[base], student[i, y], math.log(sm_ss[base]))
 
     @cuda.jit(cache=DISK_CACHE)
-    def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, out):
-        """out = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree;
+    def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, results):
+        """results = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree;
         the sums are divided by divisor[0] (the number of rows to average over, or 1)."""
         n_rows = kl_rows.shape[0]
         tx = cuda.threadIdx.x
@@ -319,9 +321,9 @@ def make_kernels(acc) -> SimpleNamespace:
         _tree_sum(sm_ce, 0, tx, width)
         if tx == 0:
             soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], divisor[0], alpha, temperature)
-            out[0] = soft + hard
-            out[1] = soft
-            out[2] = hard
+            results[0] = soft + hard
+            results[1] = soft
+            results[2] = hard
 
     @cuda.jit(cache=DISK_CACHE)
     def count_valid(labels, ignore_index, mean, divisor):
@@ -485,7 +487,7 @@ def make_kernels(acc) -> SimpleNamespace:
             qg = zero
             for j in range(tx, n_classes, tpr):
                 lp = _target_log_prob(
-                    teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine, m_a, ls_a, neg_inf, one
+                    teachers, scratch, r, i, j, total, inv_t, combine, (m_a, ls_a), neg_inf, one
                 )
                 lq = (student[i, j] * inv_t - m_b) - ls_b
                 p = math.exp(lp)
@@ -525,7 +527,7 @@ def make_kernels(acc) -> SimpleNamespace:
                         grad[i, j] = zero
                         continue
                     lp = _target_log_prob(
-                        teachers, row_w, m_t, ls_t, r, i, j, total, inv_t, combine, m_a, ls_a, neg_inf, one
+                        teachers, scratch, r, i, j, total, inv_t, combine, (m_a, ls_a), neg_inf, one
                     )
                     lq = (student[i, j] * inv_t - m_b) - ls_b
                     q = math.exp(lq)
