@@ -450,11 +450,7 @@ def test_out_receives_the_result(rng, op, dtype):
     out = np.full(shape, np.nan, dtype=dtype)
     result = call(out)
     assert result is out
-    if op == "loss_and_grad":
-        # The known out= gradient regression (see test_out_gradient_of_3d_inputs): the last bit.
-        np.testing.assert_allclose(out, call(None), rtol=np.finfo(dtype).eps * 2, atol=0)
-    else:
-        np.testing.assert_array_equal(out, call(None))
+    np.testing.assert_array_equal(out, call(None))
 
 
 def test_out_gradient_of_3d_inputs(rng):
@@ -466,9 +462,7 @@ def test_out_gradient_of_3d_inputs(rng):
     assert grad is out
     expected_loss, expected_grad = d.loss_and_grad(s3, t3, y3, ALPHA)
     assert loss == expected_loss
-    # Known regression, to be fixed: the vectorized gradient sweep can take another
-    # code path for another output address, so the gradient may differ in its last bit.
-    np.testing.assert_allclose(out, expected_grad, rtol=4.5e-16, atol=0)
+    np.testing.assert_array_equal(out, expected_grad)
     single = kd.DistillationLoss(T, ALPHA)
     out2 = np.empty((3, 4, 5))
     assert single.loss_and_grad(s3, t3[0], y3, out=out2)[1] is out2

@@ -212,3 +212,36 @@ def test_bitwise_determinism_repeats_and_thread_counts(dtype, layout):
                 f"{name}: {n_threads} threads differ from {first_threads} threads "
                 f"(max abs difference {_max_difference(value, first[name]):.3e})"
             )
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_rows_do_not_depend_on_the_thread_that_computes_them(dtype):
+    """Calls from several Python threads at once put the rows of each call on
+    different numba threads, whose scratch rows lie elsewhere in memory: every
+    result must still be bitwise the one of a lone call.  (Small rows once took
+    the scalar fallback of a vectorized sweep depending on where the scratch was
+    allocated, and summed in another order.)"""
+    import threading
+
+    rng = np.random.default_rng(11)
+    signal = rng.normal(scale=3.0, size=(6, 11))
+    teachers = [(signal + rng.normal(size=signal.shape)).astype(dtype) for _ in range(3)]
+    student = (0.5 * signal + rng.normal(scale=2.0, size=signal.shape)).astype(dtype)
+    labels = rng.integers(0, 11, size=6)
+    d = kd.EnsembleDistiller([1.0, 2.0, 3.0], temperature=2.0)
+    expected = {name: _bits(value) for name, value in _all_results(d, student, teachers, labels).items()}
+    differing: list[str] = []
+
+    def repeat() -> None:
+        for _ in range(25):
+            for name, value in _all_results(d, student, teachers, labels).items():
+                if _bits(value) != expected[name]:
+                    differing.append(name)
+
+    workers = [threading.Thread(target=repeat) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not differing, sorted(set(differing))

@@ -115,6 +115,27 @@ def _max(row):
     return m
 
 
+# Scratch rows share one allocation, SCRATCH_GAP elements after its start and apart.
+# A vectorized loop that stores into one array while reading others first checks at
+# run time that no store lands within a few vectors after a load; where one might
+# (a scratch row allocated just after an input row), it runs the scalar loop, which
+# sums in another order.  The gap makes the check pass wherever the allocator puts
+# the scratch, so a row's result does not depend on the thread that computed it.
+SCRATCH_GAP = 256
+
+
+@njit(inline="always")
+def _scratch_buffer(n_rows, n_classes, dtype):
+    return np.empty(SCRATCH_GAP + n_rows * (n_classes + SCRATCH_GAP), dtype)
+
+
+@njit(inline="always")
+def _scratch_row(buffer, row, n_classes, length):
+    """Scratch row ``row`` of _scratch_buffer(..., n_classes, ...): its first ``length`` entries."""
+    start = SCRATCH_GAP + row * (n_classes + SCRATCH_GAP)
+    return buffer[start : start + length]
+
+
 # Columns summed in the row's precision before the partial sum joins its float64
 # total: float32 partials keep the exp sweep 8 lanes wide, and a partial of at
 # most 256 terms (32 per lane) adds well under 1e-6 relative error.
@@ -513,13 +534,13 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
         row_w = np.empty(n_teachers)
         m_t = np.empty(n_teachers)
         log_st = np.empty(n_teachers)
-        e = np.empty(n_classes if need_stats else 1, compute.dtype)
-        aux_size = n_classes if params.divergence == JSD else 1
+        scratch = _scratch_buffer(5, n_classes, compute.dtype)
+        e = _scratch_row(scratch, 0, n_classes, n_classes if need_stats else 1)
         rows = (
-            np.empty(n_classes, compute.dtype),  # ell: log target + const
-            np.empty(n_classes, compute.dtype),  # pt: exp(ell)
-            np.empty(n_classes, compute.dtype),  # qt: exp((s - max s) / T)
-            np.empty(aux_size, compute.dtype),  # JSD: log(q / m)
+            _scratch_row(scratch, 1, n_classes, n_classes),  # ell: log target + const
+            _scratch_row(scratch, 2, n_classes, n_classes),  # pt: exp(ell)
+            _scratch_row(scratch, 3, n_classes, n_classes),  # qt: exp((s - max s) / T)
+            _scratch_row(scratch, 4, n_classes, n_classes if params.divergence == JSD else 1),  # log(q / m)
         )
         ell, pt = rows[0], rows[1]
         for i in _block_rows(block, n_rows, per_block):
@@ -582,9 +603,10 @@ def combine_probabilities(teachers, weights, params, eps, per_block, out):
         row_w = np.empty(n_teachers)
         m_t = np.empty(n_teachers)
         log_st = np.empty(n_teachers)
-        e = np.empty(n_classes, out.dtype)
-        ell = np.empty(n_classes, out.dtype)
-        pt = np.empty(n_classes, out.dtype)
+        scratch = _scratch_buffer(3, n_classes, out.dtype)
+        e = _scratch_row(scratch, 0, n_classes, n_classes)
+        ell = _scratch_row(scratch, 1, n_classes, n_classes)
+        pt = _scratch_row(scratch, 2, n_classes, n_classes)
         like = ell[0]
         t_out = as_type_of(temperature, like)
         eps_c = as_type_of(eps, like)
