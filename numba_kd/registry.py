@@ -198,8 +198,17 @@ def jax_available() -> bool:
     return _jax() is not None
 
 
-def _torch_loss_fn(options: dict[str, Any], single: bool = False):
-    """The loss in torch operations: (student [B, C], teachers [K, B, C], labels, weights [K])."""
+def torch_loss_function(
+    options: dict[str, Any], temperature: float = TEMPERATURE, alpha: float = ALPHA, reduction: str = "mean"
+):
+    """The loss of ``distillation_loss`` with these options, in torch operations.
+
+    Returns ``loss(s, t, y, w)`` for student logits [B, C], stacked teachers
+    [K, B, C], labels [B] and normalized weights [K]: the reduced loss, or the
+    per-row losses with ``reduction="none"``.  It is the torch and
+    torch.compile peer of the benchmarks and, under autograd, the tests' torch
+    oracle for gradients.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -208,18 +217,20 @@ def _torch_loss_fn(options: dict[str, Any], single: bool = False):
     beta = options.get("beta", 0.5)
     weighting = options.get("teacher_weighting", "static")
     ignore = options.get("ignore_index")
-    t_inv = 1.0 / TEMPERATURE
 
     def loss(s, t, y, w):
         valid = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
         safe_y = torch.where(valid, y, torch.zeros_like(y))
         if weighting == "static":
-            row_w = w[None, :]
+            row_w = w.expand(y.shape[0], -1)
         elif weighting == "confidence":
             conf = torch.softmax(t, dim=-1).gather(-1, safe_y.expand(t.shape[0], -1)[..., None])[..., 0].T
             row_w = w * conf
+            # Rows whose confidence weights all underflow (and ignored rows) keep the static weights.
+            fallback = ~valid | (row_w.sum(dim=1) <= 0)
+            row_w = torch.where(fallback[:, None], w.expand_as(row_w), row_w)
         else:
-            log_pk = torch.log_softmax(t * t_inv, dim=-1)
+            log_pk = torch.log_softmax(t / temperature, dim=-1)
             row_w = w * torch.exp((log_pk.exp() * log_pk).sum(-1).T)
         row_w = row_w / row_w.sum(dim=1, keepdim=True)
         if combine == "logits":
@@ -227,10 +238,12 @@ def _torch_loss_fn(options: dict[str, Any], single: bool = False):
                 z = torch.einsum("k,kbc->bc", w, t)
             else:
                 z = torch.einsum("bk,kbc->bc", row_w, t)
-            log_p = torch.log_softmax(z * t_inv, dim=-1)
+            log_p = torch.log_softmax(z / temperature, dim=-1)
         else:
-            log_p = torch.logsumexp(torch.log(row_w.T)[..., None] + torch.log_softmax(t * t_inv, dim=-1), 0)
-        log_q = torch.log_softmax(s * t_inv, dim=-1)
+            log_p = torch.logsumexp(
+                torch.log(row_w.T)[..., None] + torch.log_softmax(t / temperature, dim=-1), 0
+            )
+        log_q = torch.log_softmax(s / temperature, dim=-1)
         if divergence == "forward_kl":
             d = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
         elif divergence == "reverse_kl":
@@ -241,7 +254,11 @@ def _torch_loss_fn(options: dict[str, Any], single: bool = False):
                 1 - beta
             ) * F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
         ce = F.cross_entropy(s, safe_y, reduction="none")
-        rows = torch.where(valid, ALPHA * TEMPERATURE**2 * d + (1 - ALPHA) * ce, torch.zeros_like(d))
+        rows = torch.where(valid, alpha * temperature**2 * d + (1 - alpha) * ce, torch.zeros_like(d))
+        if reduction == "none":
+            return rows
+        if reduction == "sum":
+            return rows.sum()
         return rows.sum() / valid.sum().clamp(min=1)
 
     return loss
@@ -258,7 +275,7 @@ def _as_torch(student, teachers, labels, weights):
 
 def _torch_loss(options):
     def run(*args):
-        return float(_torch_loss_fn(options)(*_as_torch(*args)))
+        return float(torch_loss_function(options)(*_as_torch(*args)))
 
     return run
 
@@ -267,7 +284,7 @@ def _torch_grad(options):
     def run(*args):
         s, t, y, w = _as_torch(*args)
         s = s.detach().requires_grad_(True)
-        _torch_loss_fn(options)(s, t, y, w).backward()
+        torch_loss_function(options)(s, t, y, w).backward()
         return s.grad.numpy()
 
     return run
@@ -283,7 +300,7 @@ def _compile_cache():
 def _torch_compiled_loss(options):
     def build(*args):
         torch = _compile_cache()
-        fn = torch.compile(_torch_loss_fn(options), dynamic=False)
+        fn = torch.compile(torch_loss_function(options), dynamic=False)
         inputs = _as_torch(*args)
         return lambda: float(fn(*inputs))
 
@@ -293,7 +310,7 @@ def _torch_compiled_loss(options):
 def _torch_compiled_grad(options):
     def build(*args):
         torch = _compile_cache()
-        fn = torch.compile(_torch_loss_fn(options), dynamic=False)
+        fn = torch.compile(torch_loss_function(options), dynamic=False)
         s, t, y, w = _as_torch(*args)
 
         def run():

@@ -136,6 +136,11 @@ def _scratch_row(buffer, row, n_classes, length):
     return buffer[start : start + length]
 
 
+# Typed (not literal) constants for arguments of row functions, so that those
+# compile once instead of once per literal value.
+_STATIC_CODE = np.int64(STATIC)
+_NO_LABEL = np.int64(0)
+
 # Columns summed in the row's precision before the partial sum joins its float64
 # total: float32 partials keep the exp sweep 8 lanes wide, and a partial of at
 # most 256 terms (32 per lane) adds well under 1e-6 relative error.
@@ -562,7 +567,9 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             )
             if not total > 0.0:
                 # Every data-dependent weight underflowed: the static weights.
-                total = _teacher_weights(teachers, weights, i, y, params, STATIC, m_t, log_st, row_w, e, pt)
+                total = _teacher_weights(
+                    teachers, weights, i, y, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
+                )
             for k in range(n_teachers):
                 row_w[k] /= total
             if params.combine == COMBINE_LOGITS:
@@ -616,7 +623,9 @@ def combine_probabilities(teachers, weights, params, eps, per_block, out):
             if not _finite_teachers(teachers, i):
                 out[i, :] = math.nan
                 continue
-            total = _teacher_weights(teachers, weights, i, 0, params, STATIC, m_t, log_st, row_w, e, pt)
+            total = _teacher_weights(
+                teachers, weights, i, _NO_LABEL, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
+            )
             for k in range(n_teachers):
                 row_w[k] /= total
             _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, 1.0 / total, ell, pt)
