@@ -47,13 +47,6 @@ def cached_kernel(key: tuple, build: Callable[[], Any]) -> Any:
     return kernel
 
 
-def teacher_key(teachers: Teachers) -> tuple[str, int | None]:
-    """('list', K) for a tuple of arrays (compiled per K), ('stacked', None) for [K, B, C]."""
-    if isinstance(teachers, tuple):
-        return "list", len(teachers)
-    return "stacked", None
-
-
 # ---------------------------------------------------------------- device detection
 
 

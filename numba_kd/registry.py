@@ -212,6 +212,8 @@ def torch_loss_function(
     import torch
     import torch.nn.functional as F
 
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
     combine = options.get("combine", "logits")
     divergence = options.get("divergence", "forward_kl")
     beta = options.get("beta", 0.5)

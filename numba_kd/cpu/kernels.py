@@ -108,9 +108,11 @@ def _max_no_nan(typingctx, a, b):
 def _max(row):
     """Maximum of a 1-D row, vectorized.
 
-    The kernels call it on rows that passed the finiteness probe.  A NaN in a
-    row, which the no-NaN flag lets the reduction skip, would still reach the
-    result through exp(x - max) in the next sweep.
+    The kernels call it on input rows that passed the finiteness probe and on
+    the target row computed from them, which can hold a NaN only where the
+    weighted teacher sum overflowed.  Such a NaN, which the no-NaN flag lets
+    the reduction skip, still reaches the result through exp(x - max) in the
+    next sweep.
     """
     m = row[0]
     for j in range(row.shape[0]):

@@ -75,7 +75,9 @@ def elementwise_config(n_elements: int) -> tuple[int, int]:
 
 def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype=None) -> dict:
     """Host values with the types of every CUDA kernel parameter, by name: the PTX
-    tests compile each kernel for these (``layout`` applies to the inputs)."""
+    tests compile each kernel for these.  ``layout`` applies to the inputs: "C",
+    "A" (strided), or "mixed" (a contiguous student and labels, strided teachers:
+    each array's layout is part of the signature)."""
     scalar = dtype.type(1.0)
     label_dtype = LABEL_DTYPES[0] if label_dtype is None else label_dtype
 
@@ -85,10 +87,12 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
 
     matrix = array((2, 3))
     vector = array((3,))
+    teacher_layout = "A" if layout == "mixed" else layout
+    layout = "C" if layout == "mixed" else layout
     if kind == "list":
-        teachers = tuple(array((2, 3), dtype, layout) for _ in range(n_teachers))
+        teachers = tuple(array((2, 3), dtype, teacher_layout) for _ in range(n_teachers))
     else:
-        teachers = array((n_teachers or 2, 2, 3), dtype, layout)
+        teachers = array((n_teachers or 2, 2, 3), dtype, teacher_layout)
     code = np.int64(0)
     values = {
         "teachers": teachers,
@@ -114,7 +118,8 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
 
 def kernel_signatures():
     """Every (op, dtype, layout, kind, K, label dtype) the PTX tests compile, with
-    K = 1 and 3 standing for all list lengths."""
+    K = 1 and 3 standing for all list lengths; the loss kernels also for strided
+    teachers beside a contiguous student."""
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         for layout in ("C", "A"):
             for kind, n_teachers in (("list", 1), ("list", 3), ("stacked", None)):
@@ -126,6 +131,8 @@ def kernel_signatures():
             for label_dtype in LABEL_DTYPES:
                 yield "count_valid", dtype, layout, "none", None, label_dtype
             yield "count_nonfinite", dtype, layout, "none", None, None
+        for op in ("loss_rows", "general_rows"):
+            yield op, dtype, "mixed", "list", 3, LABEL_DTYPES[1]
         yield "reduce_loss", dtype, "C", "none", None, None
         yield "scale_rows", dtype, "C", "none", None, None
 
