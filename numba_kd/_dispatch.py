@@ -234,14 +234,6 @@ class HostBackend:
     def cast(self, arr: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         return arr.astype(dtype)
 
-    def layout(self, *arrays: np.ndarray | tuple[np.ndarray, ...]) -> str:
-        """'C' when every array is C-contiguous, else the generic strided 'A'.
-
-        Tuples of teacher arrays are looked into; a stacked teacher array is
-        judged as a whole (its slices can be contiguous while the stack is not).
-        """
-        return "C" if all(a.flags.c_contiguous for a in flatten_arrays(arrays)) else "A"
-
     def labels(self, y: object, n_rows: int, n_classes: int, ignore_index: int | None = None) -> np.ndarray:
         arr = self.asarray(y)
         if arr.dtype.kind not in "iu":

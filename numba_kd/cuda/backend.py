@@ -228,15 +228,6 @@ def stream_of(arrays, stream) -> Any:
     return 0
 
 
-def _c_contiguous(shape, strides, itemsize) -> bool:
-    expected = itemsize
-    for extent, stride in zip(reversed(shape), reversed(strides), strict=True):
-        if extent > 1 and stride != expected:
-            return False
-        expected *= extent
-    return True
-
-
 class CudaBackend:
     """Array handling and kernel launches for inputs on a CUDA device."""
 
@@ -266,7 +257,7 @@ class CudaBackend:
 
     def layout(self, *arrays) -> str:
         flat = _dispatch.flatten_arrays(arrays)
-        ok = all(_c_contiguous(a.shape, a.strides, a.dtype.itemsize) for a in flat)
+        ok = all(_signatures.is_c_contiguous(a) for a in flat)
         return "C" if ok else "A"
 
     def labels(self, y, n_rows: int, n_classes: int, ignore_index: int | None = None):
