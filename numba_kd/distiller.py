@@ -82,6 +82,11 @@ def _asarray(backend, x: object, name: str):
             f"{name} is a masked array, whose mask the kernels would not see: fill the masked "
             "entries (and use ignore_index for masked rows)"
         )
+    if getattr(x, "requires_grad", False) is True:
+        raise TypeError(
+            f"{name} is a tensor that requires grad; numba_kd records no autograd graph, so its result "
+            f"would silently carry no gradient: pass {name}.detach() (loss_and_grad returns the gradient)"
+        )
     try:
         return backend.asarray(x)
     except (TypeError, ValueError) as exc:

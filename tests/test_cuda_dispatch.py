@@ -30,6 +30,8 @@ class FakeCudaArray:
 class FakeTensorRequiringGrad:
     """Like a torch CUDA tensor with requires_grad=True: the interface raises."""
 
+    requires_grad = True
+
     @property
     def __cuda_array_interface__(self):
         raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")

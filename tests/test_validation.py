@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -236,3 +237,37 @@ def test_ignore_index_must_fit_int64(d, batch):
     for bad in (2**63, -(2**63)):
         with pytest.raises(ValueError, match="ignore_index must fit in int64"):
             d.distillation_loss(student, teachers, labels, 0.5, ignore_index=bad)
+
+
+class _TensorRequiringGrad:
+    """Stands in for a torch tensor with requires_grad=True (host or device)."""
+
+    requires_grad = True
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("a tensor that requires grad must be refused before it is read")
+
+
+@pytest.mark.parametrize("argument", ["student", "teachers[1]"])
+def test_tensor_requiring_grad_is_refused_by_name(d, batch, argument):
+    student, teachers, labels = batch
+    if argument == "student":
+        student = _TensorRequiringGrad()
+    else:
+        teachers = [teachers[0], _TensorRequiringGrad()]
+    pattern = "^" + re.escape(argument) + " is a tensor that requires grad.*detach"
+    with pytest.raises(TypeError, match=pattern):
+        d.distillation_loss(student, teachers, labels, 0.5)
+    with pytest.raises(TypeError, match="requires grad"):
+        d.loss_and_grad(student, teachers, labels, 0.5)
+
+
+def test_torch_tensor_requiring_grad_is_refused():
+    torch = pytest.importorskip("torch")
+    d = kd.EnsembleDistiller([1.0], temperature=2.0)
+    student = torch.zeros(3, 4, requires_grad=True)
+    teacher = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match="student is a tensor that requires grad"):
+        d.distillation_loss(student, [teacher], np.zeros(3, dtype=np.int64), 0.5)
+    loss = d.distillation_loss(student.detach(), [teacher], np.zeros(3, dtype=np.int64), 0.5)
+    assert math.isclose(loss, 0.5 * math.log(4.0), rel_tol=1e-6)

@@ -240,10 +240,6 @@ class CudaBackend:
         if _dispatch.is_device_array(x):
             if simulating():
                 return x
-            try:
-                x.__cuda_array_interface__  # noqa: B018
-            except RuntimeError:
-                x = x.detach()  # a torch tensor that requires grad: the data alone
             # The kernels run on the inputs' stream, so no synchronization is needed.
             return cuda.as_cuda_array(x, sync=False)
         # Explicit device="cuda" with host data: the caller asked for the copy.
