@@ -1,4 +1,4 @@
-"""Command line: ``python -m numba_kd demo|check|bench|soft-labels|loss`` (also installed as ``numba-kd``)."""
+"""The command line, installed as ``numba-kd`` (also ``python -m numba_kd``)."""
 
 from __future__ import annotations
 
@@ -67,38 +67,81 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "Fused multi-teacher knowledge-distillation losses. Run a demo, check and time the loss on a "
+    "synthetic batch, benchmark it against its peers, or compute soft labels and losses over "
+    "datasets on disk. Each command has its own --help."
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default (flags and options without one excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_default = action.default is None or action.default is argparse.SUPPRESS
+        if "%(default)" in text or no_default or action.nargs == 0 or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="numba_kd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from numba_kd import __version__
+
+    parser = argparse.ArgumentParser(prog="numba-kd", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"numba-kd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser(
-        "demo", help="distill an ensemble of small MLPs on the digits data (needs scikit-learn)"
+        "demo",
+        formatter_class=_HelpFormatter,
+        help="distill an ensemble of small MLPs on the digits data (needs scikit-learn)",
+        description=(
+            "Train an ensemble of small MLP teachers on scikit-learn's digits data, distill it into a "
+            "student with numba_kd's loss_and_grad, and compare the student with one trained on the "
+            "labels alone."
+        ),
     )
-    d.add_argument("--seeds", type=int, default=5, help="training runs to average (default 5)")
+    d.add_argument("--seeds", type=int, default=5, help="training runs to average")
     d.add_argument("--quick", action="store_true", help="fewer training steps (a smoke test)")
     d.set_defaults(func=_demo)
 
-    p = sub.add_parser("check", help="distillation loss on a synthetic ensemble batch, checked and timed")
-    p.add_argument("--teachers", type=int, default=4, help="number of teachers K (default 4)")
-    p.add_argument("--batch", type=int, default=2048, help="rows B (default 2048)")
-    p.add_argument("--classes", type=int, default=1000, help="classes C (default 1000)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.7)
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "check",
+        formatter_class=_HelpFormatter,
+        help="distillation loss on a synthetic ensemble batch, checked and timed",
+        description=(
+            "Compute the distillation loss of a synthetic batch, compare it with the float64 NumPy "
+            "reference, and time both."
+        ),
+    )
+    p.add_argument("--teachers", type=int, default=4, help="number of teachers K")
+    p.add_argument("--batch", type=int, default=2048, help="rows B")
+    p.add_argument("--classes", type=int, default=1000, help="classes C")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="logits dtype")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T")
+    p.add_argument("--alpha", type=float, default=0.7, help="weight of the soft term")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per implementation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch")
     p.set_defaults(func=check)
 
     b = sub.add_parser(
-        "bench", help="numba_kd vs NumPy, torch, torch.compile, jax.jit and the memory roofline"
+        "bench",
+        formatter_class=_HelpFormatter,
+        help="numba_kd vs NumPy, torch, torch.compile, jax.jit and the memory roofline",
+        description=(
+            "Time every operation and option of numba_kd beside the float64 NumPy reference, eager "
+            "torch, torch.compile and jax.jit (those installed), interleaved in rounds, with the memory "
+            "roofline of each row."
+        ),
     )
     b.add_argument("--quick", action="store_true", help="small shapes, few rounds (a smoke test)")
-    b.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (default 9)")
+    b.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds")
     b.add_argument("--operations", metavar="NAMES", help="comma-separated rows (default: every row)")
     b.add_argument("--shapes", metavar="BxC,...", help="e.g. 8192x1000,512x32000 (default: all three)")
     b.add_argument("--no-peers", action="store_true", help="time numba_kd and the roofline only")
     b.add_argument("--no-latency", action="store_true", help="skip the compile-latency subprocesses")
     b.add_argument("--from-json", metavar="PATH", help="print the table of a saved --json run and exit")
-    b.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    b.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="logits dtype")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     b.set_defaults(func=_bench)
@@ -120,7 +163,7 @@ def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
         metavar="W1,W2,...",
         help="teacher weights, comma-separated (default: equal)",
     )
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T > 0 (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T > 0")
     p.add_argument(
         "--combine",
         choices=["logits", "probs"],
@@ -144,6 +187,7 @@ def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
 def _add_offline_commands(sub) -> None:
     s = sub.add_parser(
         "soft-labels",
+        formatter_class=_HelpFormatter,
         help="combine teacher logits on disk into soft labels, streaming row chunks",
         description=(
             "Combine K teachers' logits (each a .npy file, read memory-mapped, or a Zarr array: a path "
@@ -167,6 +211,7 @@ def _add_offline_commands(sub) -> None:
 
     loss = sub.add_parser(
         "loss",
+        formatter_class=_HelpFormatter,
         help="the ensemble distillation loss of a student over a dataset on disk",
         description=(
             "alpha T^2 KL(p || softmax(s / T)) + (1 - alpha) CE(s, y), averaged over every row of the "

@@ -178,11 +178,21 @@ def load_digits_split(seed):
 def run(args) -> int:
     import numba
 
-    import numba_kd as kd
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError as exc:
+        raise SystemExit('the demo needs threadpoolctl: pip install "numba_kd[demo]"') from exc
 
-    # The batches are tiny (at most ~1,150 x 10 logits): one numba thread avoids
-    # fighting NumPy's BLAS threads over the same cores between the two calls.
+    # The batches are tiny (at most ~1,150 x 10 logits), and the NumPy matrix
+    # products and numba_kd's kernels alternate: one thread each, so that neither
+    # pool spins on cores the other needs.
     numba.set_num_threads(1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _run(args)
+
+
+def _run(args) -> int:
+    import numba_kd as kd
 
     seeds = list(range(args.seeds))
     teacher_steps, student_steps = (150, 150) if args.quick else (400, 400)

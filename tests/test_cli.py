@@ -24,7 +24,41 @@ def test_help():
     out = subprocess.run(
         [sys.executable, "-m", "numba_kd", "--help"], capture_output=True, text=True, check=True
     )
-    assert "demo" in out.stdout
+    assert out.stdout.startswith("usage: numba-kd ")
+    for command in ("demo", "check", "bench", "soft-labels", "loss"):
+        assert command in out.stdout
+
+
+def test_version():
+    import numba_kd
+
+    out = subprocess.run(
+        [sys.executable, "-m", "numba_kd", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"numba-kd {numba_kd.__version__}"
+
+
+def _options(parser):
+    """(subcommand name, option action) for every option of every subcommand."""
+    subcommands = parser._subparsers._group_actions[0].choices
+    for name, sub in subcommands.items():
+        for option in sub._actions:
+            if option.option_strings and option.dest != "help":
+                yield name, sub, option
+
+
+def test_subcommand_help_shows_defaults_and_no_markup():
+    from numba_kd.cli import build_parser
+
+    parser = build_parser()
+    assert "``" not in parser.format_help()
+    for name, sub, option in _options(parser):
+        text = sub.format_help()
+        assert "``" not in text and ":func:" not in text, name
+        if option.default is not None and option.nargs != 0:
+            flag = option.option_strings[-1]
+            entry = text[text.index("\n  " + flag) + 1 :].split("\n  -")[0]
+            assert f"(default: {option.default})" in " ".join(entry.split()), (name, flag)
 
 
 def test_demo_trains_students():
