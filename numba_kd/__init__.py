@@ -5,7 +5,8 @@ numba's on-disk cache) on its first call.
 """
 
 from numba_kd import _runtime
-from numba_kd.distiller import DistillationLoss, EnsembleDistiller, LossComponents
+from numba_kd._options import LossComponents
+from numba_kd.distiller import DistillationLoss, EnsembleDistiller
 
 __all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "__version__"]
 

@@ -8,12 +8,14 @@ hashable summary of exactly what the types depend on.
 
 Host kernels mark the parameters they only read with :func:`reads`: those are
 typed as read-only arrays, so that read-only inputs (memory maps) and writable
-ones share a specialization.
+ones share a specialization.  :func:`cached_kernel` keeps the compiled
+specializations of both targets for the process.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +23,24 @@ import numpy as np
 from numba import from_dtype, types
 
 _PARAMETERS: dict[Callable[..., Any], tuple[str, ...]] = {}
+_COMPILED: dict[tuple, Any] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def compiled_signature_count() -> int:
+    """Number of kernel specializations compiled (or loaded) in this process."""
+    return len(_COMPILED)
+
+
+def cached_kernel(key: tuple, build: Callable[[], Any]) -> Any:
+    """The kernel for ``key``, built (compiled or loaded from disk) once per process."""
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        with _COMPILE_LOCK:
+            kernel = _COMPILED.get(key)
+            if kernel is None:
+                kernel = _COMPILED[key] = build()
+    return kernel
 
 
 def reads(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

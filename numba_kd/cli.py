@@ -244,12 +244,7 @@ def _soft_labels(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows, dtype=args.dtype, resume=args.resume, overwrite=args.overwrite,
             progress=not args.no_progress,
         )  # fmt: skip
-        if args.scheduler:
-            from numba_kd import dask_backend
-
-            summary = dask_backend.soft_labels(args.teachers, args.out, scheduler=args.scheduler, **options)
-        else:
-            summary = offline.soft_labels(args.teachers, args.out, **options)
+        summary = offline.soft_labels(args.teachers, args.out, scheduler=args.scheduler, **options)
     except (TypeError, ValueError, ImportError) as exc:
         return _fail(exc)
     print(
@@ -267,16 +262,10 @@ def _loss(args: argparse.Namespace) -> int:
             alpha=args.alpha, weights=args.weights, temperature=args.temperature, combine=args.combine,
             chunk_rows=args.chunk_rows,
         )  # fmt: skip
-        if args.scheduler:
-            from numba_kd import dask_backend
-
-            result = dask_backend.dataset_loss(
-                args.student, args.teachers, args.labels, scheduler=args.scheduler, **options
-            )
-        else:
-            result = offline.dataset_loss(
-                args.student, args.teachers, args.labels, progress=not args.no_progress, **options
-            )
+        result = offline.dataset_loss(
+            args.student, args.teachers, args.labels, progress=not args.no_progress,
+            scheduler=args.scheduler, **options,
+        )  # fmt: skip
     except (TypeError, ValueError, ImportError) as exc:
         return _fail(exc)
     if args.json:

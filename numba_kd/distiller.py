@@ -2,7 +2,8 @@
 
 The semantics are those of the Rust crate entrenar's ``distill`` module; error
 messages repeat its wording where it has one.  No kernel code lives here: once
-the arguments are checked and normalized, ``_dispatch`` runs the kernels.
+the arguments are checked and normalized, the backend that ``_targets`` picks
+runs the kernels.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from numba_kd import _dispatch
-from numba_kd._dispatch import LossOptions
+from numba_kd import _arrays, _options, _targets
+from numba_kd._options import LossComponents, LossOptions
 
 TeacherLogits = Sequence[ArrayLike] | ArrayLike
 Device = Literal["cpu", "cuda"] | None
@@ -222,12 +223,12 @@ def _check_bool(value: object, name: str) -> bool:
     return bool(value)
 
 
-def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting) -> LossOptions:
+def _loss_options(reduction, ignore_index, combine, divergence, beta, teacher_weighting) -> LossOptions:
     for name, value, allowed in (
-        ("reduction", reduction, _dispatch.REDUCTIONS),
-        ("combine", combine, _dispatch.COMBINES),
-        ("divergence", divergence, _dispatch.DIVERGENCES),
-        ("teacher_weighting", teacher_weighting, _dispatch.WEIGHTINGS),
+        ("reduction", reduction, _options.REDUCTIONS),
+        ("combine", combine, _options.COMBINES),
+        ("divergence", divergence, _options.DIVERGENCES),
+        ("teacher_weighting", teacher_weighting, _options.WEIGHTINGS),
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -235,7 +236,7 @@ def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighti
         isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
     ):
         raise TypeError(f"ignore_index must be an integer or None, got {type(ignore_index).__name__}")
-    if ignore_index is not None and not _dispatch.NO_IGNORE < int(ignore_index) <= np.iinfo(np.int64).max:
+    if ignore_index is not None and not _options.NO_IGNORE < int(ignore_index) <= np.iinfo(np.int64).max:
         raise ValueError(f"ignore_index must fit in int64 (and not be its minimum), got {ignore_index}")
     b = _real(beta, "beta")
     if divergence == "jsd" and not 0.0 < b < 1.0:
@@ -252,9 +253,9 @@ def _options(reduction, ignore_index, combine, divergence, beta, teacher_weighti
 
 def _dask():
     """The dask path (imports dask): only for dask inputs."""
-    from numba_kd import dask_backend
+    from numba_kd import _dask
 
-    return dask_backend
+    return _dask
 
 
 def _loss_kwargs(options: LossOptions, return_components: bool, check_finite: bool) -> dict[str, Any]:
@@ -268,14 +269,6 @@ def _loss_kwargs(options: LossOptions, return_components: bool, check_finite: bo
         "return_components": return_components,
         "check_finite": check_finite,
     }
-
-
-class LossComponents(NamedTuple):
-    """A loss with its soft (divergence) and hard (cross-entropy) parts: loss = soft + hard."""
-
-    loss: Any
-    soft: Any
-    hard: Any
 
 
 def _evaluate(
@@ -376,11 +369,11 @@ class EnsembleDistiller:
         The result lives where the teachers live (see :ref:`Devices <devices>`);
         ``out`` receives it when given (and is returned).
         """
-        if _dispatch.has_dask_array([teachers]):
+        if _arrays.has_dask_array([teachers]):
             return _dask().combine(
                 self, teachers, "combine_teachers", {"check_finite": check_finite}, device, out
             )
-        backend = _dispatch.backend_for([teachers], device, stream)
+        backend = _targets.backend_for([teachers], device, stream)
         t, result = self._combine_inputs(backend, teachers, out, check_finite)
         backend.combine_logits(t, self._weights, result)
         return out if out is not None else backend.wrap(result, _first(teachers))
@@ -403,10 +396,10 @@ class EnsembleDistiller:
         e = _real(eps, "eps")
         if not (e >= 0.0 and math.isfinite(e)):
             raise ValueError(f"eps must be finite and non-negative, got {e}")
-        if _dispatch.has_dask_array([teachers]):
+        if _arrays.has_dask_array([teachers]):
             kwargs = {"eps": e, "check_finite": check_finite}
             return _dask().combine(self, teachers, "combine_via_probabilities", kwargs, device, out)
-        backend = _dispatch.backend_for([teachers], device, stream)
+        backend = _targets.backend_for([teachers], device, stream)
         t, result = self._combine_inputs(backend, teachers, out, check_finite)
         backend.combine_probabilities(t, self._weights, self._temperature, e, result)
         return out if out is not None else backend.wrap(result, _first(teachers))
@@ -525,8 +518,8 @@ class EnsembleDistiller:
         return_device_scalar,
     ):
         a = _check_alpha(alpha)
-        options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
-        if _dispatch.has_dask_array([student, teachers, labels]):
+        options = _loss_options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
+        if _arrays.has_dask_array([student, teachers, labels]):
 
             def call(s, t, y, grad, **kw):
                 return (self.loss_and_grad if grad else self.distillation_loss)(s, t, y, a, **kw)
@@ -535,7 +528,7 @@ class EnsembleDistiller:
             return _dask().loss(
                 call, student, teachers, labels, want_grad, kwargs, device, out, return_device_scalar
             )
-        backend = _dispatch.backend_for([student, teachers, labels], device, stream)
+        backend = _targets.backend_for([student, teachers, labels], device, stream)
         s, t, y, lead = _loss_inputs(backend, student, teachers, labels, self.num_teachers, options)
         if _check_bool(check_finite, "check_finite"):
             _check_finite(backend, [("student", s), *_named_teachers(t)])
@@ -695,8 +688,8 @@ class DistillationLoss:
         stream,
         return_device_scalar,
     ):
-        options = _options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
-        if _dispatch.has_dask_array([student, teacher, labels]):
+        options = _loss_options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
+        if _arrays.has_dask_array([student, teacher, labels]):
 
             def call(s, t, y, grad, **kw):
                 return (self.loss_and_grad if grad else self.forward)(s, t[0], y, **kw)
@@ -705,7 +698,7 @@ class DistillationLoss:
             return _dask().loss(
                 call, student, [teacher], labels, want_grad, kwargs, device, out, return_device_scalar
             )
-        backend = _dispatch.backend_for([student, teacher, labels], device, stream)
+        backend = _targets.backend_for([student, teacher, labels], device, stream)
         s = _asarray(backend, student, "student")
         t = (_logits(backend, teacher, "teacher", s.ndim if s.ndim in (2, 3) else (2, 3)),)
         s, t, y, lead = _loss_inputs(backend, s, t, labels, 1, options)

@@ -263,13 +263,23 @@ def soft_labels(
     overwrite: bool = False,
     progress: bool = False,
     on_chunk: Callable[[int], None] | None = None,
+    scheduler: str | None = None,
 ) -> Summary:
     """Combine teacher logit files into a soft-label file ``out`` (``[N, C]``).
 
     ``combine="logits"`` writes ``sum_k w_k t_k``; ``"probs"`` writes
     ``T log(sum_k w_k softmax(t_k / T) + eps)``.  Everything is validated before
-    anything is written.
+    anything is written.  With ``scheduler`` (a dask.distributed address) the
+    row chunks run on that cluster's workers, which read and write the files
+    themselves.
     """
+    if scheduler is not None:
+        if on_chunk is not None:
+            raise ValueError("on_chunk works without a scheduler only")
+        return _soft_labels_on_cluster(
+            teachers, out, scheduler=scheduler, weights=weights, temperature=temperature, combine=combine,
+            eps=eps, chunk_rows=chunk_rows, dtype=dtype, resume=resume, overwrite=overwrite,
+        )  # fmt: skip
     plan = plan_soft_labels(teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite)
     if resume and not is_zarr_path(plan.out_path):
         raise ValueError("--resume needs a Zarr output (a path ending in .zarr)")
@@ -356,12 +366,20 @@ def dataset_loss(
     combine: str = "logits",
     chunk_rows: int | None = None,
     progress: bool = False,
+    scheduler: str | None = None,
 ) -> dict[str, float | int]:
     """The ensemble distillation loss over a dataset: ``{"loss", "soft", "hard", "rows"}``.
 
     Per chunk the soft and hard parts are summed (``reduction="sum"``), then the
     totals are divided once by the number of rows, as the in-memory mean does.
+    With ``scheduler`` (a dask.distributed address) the chunks run on that
+    cluster's workers.
     """
+    if scheduler is not None:
+        return _dataset_loss_on_cluster(
+            student, teachers, labels, scheduler=scheduler, alpha=alpha, weights=weights,
+            temperature=temperature, combine=combine, chunk_rows=chunk_rows,
+        )  # fmt: skip
     if len(teachers) == 0:
         raise ValueError("Must have at least one teacher")
     s = open_input(student, "student")
@@ -398,3 +416,143 @@ def dataset_loss(
         bar.update(stop - start)
     soft, hard = soft_total / n_rows, hard_total / n_rows
     return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}
+
+
+# ---------------------------------------------------------------- on a dask.distributed cluster
+
+
+def _read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
+    return np.array(np.load(path, mmap_mode="r")[start:stop])
+
+
+def open_rows(path: str | os.PathLike, chunk_rows: int) -> Any:
+    """A dask array over a ``.npy`` file or a Zarr array, ``chunk_rows`` rows per block,
+    read by the workers themselves (files must be visible to them)."""
+    dask, da = _dask_modules()
+    p = str(Path(path).resolve())
+    if p.endswith(".zarr"):
+        return da.from_zarr(p).rechunk((chunk_rows, *(-1,) * (len(da.from_zarr(p).shape) - 1)))
+    header = np.load(p, mmap_mode="r")
+    shape, dtype = header.shape, header.dtype
+    del header
+    blocks = [
+        da.from_delayed(
+            dask.delayed(_read_npy_rows)(p, start, min(start + chunk_rows, shape[0])),
+            shape=(min(start + chunk_rows, shape[0]) - start, *shape[1:]),
+            dtype=dtype,
+        )
+        for start in range(0, shape[0], chunk_rows)
+    ]
+    return da.concatenate(blocks, axis=0) if blocks else da.zeros((0, *shape[1:]), dtype=dtype)
+
+
+class _NpyRows:
+    """A ``dask.array.store`` target writing row blocks into an existing ``.npy`` file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        target = np.load(self.path, mmap_mode="r+")
+        target[key] = value
+        target.flush()
+        del target
+
+
+def _dask_modules():
+    try:
+        import dask
+        import dask.array as da
+    except ImportError:
+        raise ImportError('scheduler= needs dask[array]: pip install "numba_kd[dask]"') from None
+    return dask, da
+
+
+def _client(scheduler: str):
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ImportError('scheduler= needs dask.distributed: pip install "numba_kd[dask]"') from None
+    return Client(scheduler)
+
+
+def _soft_labels_on_cluster(
+    teachers: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    scheduler: str,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    combine: str = "logits",
+    eps: float = 1e-10,
+    chunk_rows: int | None = None,
+    dtype: str = "float32",
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Summary:
+    """``soft_labels`` on a dask.distributed cluster: each worker reads its
+    row blocks and writes them to OUT's temporary name, renamed when all are done."""
+    _, da = _dask_modules()
+    if resume:
+        raise ValueError("resume works without a scheduler only")
+    plan = plan_soft_labels(teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite)
+    distiller, out_path, rows = plan.distiller, plan.out_path, plan.rows_per_chunk
+    n_rows, n_classes, in_dtype = plan.n_rows, plan.n_classes, plan.in_dtype
+    del plan
+    arrays = [open_rows(t, rows) for t in teachers]
+    if combine == "logits":
+        result = distiller.combine_teachers(arrays)
+    else:
+        result = distiller.combine_via_probabilities(arrays, eps)
+    result = result.astype(np.dtype(dtype))
+    partial = _partial_path(out_path)
+    start = time.perf_counter()
+    with _client(scheduler):
+        if is_zarr_path(out_path):
+            if partial.exists():
+                import shutil
+
+                shutil.rmtree(partial)
+            da.to_zarr(result, str(partial))
+        else:
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, n_classes))
+            target = _NpyRows(str(partial.resolve()))
+            da.store(result, target, lock=False)
+    _finish(None, out_path, overwrite)
+    seconds = time.perf_counter() - start
+    rate = n_rows / max(seconds, 1e-9)
+    gb = rate * n_classes * np.dtype(in_dtype).itemsize * len(teachers) / 1e9
+    return Summary(n_rows, seconds, rate, gb)
+
+
+def _dataset_loss_on_cluster(
+    student: str | os.PathLike,
+    teachers: Sequence[str | os.PathLike],
+    labels: str | os.PathLike,
+    *,
+    scheduler: str,
+    alpha: float,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    combine: str = "logits",
+    chunk_rows: int | None = None,
+) -> dict[str, float | int]:
+    """``dataset_loss`` on a dask.distributed cluster."""
+    dask, _ = _dask_modules()
+    local = [open_input(p, name) for p, name in [(student, "student")] + [
+        (t, f"teachers[{k}]") for k, t in enumerate(teachers)
+    ]]  # fmt: skip
+    n_rows, n_classes, in_dtype = _check_logits(
+        local, ["student"] + [f"teachers[{k}]" for k in range(len(teachers))]
+    )
+    _read_labels(labels, n_rows)
+    del local
+    distiller = _ensemble(weights, len(teachers), temperature)
+    rows = chunk_rows_for(len(teachers) + 1, n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
+    s = open_rows(student, rows)
+    t = [open_rows(p, rows) for p in teachers]
+    y = open_rows(labels, rows)
+    parts = distiller.distillation_loss(s, t, y, alpha, combine=combine, return_components=True)
+    with _client(scheduler):
+        loss_value, soft, hard = dask.compute(*parts)
+    return {"loss": float(loss_value), "soft": float(soft), "hard": float(hard), "rows": n_rows}

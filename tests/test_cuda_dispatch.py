@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import numba_kd as kd
-from numba_kd import _dispatch
+from numba_kd import _arrays, _targets
 
 
 class FakeCudaArray:
@@ -52,25 +52,25 @@ class FakeCpuTensor:
 
 
 def test_detection():
-    assert _dispatch.is_device_array(FakeCudaArray())
-    assert _dispatch.is_device_array(FakeTensorRequiringGrad())
-    assert not _dispatch.is_device_array(FakeCpuTensor())
-    assert not _dispatch.is_device_array(np.zeros(3))
-    assert not _dispatch.is_device_array([[1.0, 2.0]])
+    assert _arrays.is_device_array(FakeCudaArray())
+    assert _arrays.is_device_array(FakeTensorRequiringGrad())
+    assert not _arrays.is_device_array(FakeCpuTensor())
+    assert not _arrays.is_device_array(np.zeros(3))
+    assert not _arrays.is_device_array([[1.0, 2.0]])
 
 
 def test_target_choice():
     host = np.zeros((2, 3))
-    assert _dispatch.backend_for([host, [host, host]], None).target == "cpu"
-    assert _dispatch.backend_for([FakeCpuTensor()], None).target == "cpu"
+    assert _targets.backend_for([host, [host, host]], None).target == "cpu"
+    assert _targets.backend_for([FakeCpuTensor()], None).target == "cpu"
     with pytest.raises(ValueError, match="inputs mix host"):
-        _dispatch.backend_for([host, [FakeCudaArray(), host]], None)
+        _targets.backend_for([host, [FakeCudaArray(), host]], None)
     with pytest.raises(ValueError, match="inputs mix host"):
-        _dispatch.backend_for([FakeTensorRequiringGrad(), host], None)
+        _targets.backend_for([FakeTensorRequiringGrad(), host], None)
     with pytest.raises(ValueError, match='device must be "cpu", "cuda" or None'):
-        _dispatch.backend_for([host], "gpu")
+        _targets.backend_for([host], "gpu")
     with pytest.raises(ValueError, match="stream= applies to CUDA inputs only"):
-        _dispatch.backend_for([host], None, stream=5)
+        _targets.backend_for([host], None, stream=5)
 
 
 def test_mixed_inputs_raise_through_the_api():

@@ -9,8 +9,8 @@ import sys
 def test_import_compiles_nothing():
     code = (
         "import sys, numba_kd\n"
-        "from numba_kd import _dispatch\n"
-        "assert _dispatch.compiled_signature_count() == 0\n"
+        "from numba_kd import _signatures\n"
+        "assert _signatures.compiled_signature_count() == 0\n"
         "assert 'numba_kd.cpu.kernels' not in sys.modules, 'kernels imported at import time'\n"
         "print('ok')\n"
     )
@@ -21,7 +21,7 @@ def test_import_compiles_nothing():
 REPEATED_CALLS = """
 import numpy as np
 import numba_kd as kd
-from numba_kd import _dispatch
+from numba_kd import _signatures
 
 rng = np.random.default_rng(0)
 student = rng.normal(size=(6, 9)).astype(np.float32)
@@ -39,16 +39,16 @@ def all_ops(s, t):
 
 all_ops(student, teachers)
 all_ops(student, np.stack(teachers))
-count = _dispatch.compiled_signature_count()
+count = _signatures.compiled_signature_count()
 # Same kinds of input (dtype, layout, list vs stacked, K); other values and shapes.
 all_ops(student[:3] * 2, [t[:3].copy() for t in teachers])
 all_ops(student + 1, np.stack(teachers) - 1)
 big = rng.normal(size=(6, 20)).astype(np.float32)
 all_ops(big, [big, big])
-assert _dispatch.compiled_signature_count() == count, (count, _dispatch.compiled_signature_count())
+assert _signatures.compiled_signature_count() == count, (count, _signatures.compiled_signature_count())
 # A new kind of input (float64) adds specializations.
 all_ops(student.astype(np.float64), [t.astype(np.float64) for t in teachers])
-assert _dispatch.compiled_signature_count() > count
+assert _signatures.compiled_signature_count() > count
 print(count)
 """
 

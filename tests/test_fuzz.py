@@ -67,8 +67,8 @@ from hypothesis import strategies as st
 
 import numba_kd as kd
 from numba_kd import reference as kref
-from numba_kd._dispatch import FAST_MAX_TEMPERATURE as FLOAT32_MAX_TEMPERATURE
-from numba_kd._dispatch import FLOAT32_MIN_TEMPERATURE
+from numba_kd._options import FAST_MAX_TEMPERATURE as FLOAT32_MAX_TEMPERATURE
+from numba_kd._options import FLOAT32_MIN_TEMPERATURE
 
 settings.register_profile(
     "ci",
@@ -625,7 +625,7 @@ def _check_combine_probabilities(case: Case, d, result, out) -> None:
 
 def _loss_path_roundoff(case: Case, dtype: np.dtype) -> float:
     """u of the loss arithmetic: float32 inputs compute per element in float32 for every
-    option at 1e-6 <= T <= 16, in float64 outside (numba_kd._dispatch._compute_dtype)."""
+    option at 1e-6 <= T <= 16, in float64 outside (numba_kd._options.compute_dtype)."""
     if dtype == F32 and FLOAT32_MIN_TEMPERATURE <= case.temperature <= FLOAT32_MAX_TEMPERATURE:
         return UNIT_ROUNDOFF[F32]
     return UNIT_ROUNDOFF[F64]

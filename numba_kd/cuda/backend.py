@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from numba_kd import _dispatch, _signatures
+from numba_kd import _arrays, _options, _signatures
 from numba_kd.cuda.kernels import BLOCK_THREADS, DeviceLossParams, make_kernels
 
 # The simulator runs every CUDA thread as a Python thread: keep launches tiny.
@@ -25,7 +25,7 @@ _KERNELS: dict[str, Any] = {}
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 # float32 losses accumulate in float32 on the device: above this temperature the
 # soft term (a difference of log-sums that agree to about 1/T^2) is lost.
-FLOAT32_MAX_TEMPERATURE = _dispatch.FAST_MAX_TEMPERATURE
+FLOAT32_MAX_TEMPERATURE = _options.FAST_MAX_TEMPERATURE
 
 
 def simulating() -> bool:
@@ -157,7 +157,7 @@ def _launch(op: str, dtype: np.dtype, griddim, blockdim, stream, **arguments: An
             return dispatcher
         return dispatcher.compile(_signatures.types_of(dispatcher.py_func, args, host=False))
 
-    kernel = _dispatch.cached_kernel(key, build)
+    kernel = _signatures.cached_kernel(key, build)
     if simulating():
         kernel[griddim, blockdim, stream](*args)
     else:
@@ -237,7 +237,7 @@ class CudaBackend:
         self.stream = stream
 
     def asarray(self, x):
-        if _dispatch.is_device_array(x):
+        if _arrays.is_device_array(x):
             if simulating():
                 return x
             # The kernels run on the inputs' stream, so no synchronization is needed.
@@ -252,7 +252,7 @@ class CudaBackend:
         )
 
     def layout(self, *arrays) -> str:
-        flat = _dispatch.flatten_arrays(arrays)
+        flat = _arrays.flatten_arrays(arrays)
         ok = all(_signatures.is_c_contiguous(a) for a in flat)
         return "C" if ok else "A"
 
@@ -283,13 +283,13 @@ class CudaBackend:
     def output(self, out, shape: tuple[int, ...], dtype: np.dtype, inputs: list[object]):
         """A caller's ``out=`` device array, checked: C-contiguous, this shape and
         dtype, no memory shared with the inputs."""
-        if not _dispatch.is_device_array(out):
+        if not _arrays.is_device_array(out):
             raise TypeError(f"out must be a CUDA device array for CUDA inputs, got {type(out).__name__}")
         arr = self.asarray(out)
-        _dispatch.check_output(arr, shape, dtype)
+        _arrays.check_output(arr, shape, dtype)
         if self.layout(arr) != "C":
             raise ValueError("out must be a writable C-contiguous array")
-        for x in _dispatch.flatten_arrays(inputs):
+        for x in _arrays.flatten_arrays(inputs):
             if _overlap(arr, x):
                 raise ValueError("out must not share memory with the inputs")
         return arr
@@ -359,7 +359,7 @@ class CudaBackend:
             ignore_index=np.int64(options.ignore_code), mean=options.reduction == "mean", divisor=divisor,
         )  # fmt: skip
         grad = None
-        fast = temperature <= _dispatch.FAST_MAX_TEMPERATURE  # see _dispatch.FAST_MAX_TEMPERATURE
+        fast = temperature <= _options.FAST_MAX_TEMPERATURE  # see _options.FAST_MAX_TEMPERATURE
         if options.is_default and options.ignore_index is None and not want_grad and fast:
             _launch(
                 "loss_rows", dtype, grid, block, self.stream, student=student, teachers=teachers,

@@ -19,7 +19,7 @@ from helpers import ARRAY_ATOL, logit_scale, make_batch
 from numba import cuda
 
 import numba_kd as kd
-from numba_kd import _dispatch
+from numba_kd import _signatures
 
 if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
     pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 or a CUDA GPU", allow_module_level=True)
@@ -180,10 +180,10 @@ def test_repeated_calls_compile_nothing(rng):
         d.combine_via_probabilities(dev[1])
 
     run(2, 7)
-    count = _dispatch.compiled_signature_count()
+    count = _signatures.compiled_signature_count()
     run(3, 9)
     run(1, 40)
-    assert _dispatch.compiled_signature_count() == count
+    assert _signatures.compiled_signature_count() == count
 
 
 # Every combination of the loss options on one small float64 batch with a masked

@@ -12,22 +12,19 @@ the first (rows) and to the student's row chunks, and
   in-memory mean does (equal to it up to the order of the float64 sums).
 
 Nothing is computed until the caller computes (on any scheduler, for example a
-``dask.distributed`` cluster).  The functions for files on disk
-(``soft_labels``, ``dataset_loss``) back ``numba-kd ... --scheduler ADDRESS``.
+``dask.distributed`` cluster).  ``numba_kd.offline`` builds its cluster jobs
+(``scheduler=``) on these functions.
 """
 
 from __future__ import annotations
 
-import os
 import string
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 try:
-    import dask
     import dask.array as da
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError('dask inputs need dask[array]: pip install "numba_kd[dask]"') from exc
@@ -177,143 +174,6 @@ def loss(
 
 
 def _components(parts: tuple) -> Any:
-    from numba_kd.distiller import LossComponents
+    from numba_kd._options import LossComponents
 
     return LossComponents(*parts)
-
-
-# ---------------------------------------------------------------- files on disk
-
-
-def _read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
-    return np.array(np.load(path, mmap_mode="r")[start:stop])
-
-
-def open_rows(path: str | os.PathLike, chunk_rows: int) -> Any:
-    """A dask array over a ``.npy`` file or a Zarr array, ``chunk_rows`` rows per block,
-    read by the workers themselves (files must be visible to them)."""
-    p = str(Path(path).resolve())
-    if p.endswith(".zarr"):
-        return da.from_zarr(p).rechunk((chunk_rows, *(-1,) * (len(da.from_zarr(p).shape) - 1)))
-    header = np.load(p, mmap_mode="r")
-    shape, dtype = header.shape, header.dtype
-    del header
-    blocks = [
-        da.from_delayed(
-            dask.delayed(_read_npy_rows)(p, start, min(start + chunk_rows, shape[0])),
-            shape=(min(start + chunk_rows, shape[0]) - start, *shape[1:]),
-            dtype=dtype,
-        )
-        for start in range(0, shape[0], chunk_rows)
-    ]
-    return da.concatenate(blocks, axis=0) if blocks else da.zeros((0, *shape[1:]), dtype=dtype)
-
-
-class _NpyRows:
-    """A ``dask.array.store`` target writing row blocks into an existing ``.npy`` file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __setitem__(self, key: Any, value: np.ndarray) -> None:
-        target = np.load(self.path, mmap_mode="r+")
-        target[key] = value
-        target.flush()
-        del target
-
-
-def _client(scheduler: str):
-    try:
-        from distributed import Client
-    except ImportError:
-        raise ImportError('--scheduler needs dask.distributed: pip install "numba_kd[dask]"') from None
-    return Client(scheduler)
-
-
-def soft_labels(
-    teachers: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    scheduler: str,
-    weights: Sequence[float] | None = None,
-    temperature: float = 1.0,
-    combine: str = "logits",
-    eps: float = 1e-10,
-    chunk_rows: int | None = None,
-    dtype: str = "float32",
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> Any:
-    """``offline.soft_labels`` on a dask.distributed cluster: each worker reads its
-    row blocks and writes them to OUT's temporary name, renamed when all are done."""
-    import time
-
-    from numba_kd import offline
-
-    if resume:
-        raise ValueError("--resume works without --scheduler only")
-    plan = offline.plan_soft_labels(
-        teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite
-    )
-    distiller, out_path, rows = plan.distiller, plan.out_path, plan.rows_per_chunk
-    n_rows, n_classes, in_dtype = plan.n_rows, plan.n_classes, plan.in_dtype
-    del plan
-    arrays = [open_rows(t, rows) for t in teachers]
-    if combine == "logits":
-        result = distiller.combine_teachers(arrays)
-    else:
-        result = distiller.combine_via_probabilities(arrays, eps)
-    result = result.astype(np.dtype(dtype))
-    partial = offline._partial_path(out_path)
-    start = time.perf_counter()
-    with _client(scheduler):
-        if offline.is_zarr_path(out_path):
-            if partial.exists():
-                import shutil
-
-                shutil.rmtree(partial)
-            da.to_zarr(result, str(partial))
-        else:
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, n_classes))
-            target = _NpyRows(str(partial.resolve()))
-            da.store(result, target, lock=False)
-    offline._finish(None, out_path, overwrite)
-    seconds = time.perf_counter() - start
-    rate = n_rows / max(seconds, 1e-9)
-    gb = rate * n_classes * np.dtype(in_dtype).itemsize * len(teachers) / 1e9
-    return offline.Summary(n_rows, seconds, rate, gb)
-
-
-def dataset_loss(
-    student: str | os.PathLike,
-    teachers: Sequence[str | os.PathLike],
-    labels: str | os.PathLike,
-    *,
-    scheduler: str,
-    alpha: float,
-    weights: Sequence[float] | None = None,
-    temperature: float = 1.0,
-    combine: str = "logits",
-    chunk_rows: int | None = None,
-) -> dict[str, float | int]:
-    """``offline.dataset_loss`` on a dask.distributed cluster."""
-    from numba_kd import offline
-
-    local = [offline.open_input(p, name) for p, name in [(student, "student")] + [
-        (t, f"teachers[{k}]") for k, t in enumerate(teachers)
-    ]]  # fmt: skip
-    n_rows, n_classes, in_dtype = offline._check_logits(
-        local, ["student"] + [f"teachers[{k}]" for k in range(len(teachers))]
-    )
-    offline._read_labels(labels, n_rows)
-    del local
-    distiller = offline._ensemble(weights, len(teachers), temperature)
-    rows = offline.chunk_rows_for(len(teachers) + 1, n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
-    s = open_rows(student, rows)
-    t = [open_rows(p, rows) for p in teachers]
-    y = open_rows(labels, rows)
-    parts = distiller.distillation_loss(s, t, y, alpha, combine=combine, return_components=True)
-    with _client(scheduler):
-        loss_value, soft, hard = dask.compute(*parts)
-    return {"loss": float(loss_value), "soft": float(soft), "hard": float(hard), "rows": n_rows}

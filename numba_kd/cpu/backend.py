@@ -1,191 +1,24 @@
-"""Target choice, the compiled-kernel cache, and the CPU backend.
-
-``distiller.py`` validates arguments and then talks to a *backend*: the
-``HostBackend`` here for NumPy inputs, or ``numba_kd.cuda.backend.CudaBackend``
-(imported lazily) for inputs that live on a CUDA device.  Both offer the same
-methods: ``asarray``, ``cast``, ``labels``, ``empty``, ``combine_logits``,
-``combine_probabilities``, ``loss`` and ``wrap``.
+"""The host backend: NumPy arrays and the CPU kernels.
 
 Kernels take their arguments by parameter name; their signatures come from the
 argument values (``numba_kd._signatures``).  A specialization is compiled on
-first use, one per (operation, target, argument types), and kept in
-``_COMPILED``; numba's on-disk cache lets a later process load it instead of
+first use, one per (operation, target, argument types), and kept for the
+process; numba's on-disk cache lets a later process load it instead of
 compiling it again.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numba
 import numpy as np
 
 from numba_kd import _math, _runtime, _signatures
-
-_COMPILED: dict[tuple, Any] = {}
-_COMPILE_LOCK = threading.Lock()
+from numba_kd._arrays import check_output, flatten_arrays, is_device_array
+from numba_kd._options import NO_IGNORE, LossOptions, compute_dtype
 
 Teachers = tuple[Any, ...] | Any
-
-
-def compiled_signature_count() -> int:
-    """Number of kernel specializations compiled (or loaded) in this process."""
-    return len(_COMPILED)
-
-
-def cached_kernel(key: tuple, build: Callable[[], Any]) -> Any:
-    """The kernel for ``key``, built (compiled or loaded from disk) once per process."""
-    kernel = _COMPILED.get(key)
-    if kernel is None:
-        with _COMPILE_LOCK:
-            kernel = _COMPILED.get(key)
-            if kernel is None:
-                kernel = _COMPILED[key] = build()
-    return kernel
-
-
-# ---------------------------------------------------------------- device detection
-
-
-def is_device_array(x: object) -> bool:
-    """True for objects whose data lives on a CUDA device.
-
-    Looks at ``__cuda_array_interface__`` (numba, CuPy, torch CUDA tensors)
-    without importing any of those libraries; a torch tensor that requires grad
-    refuses the attribute with RuntimeError, which still means "on the device".
-    Simulator device arrays have no interface and are recognized by their type.
-    """
-    try:
-        x.__cuda_array_interface__  # noqa: B018
-    except AttributeError:
-        module = type(x).__module__
-        return module.startswith("numba") and "cuda" in module and hasattr(x, "copy_to_host")
-    except RuntimeError:
-        return True
-    return True
-
-
-def flatten_arrays(inputs: Iterable[object]) -> list[object]:
-    """The arrays of ``inputs``, with lists and tuples of teacher arrays opened up."""
-    flat: list[object] = []
-    for x in inputs:
-        if isinstance(x, (list, tuple)):
-            flat.extend(x)
-        else:
-            flat.append(x)
-    return flat
-
-
-def has_dask_array(inputs: Iterable[object]) -> bool:
-    """Whether any input is a dask array (without importing dask)."""
-    return any(type(x).__module__.split(".")[0] == "dask" for x in flatten_arrays(inputs))
-
-
-def backend_for(inputs: Iterable[object], device: str | None, stream: object = None):
-    """The backend for these inputs: from where they live, or from ``device``."""
-    if device not in (None, "cpu", "cuda"):
-        raise ValueError(f'device must be "cpu", "cuda" or None, got {device!r}')
-    arrays = flatten_arrays(inputs)
-    if device is None:
-        on_device = [is_device_array(x) for x in arrays]
-        if all(on_device):
-            device = "cuda"
-        elif not any(on_device):
-            device = "cpu"
-        else:
-            raise ValueError(
-                "inputs mix host (NumPy) arrays and CUDA device arrays; numba_kd does not copy "
-                'silently: move them to one device, or pass device="cpu" or device="cuda" to copy'
-            )
-    if device == "cpu":
-        if stream is not None:
-            raise ValueError("stream= applies to CUDA inputs only")
-        return HOST
-    from numba_kd.cuda import backend as cuda_backend
-
-    return cuda_backend.CudaBackend(cuda_backend.stream_of(arrays, stream))
-
-
-# ---------------------------------------------------------------- CPU backend
-
-
-# Above this temperature a float32 soft term, a difference of log-sums that agree
-# to about 1/T^2 of their size, would lose its digits: float32 losses then
-# compute per element in float64.
-FAST_MAX_TEMPERATURE = 16.0
-# Below this temperature float32 losses compute in float64: 1/T times a logit range
-# could leave the float32 range.
-FLOAT32_MIN_TEMPERATURE = 1e-6
-
-
-def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Shape and dtype of a caller's ``out=`` array (both targets)."""
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, the result has shape {tuple(shape)}")
-    if np.dtype(out.dtype) != dtype:
-        raise TypeError(f"out has dtype {np.dtype(out.dtype)}, the result has dtype {dtype}")
-
-
-# Label value that never matches a validated label: "no ignore_index".
-NO_IGNORE = int(np.iinfo(np.int64).min)
-COMBINES = _math.COMBINES
-DIVERGENCES = _math.DIVERGENCES
-WEIGHTINGS = _math.WEIGHTINGS
-REDUCTIONS = ("mean", "sum", "none")
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """The loss options of distillation_loss / loss_and_grad, validated."""
-
-    reduction: str = "mean"
-    ignore_index: int | None = None
-    combine: str = "logits"
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    teacher_weighting: str = "static"
-
-    @property
-    def is_default(self) -> bool:
-        """entrenar's loss (logit combine, forward KL, static weights): the fast kernel."""
-        return (
-            self.combine == "logits"
-            and self.divergence == "forward_kl"
-            and self.teacher_weighting == "static"
-        )
-
-    @property
-    def ignore_code(self) -> int:
-        return NO_IGNORE if self.ignore_index is None else self.ignore_index
-
-    def codes(self) -> tuple[int, int, int]:
-        return (
-            COMBINES.index(self.combine),
-            DIVERGENCES.index(self.divergence),
-            WEIGHTINGS.index(self.teacher_weighting),
-        )
-
-    def scales(self, labels: Any, n_rows: int, temperature: float, alpha: float) -> tuple[int, float, float]:
-        """(divisor, c_soft, c_hard) for host labels: the mean divides by the rows not
-        ignored (at least 1).  The CUDA backend counts them on the device instead."""
-        divisor = 1
-        if self.reduction == "mean":
-            ignored = 0 if self.ignore_index is None else int(np.count_nonzero(labels == self.ignore_index))
-            valid = n_rows - ignored
-            divisor = max(valid, 1)
-        return divisor, alpha * temperature * temperature / divisor, (1.0 - alpha) / divisor
-
-
-def _compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:
-    """The per-element arithmetic of the general kernel: float32 inputs compute in
-    float32 (vectorized exp and log) for temperatures in [FLOAT32_MIN_TEMPERATURE,
-    FAST_MAX_TEMPERATURE], in float64 outside."""
-    if dtype == np.float32 and FLOAT32_MIN_TEMPERATURE <= temperature <= FAST_MAX_TEMPERATURE:
-        return dtype
-    return np.dtype(np.float64)
 
 
 # Empty arrays that carry the per-element arithmetic's dtype into the kernels.
@@ -202,7 +35,8 @@ def run_cpu_kernel(op: str, **arguments: Any) -> Any:
     """Run CPU kernel ``op`` on its arguments (by parameter name).
 
     The specialization for the arguments' types is compiled (or loaded from
-    numba's disk cache) on first use and kept in ``_COMPILED``.
+    numba's disk cache) on first use and kept for the process
+    (:func:`numba_kd._signatures.cached_kernel`).
     """
     from numba_kd.cpu import kernels
 
@@ -215,7 +49,7 @@ def run_cpu_kernel(op: str, **arguments: Any) -> Any:
         dispatcher = _runtime.serial_dispatcher(kernel) if mode == _runtime.SERIAL else kernel
         return dispatcher.compile(_signatures.types_of(kernel.py_func, args, host=True))
 
-    compiled = cached_kernel(key, build)
+    compiled = _signatures.cached_kernel(key, build)
     if mode == _runtime.LOCKED:
         return _runtime.locked(compiled)(*args)
     return compiled(*args)
@@ -319,7 +153,7 @@ class HostBackend:
         )  # fmt: skip
         run_cpu_kernel(
             "general_rows", student=student, teachers=teachers, weights=weights, labels=labels,
-            params=params, per_block=_per_block(n_rows), compute=_EMPTY[_compute_dtype(dtype, temperature)],
+            params=params, per_block=_per_block(n_rows), compute=_EMPTY[compute_dtype(dtype, temperature)],
             grad=grad, d_rows=d_rows, ce_rows=ce_rows,
         )  # fmt: skip
         if options.reduction == "none":

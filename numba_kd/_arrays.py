@@ -1,0 +1,52 @@
+"""Where arrays live, read without importing their libraries: device arrays
+(``__cuda_array_interface__``), dask arrays, lists of teacher arrays, and the
+checks of a caller's ``out=`` array shared by both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+def is_device_array(x: object) -> bool:
+    """True for objects whose data lives on a CUDA device.
+
+    Looks at ``__cuda_array_interface__`` (numba, CuPy, torch CUDA tensors)
+    without importing any of those libraries; a torch tensor that requires grad
+    refuses the attribute with RuntimeError, which still means "on the device".
+    Simulator device arrays have no interface and are recognized by their type.
+    """
+    try:
+        x.__cuda_array_interface__  # noqa: B018
+    except AttributeError:
+        module = type(x).__module__
+        return module.startswith("numba") and "cuda" in module and hasattr(x, "copy_to_host")
+    except RuntimeError:
+        return True
+    return True
+
+
+def flatten_arrays(inputs: Iterable[object]) -> list[object]:
+    """The arrays of ``inputs``, with lists and tuples of teacher arrays opened up."""
+    flat: list[object] = []
+    for x in inputs:
+        if isinstance(x, (list, tuple)):
+            flat.extend(x)
+        else:
+            flat.append(x)
+    return flat
+
+
+def has_dask_array(inputs: Iterable[object]) -> bool:
+    """Whether any input is a dask array (without importing dask)."""
+    return any(type(x).__module__.split(".")[0] == "dask" for x in flatten_arrays(inputs))
+
+
+def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Shape and dtype of a caller's ``out=`` array (both targets)."""
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the result has shape {tuple(shape)}")
+    if np.dtype(out.dtype) != dtype:
+        raise TypeError(f"out has dtype {np.dtype(out.dtype)}, the result has dtype {dtype}")
