@@ -41,7 +41,10 @@ def flatten_arrays(inputs: Iterable[object]) -> list[object]:
 
 def has_dask_array(inputs: Iterable[object]) -> bool:
     """Whether any input is a dask array (without importing dask)."""
-    return any(type(x).__module__.split(".")[0] == "dask" for x in flatten_arrays(inputs))
+    return any(
+        not isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] == "dask"
+        for x in flatten_arrays(inputs)
+    )
 
 
 def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from numba import from_dtype, types
 
 _PARAMETERS: dict[Callable[..., Any], tuple[str, ...]] = {}
+_PARAMETER_SETS: dict[Callable[..., Any], frozenset[str]] = {}
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
 
@@ -67,9 +68,12 @@ def parameters(function: Callable[..., Any]) -> tuple[str, ...]:
 def bind(function: Callable[..., Any], arguments: Mapping[str, Any]) -> tuple[Any, ...]:
     """The values of ``arguments`` (by parameter name) in ``function``'s order."""
     names = parameters(function)
-    if len(arguments) != len(names) or not all(name in arguments for name in names):
+    expected = _PARAMETER_SETS.get(function)
+    if expected is None:
+        expected = _PARAMETER_SETS[function] = frozenset(names)
+    if arguments.keys() != expected:
         raise TypeError(f"{function.__name__} takes {', '.join(names)}; got {', '.join(sorted(arguments))}")
-    return tuple(arguments[name] for name in names)
+    return tuple([arguments[name] for name in names])
 
 
 def is_c_contiguous(arr: Any) -> bool:
@@ -90,12 +94,20 @@ def _is_array(value: Any) -> bool:
     return hasattr(value, "dtype") and hasattr(value, "shape") and not isinstance(value, np.generic)
 
 
+_PLAIN_SCALARS = frozenset({bool, int, float})
+
+
 def type_key(value: Any) -> Any:
     """A hashable summary of ``value`` that determines its numba type."""
+    if type(value) in _PLAIN_SCALARS:
+        return type(value)
     if isinstance(value, np.ndarray):
         return value.dtype, value.ndim, value.flags.c_contiguous
     if isinstance(value, tuple):
-        return type(value), tuple([type_key(v) for v in value])
+        kinds = tuple(map(type, value))
+        if _PLAIN_SCALARS.issuperset(kinds):
+            return type(value), kinds  # a NamedTuple of parameters: its field types
+        return type(value), tuple(map(type_key, value))
     if _is_array(value):
         return np.dtype(value.dtype), len(value.shape), is_c_contiguous(value)
     return type(value)

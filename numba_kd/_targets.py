@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from numba_kd._arrays import flatten_arrays, is_device_array
 from numba_kd.cpu.backend import HOST
 
@@ -15,6 +17,8 @@ def backend_for(inputs: Iterable[object], device: str | None, stream: object = N
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f'device must be "cpu", "cuda" or None, got {device!r}')
     arrays = flatten_arrays(inputs)
+    if device is None and all(isinstance(x, np.ndarray) for x in arrays):
+        device = "cpu"  # the common case, decided without probing each array
     if device is None:
         on_device = [is_device_array(x) for x in arrays]
         if all(on_device):

@@ -8,6 +8,7 @@ runs the kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -60,8 +61,18 @@ def _check_alpha(alpha: object) -> float:
     return a
 
 
+_KERNEL_DTYPES = {
+    np.dtype(np.float16): np.dtype(np.float32),
+    np.dtype(np.float32): np.dtype(np.float32),
+    np.dtype(np.float64): np.dtype(np.float64),
+}
+
+
 def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
     """The kernel dtype for logits of ``dtype``: float16 computes as float32."""
+    known = _KERNEL_DTYPES.get(dtype)
+    if known is not None:
+        return known
     if dtype.kind != "f" or dtype.itemsize > 8:
         raise TypeError(
             f"{name} must hold floating-point logits (float16, float32 or float64), got dtype {dtype}"
@@ -78,6 +89,8 @@ _SHAPE_NAMES = {
 
 def _asarray(backend, x: object, name: str):
     """``x`` as an array of the backend (NumPy conversion rules for lists on the host)."""
+    if type(x) is np.ndarray:
+        return backend.asarray(x)
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{name} is a masked array, whose mask the kernels would not see: fill the masked "
@@ -172,7 +185,9 @@ def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: obje
     n_rows, n_classes = math.prod(lead), shape[-1]
     if n_rows == 0:
         raise ValueError("student logits must have at least one row: the mean over rows is undefined")
-    dtype = np.result_type(s.dtype, *_teacher_dtypes(t))
+    dtypes = _teacher_dtypes(t)
+    same = all(d == s.dtype for d in dtypes)
+    dtype = np.dtype(s.dtype) if same else np.result_type(s.dtype, *dtypes)
     if np.dtype(s.dtype) != dtype:
         s = backend.cast(s, dtype, "student")
     t = _cast_teachers(backend, t, dtype)
@@ -224,6 +239,18 @@ def _check_bool(value: object, name: str) -> bool:
 
 
 def _loss_options(reduction, ignore_index, combine, divergence, beta, teacher_weighting) -> LossOptions:
+    """The validated options; a call with the options of an earlier one reuses its result."""
+    try:
+        return _cached_loss_options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+    return _checked_loss_options(reduction, ignore_index, combine, divergence, beta, teacher_weighting)
+
+
+def _checked_loss_options(
+    reduction, ignore_index, combine, divergence, beta, teacher_weighting
+) -> LossOptions:
     for name, value, allowed in (
         ("reduction", reduction, _options.REDUCTIONS),
         ("combine", combine, _options.COMBINES),
@@ -249,6 +276,10 @@ def _loss_options(reduction, ignore_index, combine, divergence, beta, teacher_we
         beta=b,
         teacher_weighting=teacher_weighting,
     )
+
+
+# typed: 1, 1.0 and True are different keys, so that a bool ignore_index is still refused.
+_cached_loss_options = functools.lru_cache(maxsize=64, typed=True)(_checked_loss_options)
 
 
 def _dask():

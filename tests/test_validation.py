@@ -271,3 +271,15 @@ def test_torch_tensor_requiring_grad_is_refused():
         d.distillation_loss(student, [teacher], np.zeros(3, dtype=np.int64), 0.5)
     loss = d.distillation_loss(student.detach(), [teacher], np.zeros(3, dtype=np.int64), 0.5)
     assert math.isclose(loss, 0.5 * math.log(4.0), rel_tol=1e-6)
+
+
+def test_validated_options_are_reused_by_type_not_by_value(d, batch):
+    """Options are validated once per distinct call; 1, 1.0 and True stay distinct."""
+    student, teachers, labels = batch
+    d.distillation_loss(student, teachers, labels, 0.5, ignore_index=1)
+    with pytest.raises(TypeError, match="ignore_index must be an integer or None"):
+        d.distillation_loss(student, teachers, labels, 0.5, ignore_index=True)
+    with pytest.raises(TypeError, match="ignore_index must be an integer or None"):
+        d.distillation_loss(student, teachers, labels, 0.5, ignore_index=1.0)
+    with pytest.raises(TypeError, match="beta"):
+        d.distillation_loss(student, teachers, labels, 0.5, divergence="jsd", beta=[0.5])

@@ -26,9 +26,19 @@ _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): n
 
 
 def _per_block(n_rows: int) -> int:
-    from numba_kd.cpu import kernels
+    return _kernels().rows_per_block(n_rows, numba.get_num_threads())
 
-    return kernels.rows_per_block(n_rows, numba.get_num_threads())
+
+_KERNELS: list[Any] = []
+
+
+def _kernels() -> Any:
+    """numba_kd.cpu.kernels, imported on first use so that ``import numba_kd`` stays cheap."""
+    if not _KERNELS:
+        from numba_kd.cpu import kernels
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 def run_cpu_kernel(op: str, **arguments: Any) -> Any:
@@ -38,9 +48,7 @@ def run_cpu_kernel(op: str, **arguments: Any) -> Any:
     numba's disk cache) on first use and kept for the process
     (:func:`numba_kd._signatures.cached_kernel`).
     """
-    from numba_kd.cpu import kernels
-
-    kernel = getattr(kernels, op)
+    kernel = getattr(_kernels(), op)
     args = _signatures.bind(kernel.py_func, arguments)
     mode = _runtime.launch_mode()
     key = (op, "cpu", mode == _runtime.SERIAL, _signatures.signature_key(args))
@@ -61,6 +69,8 @@ class HostBackend:
     target = "cpu"
 
     def asarray(self, x: object) -> np.ndarray:
+        if type(x) is np.ndarray:
+            return x
         if is_device_array(x):
             return _to_host(x)
         return np.asarray(x)
@@ -76,7 +86,11 @@ class HostBackend:
             raise ValueError(f"labels must be a 1-D array with one label per row, got shape {arr.shape}")
         if arr.shape[0] != n_rows:
             raise ValueError(f"labels has {arr.shape[0]} entries but the logits have {n_rows} rows")
-        bad = (arr < 0) | (arr >= n_classes)
+        if arr.dtype.itemsize == 8:
+            # One comparison: as uint64 a negative label is at least 2^63 > n_classes.
+            bad = arr.view(np.uint64) >= n_classes
+        else:
+            bad = (arr < 0) | (arr >= n_classes)
         if ignore_index is not None:
             bad &= arr != ignore_index
         if bad.any():
@@ -136,8 +150,6 @@ class HostBackend:
     ) -> tuple[Any, Any, Any, np.ndarray | None]:
         """(loss, soft, hard, grad): floats for "mean"/"sum", per-row arrays for "none";
         grad (like student, written into grad_out when given) only with want_grad."""
-        from numba_kd.cpu import kernels
-
         dtype = student.dtype
         n_rows = student.shape[0]
         divisor, c_soft, c_hard = options.scales(labels, n_rows, temperature, alpha)
@@ -161,7 +173,7 @@ class HostBackend:
             hard = ((1.0 - alpha) * ce_rows).astype(dtype)
             loss = soft + hard
         else:
-            soft, hard = kernels.reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
+            soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
             loss = soft + hard
         return loss, soft, hard, grad if want_grad else None
 
