@@ -195,8 +195,7 @@ def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: obje
     if len(shape) == 3:
         if tuple(y.shape) != lead:
             raise ValueError(f"labels must have shape {lead} for student logits of shape {shape}")
-        if backend.target == "cuda":
-            _check_mergeable(backend, s, t, y)
+        backend.merge_rows(_named_inputs(s, t, y))
         s = s.reshape(n_rows, n_classes)
         y = y.reshape(n_rows)
         if isinstance(t, tuple):
@@ -206,16 +205,8 @@ def _loss_inputs(backend, student: object, teachers: TeacherLogits, labels: obje
     return s, t, backend.labels(y, n_rows, n_classes, options.ignore_index), lead
 
 
-def _check_mergeable(backend, s, t, y) -> None:
-    """Device reshapes must be views: 3-D CUDA inputs (and their labels) must be C-contiguous."""
-    arrays = [("student", s), ("labels", y)]
-    arrays += [(f"teachers[{k}]", x) for k, x in enumerate(t)] if isinstance(t, tuple) else [("teachers", t)]
-    for name, arr in arrays:
-        if backend.layout(arr) != "C":
-            raise ValueError(
-                f"{name}: 3-D CUDA inputs are read as [B*S, C] rows and must be C-contiguous "
-                "(make a contiguous copy on the device first)"
-            )
+def _named_inputs(s, t, y) -> list[tuple[str, Any]]:
+    return [("student", s), ("labels", y), *_named_teachers(t)]
 
 
 def _check_finite(backend, arrays: list[tuple[str, Any]]) -> None:

@@ -9,6 +9,7 @@ names; the dask path never imports the public classes.
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "numba_kd"
 LAYERS = [
     {"numba_kd._math", "numba_kd._runtime", "numba_kd._signatures", "numba_kd._arrays", "numba_kd.reference"},
     {"numba_kd._options", "numba_kd.cpu.kernels", "numba_kd.cuda.kernels"},
-    {"numba_kd.cpu.backend", "numba_kd.cuda.backend", "numba_kd._dask"},
+    {"numba_kd.cpu.backend", "numba_kd.cuda.backend", "numba_kd._dask", "numba_kd._backend"},
     {"numba_kd._targets"},
     {"numba_kd.distiller"},
     {"numba_kd"},
@@ -94,3 +95,27 @@ def test_no_private_names_of_public_modules(name):
 def test_the_dask_path_does_not_import_the_classes():
     assert "numba_kd.distiller" not in {m for m, _ in _imports("numba_kd._dask")}
     assert _layer("numba_kd._dask") < _layer("numba_kd.distiller")
+
+
+def _protocol_methods():
+    from numba_kd._backend import Backend
+
+    return {
+        name: value
+        for name, value in vars(Backend).items()
+        if inspect.isfunction(value) and not name.startswith("_")
+    }
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_backends_implement_the_protocol(target):
+    if target == "cpu":
+        from numba_kd.cpu.backend import HostBackend as backend
+    else:
+        backend = pytest.importorskip("numba_kd.cuda.backend", reason="needs numba-cuda").CudaBackend
+    assert backend.target == target
+    for name, method in _protocol_methods().items():
+        implemented = getattr(backend, name, None)
+        assert callable(implemented), f"{backend.__name__} lacks {name}"
+        expected = list(inspect.signature(method).parameters)
+        assert list(inspect.signature(implemented).parameters) == expected, f"{backend.__name__}.{name}"

@@ -98,6 +98,9 @@ class HostBackend:
             raise ValueError(f"labels must be in [0, {n_classes}): labels[{first}] = {arr[first]}")
         return np.ascontiguousarray(arr, dtype=np.int64)
 
+    def merge_rows(self, arrays: list[tuple[str, Any]]) -> None:
+        """NumPy merges the leading axes of any array (copying where it must): nothing to check."""
+
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
 

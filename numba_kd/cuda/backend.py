@@ -251,10 +251,14 @@ class CudaBackend:
             "cast on the device first (CUDA inputs must be float32 or float64 and share one dtype)"
         )
 
-    def layout(self, *arrays) -> str:
-        flat = _arrays.flatten_arrays(arrays)
-        ok = all(_signatures.is_c_contiguous(a) for a in flat)
-        return "C" if ok else "A"
+    def merge_rows(self, arrays: list[tuple[str, Any]]) -> None:
+        """Device reshapes must be views: 3-D CUDA inputs (and their labels) must be C-contiguous."""
+        for name, arr in arrays:
+            if not _signatures.is_c_contiguous(arr):
+                raise ValueError(
+                    f"{name}: 3-D CUDA inputs are read as [B*S, C] rows and must be C-contiguous "
+                    "(make a contiguous copy on the device first)"
+                )
 
     def labels(self, y, n_rows: int, n_classes: int, ignore_index: int | None = None):
         arr = self.asarray(y)
@@ -287,7 +291,7 @@ class CudaBackend:
             raise TypeError(f"out must be a CUDA device array for CUDA inputs, got {type(out).__name__}")
         arr = self.asarray(out)
         _arrays.check_output(arr, shape, dtype)
-        if self.layout(arr) != "C":
+        if not _signatures.is_c_contiguous(arr):
             raise ValueError("out must be a writable C-contiguous array")
         for x in _arrays.flatten_arrays(inputs):
             if _overlap(arr, x):
