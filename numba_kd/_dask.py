@@ -64,6 +64,21 @@ def _result_dtype(*dtypes: Any) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+def _cap_numba_threads() -> None:
+    """On a dask.distributed worker, the kernels use at most as many threads as the
+    worker has (``--nthreads``), so that a worker's tasks do not oversubscribe the
+    cores numba would otherwise spread each of them over."""
+    try:
+        from distributed import get_worker
+
+        nthreads = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        return  # not on a distributed worker
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.get_num_threads(), int(nthreads))))
+
+
 def _indices(ndim: int) -> str:
     """Index letters for blockwise: rows first, classes last."""
     return string.ascii_lowercase[:ndim]
@@ -82,6 +97,7 @@ def combine(distiller: Any, teachers: Any, method: str, kwargs: dict, device: ob
     dtype = _result_dtype(*[a.dtype for a in arrays])
 
     def block(*blocks):
+        _cap_numba_threads()
         return getattr(distiller, method)(list(blocks), **kwargs)
 
     pairs = [x for a in arrays for x in (a, index)]
@@ -130,17 +146,20 @@ def loss(
     inputs = [s, index, *[x for a in t for x in (a, index)], y, lead]
 
     def per_row_block(sb, *rest):
+        _cap_numba_threads()
         *tb, yb = rest
         result = call(sb, list(tb), yb, False, **{**block_options, "reduction": "none"})
         return np.stack([result.loss, result.soft, result.hard])
 
     def sums_block(sb, *rest):
+        _cap_numba_threads()
         *tb, yb = rest
         parts = call(sb, list(tb), yb, False, **{**block_options, "reduction": "sum"})
         valid = yb.size if ignore_index is None else int(np.count_nonzero(np.asarray(yb) != ignore_index))
         return np.array([parts.soft, parts.hard, float(valid)]).reshape((3,) + (1,) * len(lead))
 
     def grad_block(sb, *rest):
+        _cap_numba_threads()
         *tb, yb = rest
         block_reduction = "none" if reduction == "none" else "sum"
         _, grad = call(sb, list(tb), yb, True, **{**options, "reduction": block_reduction})

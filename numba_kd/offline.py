@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from numba_kd.distiller import EnsembleDistiller
 
@@ -88,6 +89,12 @@ def _buffers(arrays: Sequence[Any], rows: int) -> list[np.ndarray]:
     return [np.empty((rows, *a.shape[1:]), dtype=a.dtype) for a in arrays]
 
 
+def _zero_rows(buffers: list[np.ndarray]) -> list[np.ndarray]:
+    """One row of zeros of each buffer's dtype and layout: a kernel call on them
+    compiles the specialization the chunks will use."""
+    return [np.zeros((1, *b.shape[1:]), dtype=b.dtype) for b in buffers]
+
+
 def _check_logits(arrays: Sequence[Any], names: Sequence[str]) -> tuple[int, int, np.dtype]:
     """(rows, classes, dtype) of the teachers' (or student's) logit arrays."""
     shapes = {tuple(a.shape) for a in arrays}
@@ -113,15 +120,21 @@ def chunk_rows_for(n_arrays: int, n_classes: int, itemsize: int, chunk_rows: int
 
 
 class Progress:
-    """A one-line progress bar on stderr: rows, rows/s and GB/s of input read."""
+    """Rows done and the rates of a job: a tqdm bar on stderr when it is a terminal
+    (rows, rows/s, GB/s of input read, time left), nothing otherwise.
+
+    The clock starts when the bar is made, after the kernels have compiled, so
+    that the rates exclude compile time.
+    """
 
     def __init__(self, total_rows: int, bytes_per_row: int, enabled: bool, label: str) -> None:
-        self.total = total_rows
         self.bytes_per_row = bytes_per_row
-        self.enabled = enabled
-        self.label = label
-        self.start = time.perf_counter()
         self.done = 0
+        self.bar = tqdm(
+            total=total_rows, desc=label, unit="rows", unit_scale=True, file=sys.stderr,
+            disable=None if enabled else True, dynamic_ncols=True,
+        )  # fmt: skip
+        self.start = time.perf_counter()
 
     def rates(self) -> tuple[float, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -129,19 +142,11 @@ class Progress:
 
     def update(self, rows: int) -> None:
         self.done += rows
-        if not self.enabled:
-            return
-        rows_per_s, gb_per_s = self.rates()
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(
-            f"\r{self.label} [{bar}] {self.done}/{self.total} rows  {rows_per_s:,.0f} rows/s  "
-            f"{gb_per_s:.2f} GB/s"
-        )
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        self.bar.set_postfix_str(f"{self.rates()[1]:.2f} GB/s", refresh=False)
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -279,6 +284,7 @@ def soft_labels(
         return _soft_labels_on_cluster(
             teachers, out, scheduler=scheduler, weights=weights, temperature=temperature, combine=combine,
             eps=eps, chunk_rows=chunk_rows, dtype=dtype, resume=resume, overwrite=overwrite,
+            progress=progress,
         )  # fmt: skip
     plan = plan_soft_labels(teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite)
     if resume and not is_zarr_path(plan.out_path):
@@ -304,6 +310,12 @@ def soft_labels(
     buffer = np.empty((rows_per_chunk, n_classes), dtype=compute_dtype)
     inputs = _buffers(arrays, min(rows_per_chunk, n_rows))
     bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in arrays)
+    # The kernels compile (or load from the cache) on one row of zeros of the
+    # chunks' types before the clock starts.
+    if combine == "logits":
+        distiller.combine_teachers(_zero_rows(inputs), out=buffer[:1])
+    else:
+        distiller.combine_via_probabilities(_zero_rows(inputs), eps, out=buffer[:1])
     bar = Progress(n_rows - start_row, bytes_per_row, progress, "soft-labels")
     for start in range(start_row, n_rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_rows)
@@ -324,6 +336,7 @@ def soft_labels(
         bar.update(stop - start)
         if on_chunk is not None:
             on_chunk(stop)
+    bar.close()
     _finish(result, out_path, overwrite)
     rows_per_s, gb_per_s = bar.rates()
     return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
@@ -378,7 +391,7 @@ def dataset_loss(
     if scheduler is not None:
         return _dataset_loss_on_cluster(
             student, teachers, labels, scheduler=scheduler, alpha=alpha, weights=weights,
-            temperature=temperature, combine=combine, chunk_rows=chunk_rows,
+            temperature=temperature, combine=combine, chunk_rows=chunk_rows, progress=progress,
         )  # fmt: skip
     if len(teachers) == 0:
         raise ValueError("Must have at least one teacher")
@@ -394,10 +407,14 @@ def dataset_loss(
     itemsize = max(np.dtype(a.dtype).itemsize for a in [s, *arrays])
     rows_per_chunk = chunk_rows_for(len(arrays) + 1, n_classes, itemsize, chunk_rows)
     bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in [s, *arrays])
+    inputs = _buffers([s, *arrays, y], min(rows_per_chunk, n_rows))
+    warm_s, *warm_t, warm_y = _zero_rows(inputs)
+    distiller.distillation_loss(
+        warm_s, warm_t, warm_y, alpha, reduction="sum", combine=combine, return_components=True
+    )
     bar = Progress(n_rows, bytes_per_row, progress, "loss")
     soft_total = 0.0
     hard_total = 0.0
-    inputs = _buffers([s, *arrays, y], min(rows_per_chunk, n_rows))
     for start in range(0, n_rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_rows)
         block_s, *block_t, block_y = _read_rows([s, *arrays, y], start, stop, inputs)
@@ -414,6 +431,7 @@ def dataset_loss(
         hard_total += parts.hard
         _release(s, y, *arrays)
         bar.update(stop - start)
+    bar.close()
     soft, hard = soft_total / n_rows, hard_total / n_rows
     return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}
 
@@ -468,6 +486,17 @@ def _dask_modules():
     return dask, da
 
 
+def _run_on_cluster(client: Any, work: Any, progress: bool) -> Any:
+    """Compute ``work`` (a dask collection, or a list of them) on the cluster, with
+    distributed's own progress bar when asked for and stdout is a terminal."""
+    futures = client.compute(work)
+    if progress and sys.stdout.isatty():
+        from distributed import progress as show_progress
+
+        show_progress(futures)
+    return client.gather(futures)
+
+
 def _client(scheduler: str):
     try:
         from distributed import Client
@@ -489,6 +518,7 @@ def _soft_labels_on_cluster(
     dtype: str = "float32",
     resume: bool = False,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Summary:
     """``soft_labels`` on a dask.distributed cluster: each worker reads its
     row blocks and writes them to OUT's temporary name, renamed when all are done."""
@@ -507,17 +537,18 @@ def _soft_labels_on_cluster(
     result = result.astype(np.dtype(dtype))
     partial = _partial_path(out_path)
     start = time.perf_counter()
-    with _client(scheduler):
+    with _client(scheduler) as client:
         if is_zarr_path(out_path):
             if partial.exists():
                 import shutil
 
                 shutil.rmtree(partial)
-            da.to_zarr(result, str(partial))
+            task = da.to_zarr(result, str(partial), compute=False)
         else:
             np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, n_classes))
             target = _NpyRows(str(partial.resolve()))
-            da.store(result, target, lock=False)
+            task = da.store(result, target, lock=False, compute=False)
+        _run_on_cluster(client, task, progress)
     _finish(None, out_path, overwrite)
     seconds = time.perf_counter() - start
     rate = n_rows / max(seconds, 1e-9)
@@ -536,9 +567,10 @@ def _dataset_loss_on_cluster(
     temperature: float = 1.0,
     combine: str = "logits",
     chunk_rows: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float | int]:
     """``dataset_loss`` on a dask.distributed cluster."""
-    dask, _ = _dask_modules()
+    _dask_modules()  # a clear ImportError without the dask extra
     local = [open_input(p, name) for p, name in [(student, "student")] + [
         (t, f"teachers[{k}]") for k, t in enumerate(teachers)
     ]]  # fmt: skip
@@ -553,6 +585,6 @@ def _dataset_loss_on_cluster(
     t = [open_rows(p, rows) for p in teachers]
     y = open_rows(labels, rows)
     parts = distiller.distillation_loss(s, t, y, alpha, combine=combine, return_components=True)
-    with _client(scheduler):
-        loss_value, soft, hard = dask.compute(*parts)
+    with _client(scheduler) as client:
+        loss_value, soft, hard = _run_on_cluster(client, list(parts), progress)
     return {"loss": float(loss_value), "soft": float(soft), "hard": float(hard), "rows": n_rows}

@@ -157,3 +157,17 @@ def test_numpy_inputs_do_not_import_dask():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_kernels_on_a_worker_use_at_most_its_threads(client):
+    """Workers here have one thread each: a block's kernels run on one numba thread."""
+
+    def threads_in_a_block(_):
+        import numba
+
+        from numba_kd import _dask
+
+        _dask._cap_numba_threads()
+        return numba.get_num_threads()
+
+    assert client.gather(client.map(threads_in_a_block, range(4))) == [1, 1, 1, 1]

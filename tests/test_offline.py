@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_cli_soft_labels_and_loss(data):
     run = _cli("soft-labels", *data["paths"], "--out", str(out), "--weights", "1,2,3", "--temperature", "2",
                "--chunk-rows", "200")  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "rows/s" in run.stderr and "GB/s" in run.stderr  # the progress bar
+    assert "rows/s" not in run.stderr  # no progress bar when stderr is not a terminal
     np.testing.assert_array_equal(
         _read(out), kd.EnsembleDistiller(WEIGHTS, 2.0).combine_teachers(data["teachers"])
     )
@@ -254,3 +255,27 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
         peaks.append(json.loads(proc.stdout)["peak_kib"] * 1024)
     print(f"peak RSS: {peaks[0] / 2**20:.1f} MiB over 4 chunks, {peaks[1] / 2**20:.1f} MiB over 16 chunks")
     assert peaks[1] - peaks[0] < chunk_bytes, (peaks, chunk_bytes)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = offline.Progress(1000, 4000, True, "soft-labels")
+    for _ in range(4):
+        bar.update(250)
+    bar.close()
+    shown = terminal.getvalue()
+    assert "soft-labels" in shown and "1.00k/1.00k" in shown and "GB/s" in shown
+    rows_per_s, gb_per_s = bar.rates()
+    assert gb_per_s == pytest.approx(rows_per_s * 4000 / 1e9)
+    silent = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", silent)
+    quiet = offline.Progress(1000, 4000, True, "soft-labels")
+    quiet.update(1000)
+    quiet.close()
+    assert silent.getvalue() == ""
