@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from numba_kd import _validate
+
 try:
     import dask.array as da
 except ImportError as exc:  # pragma: no cover - exercised without the extra
@@ -41,8 +43,7 @@ def _row_chunked(arrays: Sequence[Any], rows: tuple[int, ...]) -> list[Any]:
 
 def _teacher_list(teachers: Any) -> list[Any]:
     if isinstance(teachers, (list, tuple)):
-        if len(teachers) == 0:
-            raise ValueError("Must have at least one teacher")
+        _validate.some_teachers(len(teachers))
         return [da.asarray(t) for t in teachers]
     stacked = da.asarray(teachers)
     if stacked.ndim < 3:
@@ -87,8 +88,8 @@ def _indices(ndim: int) -> str:
 # ---------------------------------------------------------------- combines
 
 
-def combine(distiller: Any, teachers: Any, method: str, kwargs: dict, device: object, out: object) -> Any:
-    """``distiller.<method>(teachers, **kwargs)`` over row blocks."""
+def combine(call: Any, teachers: Any, device: object, out: object) -> Any:
+    """``call(blocks)`` (the in-memory combine of a list of NumPy teacher blocks) over row blocks."""
     _refuse_device_options(device, out)
     arrays = _teacher_list(teachers)
     rows = arrays[0].chunks[0]
@@ -98,7 +99,7 @@ def combine(distiller: Any, teachers: Any, method: str, kwargs: dict, device: ob
 
     def block(*blocks):
         _cap_numba_threads()
-        return getattr(distiller, method)(list(blocks), **kwargs)
+        return call(list(blocks))
 
     pairs = [x for a in arrays for x in (a, index)]
     return da.blockwise(block, index, *pairs, dtype=dtype, meta=np.empty((0,) * len(index), dtype))

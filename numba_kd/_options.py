@@ -37,6 +37,10 @@ class LossOptions:
     divergence: str = "forward_kl"
     beta: float = 0.5
     teacher_weighting: str = "static"
+    #: Return LossComponents(loss, soft, hard) instead of the loss alone.
+    return_components: bool = False
+    #: Refuse NaN and infinite logits with ValueError instead of giving NaN rows.
+    check_finite: bool = False
 
     @property
     def is_default(self) -> bool:

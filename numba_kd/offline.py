@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from numba_kd import _validate
 from numba_kd.distiller import EnsembleDistiller
 
 # Input bytes per chunk when --chunk-rows is not given.
@@ -101,8 +102,7 @@ def _check_logits(arrays: Sequence[Any], names: Sequence[str]) -> tuple[int, int
     for a, name in zip(arrays, names, strict=True):
         if len(a.shape) != 2:
             raise ValueError(f"{name} must be a 2-D [rows, classes] array, got shape {tuple(a.shape)}")
-        if np.dtype(a.dtype).kind != "f":
-            raise TypeError(f"{name} must hold floating-point logits, got dtype {a.dtype}")
+        _validate.float_dtype(np.dtype(a.dtype), name)
     if len(shapes) > 1:
         raise ValueError(f"All teacher logits must have the same shape, got {sorted(shapes)}")
     rows, classes = arrays[0].shape
@@ -236,8 +236,7 @@ def plan_soft_labels(
         raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}; got {dtype!r}")
-    if len(teachers) == 0:
-        raise ValueError("Must have at least one teacher")
+    _validate.some_teachers(len(teachers))
     out_path = Path(out)
     if not (is_zarr_path(out_path) or out_path.suffix == ".npy"):
         raise ValueError(f"out: {out_path} must end in .npy or .zarr")
@@ -364,7 +363,7 @@ def _read_labels(path: str | os.PathLike, n_rows: int) -> Any:
     if len(labels.shape) != 1 or labels.shape[0] != n_rows:
         raise ValueError(f"labels must be a 1-D array of {n_rows} entries, got shape {tuple(labels.shape)}")
     if np.dtype(labels.dtype).kind not in "iu":
-        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        _validate.integer_labels(labels.dtype)
     return labels
 
 
@@ -393,8 +392,7 @@ def dataset_loss(
             student, teachers, labels, scheduler=scheduler, alpha=alpha, weights=weights,
             temperature=temperature, combine=combine, chunk_rows=chunk_rows, progress=progress,
         )  # fmt: skip
-    if len(teachers) == 0:
-        raise ValueError("Must have at least one teacher")
+    _validate.some_teachers(len(teachers))
     s = open_input(student, "student")
     arrays = [open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
     n_rows, n_classes, _ = _check_logits(

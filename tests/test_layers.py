@@ -20,8 +20,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "numba_kd"
 LAYERS = [
     {"numba_kd._math", "numba_kd._runtime", "numba_kd._signatures", "numba_kd._arrays", "numba_kd.reference"},
     {"numba_kd._options", "numba_kd.cpu.kernels", "numba_kd.cuda.kernels"},
+    {"numba_kd._validate"},
     {"numba_kd.cpu.backend", "numba_kd.cuda.backend", "numba_kd._dask", "numba_kd._backend"},
     {"numba_kd._targets"},
+    {"numba_kd._entry"},
     {"numba_kd.distiller"},
     {"numba_kd"},
     {"numba_kd.offline", "numba_kd.registry", "numba_kd.demo"},

@@ -14,7 +14,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from numba_kd import _math, _runtime, _signatures
+from numba_kd import _math, _runtime, _signatures, _validate
 from numba_kd._arrays import check_output, flatten_arrays, is_device_array
 from numba_kd._options import NO_IGNORE, LossOptions, compute_dtype
 
@@ -80,8 +80,7 @@ class HostBackend:
 
     def labels(self, y: object, n_rows: int, n_classes: int, ignore_index: int | None = None) -> np.ndarray:
         arr = self.asarray(y)
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
+        _validate.integer_labels(arr.dtype)
         if arr.ndim != 1:
             raise ValueError(f"labels must be a 1-D array with one label per row, got shape {arr.shape}")
         if arr.shape[0] != n_rows:

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from numba_kd import _arrays, _options, _signatures
+from numba_kd import _arrays, _options, _signatures, _validate
 from numba_kd.cuda.kernels import BLOCK_THREADS, DeviceLossParams, make_kernels
 
 # The simulator runs every CUDA thread as a Python thread: keep launches tiny.
@@ -262,8 +262,7 @@ class CudaBackend:
 
     def labels(self, y, n_rows: int, n_classes: int, ignore_index: int | None = None):
         arr = self.asarray(y)
-        if np.dtype(arr.dtype).kind not in "iu":
-            raise TypeError(f"labels must be integer class indices, got dtype {arr.dtype}")
+        _validate.integer_labels(arr.dtype)
         if np.dtype(arr.dtype) not in LABEL_DTYPES:
             raise TypeError(f"CUDA labels must be int32 or int64, got dtype {arr.dtype}")
         if arr.ndim != 1:

@@ -1,0 +1,151 @@
+"""The internal entry points of the public classes: ``loss`` and ``combine``.
+
+Each public method is one call into these, with the validated options and a
+``Placement`` (where the work runs and where the result goes).  They route dask
+inputs to ``_dask`` and everything else to the backend ``_targets`` picks, and
+return results shaped like the caller's inputs.  ``DistillationLoss`` is the
+one-teacher case of the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from numba_kd import _arrays, _targets, _validate
+from numba_kd._options import LossComponents, LossOptions
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a call runs and where its result goes."""
+
+    #: "cpu" or "cuda" to force a target (copying the inputs there); None: where the inputs live.
+    device: str | None = None
+    #: The CUDA stream to launch on (a numba stream or a raw handle); None: the inputs' stream.
+    stream: object = None
+    #: The array that receives the result (the gradient, for loss_and_grad).
+    out: object = None
+    #: CUDA only: return losses as 1-element device arrays, without synchronizing.
+    return_device_scalar: bool = False
+
+
+_SINGLE_TEACHER_WEIGHT = np.ones(1)
+_SINGLE_TEACHER_WEIGHT.flags.writeable = False
+
+
+def _dask():
+    """The dask path (imports dask): only for dask inputs."""
+    from numba_kd import _dask
+
+    return _dask
+
+
+def loss(
+    weights: np.ndarray | None,
+    temperature: float,
+    student: object,
+    teachers: object,
+    labels: object,
+    alpha: float,
+    options: LossOptions,
+    placement: Placement,
+    *,
+    want_grad: bool,
+) -> Any:
+    """The loss (and with ``want_grad`` its gradient) of ``student`` against ``teachers``.
+
+    ``weights`` None means one teacher: ``teachers`` is then that teacher's
+    logits (``DistillationLoss``), named "teacher" in errors.
+    """
+    single = weights is None
+    a = _validate.check_alpha(alpha)
+    if _arrays.has_dask_array([student, teachers, labels]):
+
+        def call(s, t, y, grad, **kwargs):
+            options = _validate.loss_options(**kwargs)
+            teachers = t[0] if single else t
+            return loss(weights, temperature, s, teachers, y, a, options, Placement(), want_grad=grad)
+
+        return _dask().loss(
+            call, student, [teachers] if single else teachers, labels, want_grad,
+            dataclasses.asdict(options), placement.device, placement.out, placement.return_device_scalar,
+        )  # fmt: skip
+    backend = _targets.backend_for([student, teachers, labels], placement.device, placement.stream)
+    if single:
+        s = _validate.asarray(backend, student, "student")
+        t = (_validate.logits(backend, teachers, "teacher", s.ndim if s.ndim in (2, 3) else (2, 3)),)
+        s, t, y, lead = _validate.loss_inputs(backend, s, t, labels, 1, options)
+        named = _validate.named_teachers(t, single=True)
+    else:
+        s, t, y, lead = _validate.loss_inputs(backend, student, teachers, labels, len(weights), options)
+        named = _validate.named_teachers(t)
+    if options.check_finite:
+        _validate.refuse_nonfinite(backend, [("student", s), *named])
+    w = _SINGLE_TEACHER_WEIGHT if single else weights
+    return _evaluate(backend, student, (s, t, y, lead), w, temperature, a, options, placement, want_grad)
+
+
+def _evaluate(backend, like, batch, weights, temperature, alpha, options, placement, want_grad):
+    """Run the loss kernels on ``batch`` (student, teachers, labels, lead shape) and
+    shape the results as the caller's inputs."""
+    s, t, y, lead = batch
+    out = placement.out
+    device_scalar = placement.return_device_scalar
+    grad_out = None
+    if out is not None:
+        if not want_grad:
+            raise TypeError("out= is an argument of loss_and_grad (it receives the gradient)")
+        target = backend.output(out, (*lead, s.shape[1]), np.dtype(s.dtype), [s, t, y])
+        grad_out = target.reshape(s.shape)
+    loss_value, soft, hard, grad = backend.loss(
+        s, t, weights, y, temperature, alpha, options, want_grad, device_scalar, grad_out
+    )
+    if options.reduction == "none":
+        loss_value, soft, hard = (backend.wrap(x.reshape(lead), like) for x in (loss_value, soft, hard))
+    elif device_scalar:
+        loss_value, soft, hard = (backend.wrap(x, like) for x in (loss_value, soft, hard))
+    result = LossComponents(loss_value, soft, hard) if options.return_components else loss_value
+    if not want_grad:
+        return result
+    if out is not None:
+        return result, out
+    return result, backend.wrap(grad.reshape((*lead, s.shape[1])), like)
+
+
+def combine(
+    weights: np.ndarray,
+    temperature: float,
+    teachers: object,
+    eps: float | None,
+    check_finite: bool,
+    placement: Placement,
+) -> Any:
+    """``sum_k w_k t_k`` (``eps`` None) or ``T log(sum_k w_k softmax(t_k / T) + eps)``."""
+    if _arrays.has_dask_array([teachers]):
+
+        def call(blocks):
+            return combine(weights, temperature, blocks, eps, check_finite, Placement())
+
+        return _dask().combine(call, teachers, placement.device, placement.out)
+    backend = _targets.backend_for([teachers], placement.device, placement.stream)
+    t = _validate.teacher_arrays(backend, teachers, len(weights))
+    dtype = np.result_type(*_validate.teacher_dtypes(t))
+    t = _validate.cast_teachers(backend, t, dtype)
+    if _validate.check_bool(check_finite, "check_finite"):
+        _validate.refuse_nonfinite(backend, _validate.named_teachers(t))
+    shape = _validate.teacher_shape(t)
+    out = placement.out
+    result = backend.empty(shape, dtype) if out is None else backend.output(out, shape, np.dtype(dtype), [t])
+    if eps is None:
+        backend.combine_logits(t, weights, result)
+    else:
+        backend.combine_probabilities(t, weights, temperature, eps, result)
+    return out if out is not None else backend.wrap(result, _first(teachers))
+
+
+def _first(teachers: object) -> object:
+    return teachers[0] if isinstance(teachers, (list, tuple)) and len(teachers) else teachers
