@@ -2,4 +2,5 @@ import sys
 
 from numba_kd.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # documentation tools import this module without running it
+    sys.exit(main())

@@ -151,6 +151,10 @@ class Progress:
 
 @dataclass
 class Summary:
+    """What a soft_labels run did: rows written, seconds, and its rates (rows per
+    second and GB of teacher logits read per second), measured after the kernels
+    compiled."""
+
     rows: int
     seconds: float
     rows_per_second: float
@@ -269,13 +273,58 @@ def soft_labels(
     on_chunk: Callable[[int], None] | None = None,
     scheduler: str | None = None,
 ) -> Summary:
-    """Combine teacher logit files into a soft-label file ``out`` (``[N, C]``).
+    """Combine teacher logit files into one soft-label file, streaming row chunks.
 
-    ``combine="logits"`` writes ``sum_k w_k t_k``; ``"probs"`` writes
-    ``T log(sum_k w_k softmax(t_k / T) + eps)``.  Everything is validated before
-    anything is written.  With ``scheduler`` (a dask.distributed address) the
-    row chunks run on that cluster's workers, which read and write the files
-    themselves.
+    Everything is validated before anything is written; the output is written
+    under ``OUT.partial`` and renamed when complete.
+
+    Parameters
+    ----------
+    teachers : sequence of paths
+        K teacher logit arrays, each [N, C]: ``.npy`` files (read memory-mapped)
+        or Zarr arrays (paths ending in ``.zarr``).
+    out : path
+        The soft labels, [N, C]: a ``.npy`` file or a Zarr array (``.zarr``).
+    weights : sequence of float, optional
+        One weight per teacher (normalized to sum 1); equal weights by default.
+    temperature : float, default 1.0
+        The softmax temperature T.
+    combine : {"logits", "probs"}, default "logits"
+        ``sum_k w_k t_k``, or ``T log(sum_k w_k softmax(t_k / T) + eps)``.
+    eps : float, default 1e-10
+        Added to the probability mixture with combine="probs"; 0 gives the exact
+        log-mixture.
+    chunk_rows : int, optional
+        Rows read per step; by default about 256 MB of input. Memory grows with
+        it, not with the dataset.
+    dtype : {"float32", "float16"}, default "float32"
+        The output dtype.
+    resume : bool, default False
+        Continue an interrupted Zarr output from its last complete chunk (the
+        settings must match the interrupted run's).
+    overwrite : bool, default False
+        Replace ``out`` if it exists; without it an existing ``out`` raises
+        ValueError.
+    progress : bool, default False
+        Show a progress bar on stderr when it is a terminal.
+    on_chunk : callable, optional
+        Called with the number of rows done after each chunk (local runs).
+    scheduler : str, optional
+        A dask.distributed scheduler address: the row chunks then run on that
+        cluster's workers, which read and write the files themselves.
+
+    Returns
+    -------
+    Summary
+        Rows written, seconds and rates.
+
+    Raises
+    ------
+    TypeError
+        Logits that are not floating point.
+    ValueError
+        Inputs that do not match, an existing ``out`` without overwrite, an
+        unknown option, or a resume whose settings differ.
     """
     if scheduler is not None:
         if on_chunk is not None:
@@ -380,12 +429,46 @@ def dataset_loss(
     progress: bool = False,
     scheduler: str | None = None,
 ) -> dict[str, float | int]:
-    """The ensemble distillation loss over a dataset: ``{"loss", "soft", "hard", "rows"}``.
+    """The ensemble distillation loss of a student over a dataset on disk.
 
-    Per chunk the soft and hard parts are summed (``reduction="sum"``), then the
+    Per chunk the soft and hard parts are summed (reduction="sum"), then the
     totals are divided once by the number of rows, as the in-memory mean does.
-    With ``scheduler`` (a dask.distributed address) the chunks run on that
-    cluster's workers.
+
+    Parameters
+    ----------
+    student : path
+        The student's logits, [N, C]: ``.npy`` or Zarr.
+    teachers : sequence of paths
+        K teacher logit arrays, each [N, C].
+    labels : path
+        Integer labels, [N].
+    alpha : float
+        Weight of the soft term, in [0, 1].
+    weights : sequence of float, optional
+        One weight per teacher; equal weights by default.
+    temperature : float, default 1.0
+        The softmax temperature T.
+    combine : {"logits", "probs"}, default "logits"
+        The target, as in EnsembleDistiller.distillation_loss.
+    chunk_rows : int, optional
+        Rows read per step; by default about 256 MB of input.
+    progress : bool, default False
+        Show a progress bar on stderr when it is a terminal.
+    scheduler : str, optional
+        A dask.distributed scheduler address: the chunks then run on that
+        cluster's workers.
+
+    Returns
+    -------
+    dict
+        ``{"loss": float, "soft": float, "hard": float, "rows": int}``.
+
+    Raises
+    ------
+    TypeError
+        Logits that are not floating point, or labels that are not integers.
+    ValueError
+        Inputs that do not match, labels outside [0, C), or alpha outside [0, 1].
     """
     if scheduler is not None:
         return _dataset_loss_on_cluster(
