@@ -60,3 +60,14 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
         if _needs(earlier) is None and "dask" not in earlier:
             exec(compile(earlier, f"README.md:{earlier_line}", "exec"), namespace)
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
+
+
+def test_benchmark_tables_match_their_json():
+    """The README's benchmark tables are generated from docs/*.json, never pasted."""
+    import subprocess
+    import sys
+
+    script = README.parent / "scripts" / "readme_tables.py"
+    run = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert README.read_text().count("<!-- table: ") >= 2
