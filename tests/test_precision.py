@@ -8,6 +8,8 @@ and for 1 and 2 numba threads (the kernels reduce their rows in a fixed order).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import pytest
@@ -245,3 +247,24 @@ def test_rows_do_not_depend_on_the_thread_that_computes_them(dtype):
     for worker in workers:
         worker.join()
     assert not differing, sorted(set(differing))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_float32_logits_whose_range_over_t_leaves_float32(alpha):
+    """|logits| ~1e33 at T = 1e-6: (s - max s) / T is ~1e39, beyond float32.  Such rows
+    are computed again in float64 and match the float64 reference (found by the fuzz test)."""
+    student = np.array(
+        [[-2.2621657e33, -2.8484410e32, -9.2569961e32], [-6.7981733e32, -8.1209369e32, -1.3550262e32]],
+        dtype=np.float32,
+    )
+    teacher = np.array(
+        [[1.42973023e30, 8.14976110e29, -6.33125833e28], [-1.16052134e30, -1.15894384e30, 4.02921035e29]],
+        dtype=np.float32,
+    )
+    labels = np.array([1, 1])
+    loss_fn = kd.DistillationLoss(temperature=1e-6, alpha=alpha)
+    expected = ref.distillation_loss_single(student, teacher, labels, 1e-6, alpha)
+    loss, grad = loss_fn.loss_and_grad(student, teacher, labels)
+    assert loss == loss_fn(student, teacher, labels)
+    assert math.isclose(loss, expected, rel_tol=1e-6)
+    assert np.isfinite(grad).all()

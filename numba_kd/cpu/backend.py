@@ -9,6 +9,7 @@ compiling it again.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
@@ -165,11 +166,17 @@ class HostBackend:
             options.ignore_code, float(temperature), float(options.beta), *options.codes(),
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
-        run_cpu_kernel(
-            "general_rows", student=student, teachers=teachers, weights=weights, labels=labels,
-            params=params, per_block=_per_block(n_rows), compute=_EMPTY[compute_dtype(dtype, temperature)],
-            grad=grad, d_rows=d_rows, ce_rows=ce_rows,
+        compute = compute_dtype(dtype, temperature)
+        arguments = dict(
+            student=student, teachers=teachers, weights=weights, labels=labels, params=params,
+            per_block=_per_block(n_rows), grad=grad, d_rows=d_rows, ce_rows=ce_rows,
         )  # fmt: skip
+        run_cpu_kernel("general_rows", compute=_EMPTY[compute], **arguments)
+        if compute == np.float32 and not math.isfinite(float(d_rows.sum()) + float(ce_rows.sum())):
+            # A NaN or an infinity from float32 arithmetic: finite logits whose range
+            # over T leaves the float32 range (or rows that hold NaN or infinities,
+            # which stay NaN).  The rows are computed again in float64.
+            run_cpu_kernel("general_rows", compute=_EMPTY[np.dtype(np.float64)], **arguments)
         if options.reduction == "none":
             soft = (alpha * temperature * temperature * d_rows).astype(dtype)
             hard = ((1.0 - alpha) * ce_rows).astype(dtype)
