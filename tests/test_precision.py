@@ -268,3 +268,19 @@ def test_float32_logits_whose_range_over_t_leaves_float32(alpha):
     assert loss == loss_fn(student, teacher, labels)
     assert math.isclose(loss, expected, rel_tol=1e-6)
     assert np.isfinite(grad).all()
+
+
+def test_a_nan_row_leaves_the_other_rows_bit_for_bit():
+    """The float64 retry of non-finite float32 rows touches those rows only."""
+    rng = np.random.default_rng(5)
+    student = rng.normal(size=(6, 9)).astype(np.float32)
+    teachers = [rng.normal(size=(6, 9)).astype(np.float32) for _ in range(2)]
+    labels = rng.integers(0, 9, size=6)
+    d = kd.EnsembleDistiller([1.0, 2.0], temperature=2.0)
+    clean, clean_grad = d.loss_and_grad(student, teachers, labels, 0.5, reduction="none")
+    student[2, 4] = np.nan
+    dirty, dirty_grad = d.loss_and_grad(student, teachers, labels, 0.5, reduction="none")
+    others = np.arange(6) != 2
+    assert np.isnan(dirty[2]) and np.isnan(dirty_grad[2]).all()
+    np.testing.assert_array_equal(dirty[others], clean[others])
+    np.testing.assert_array_equal(dirty_grad[others], clean_grad[others])

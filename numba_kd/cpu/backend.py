@@ -64,6 +64,32 @@ def run_cpu_kernel(op: str, **arguments: Any) -> Any:
     return compiled(*args)
 
 
+def _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows) -> None:
+    """Compute the rows whose float32 results are NaN or infinite again in float64.
+
+    Finite logits can still overflow float32 once divided by T (|logits| of 1e33
+    at T = 1e-6); float64 holds them.  Rows whose inputs hold NaN or infinities
+    come out NaN again.  The other rows keep their results, bit for bit.
+    """
+    rows = np.flatnonzero(~(np.isfinite(d_rows) & np.isfinite(ce_rows)))
+    if isinstance(teachers, tuple):
+        sub_teachers = tuple(t[rows] for t in teachers)
+    else:
+        sub_teachers = teachers[:, rows]
+    sub_grad = np.empty((len(rows), student.shape[1]) if params.want_grad else (0, 0), dtype=student.dtype)
+    sub_d = np.empty(len(rows))
+    sub_ce = np.empty(len(rows))
+    run_cpu_kernel(
+        "general_rows", student=student[rows], teachers=sub_teachers, weights=weights, labels=labels[rows],
+        params=params, per_block=_per_block(len(rows)), compute=_EMPTY[np.dtype(np.float64)],
+        grad=sub_grad, d_rows=sub_d, ce_rows=sub_ce,
+    )  # fmt: skip
+    d_rows[rows] = sub_d
+    ce_rows[rows] = sub_ce
+    if params.want_grad:
+        grad[rows] = sub_grad
+
+
 class HostBackend:
     """NumPy arrays, CPU kernels."""
 
@@ -167,16 +193,13 @@ class HostBackend:
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
         compute = compute_dtype(dtype, temperature)
-        arguments = dict(
-            student=student, teachers=teachers, weights=weights, labels=labels, params=params,
-            per_block=_per_block(n_rows), grad=grad, d_rows=d_rows, ce_rows=ce_rows,
+        run_cpu_kernel(
+            "general_rows", student=student, teachers=teachers, weights=weights, labels=labels,
+            params=params, per_block=_per_block(n_rows), compute=_EMPTY[compute],
+            grad=grad, d_rows=d_rows, ce_rows=ce_rows,
         )  # fmt: skip
-        run_cpu_kernel("general_rows", compute=_EMPTY[compute], **arguments)
         if compute == np.float32 and not math.isfinite(float(d_rows.sum()) + float(ce_rows.sum())):
-            # A NaN or an infinity from float32 arithmetic: finite logits whose range
-            # over T leaves the float32 range (or rows that hold NaN or infinities,
-            # which stay NaN).  The rows are computed again in float64.
-            run_cpu_kernel("general_rows", compute=_EMPTY[np.dtype(np.float64)], **arguments)
+            _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows)
         if options.reduction == "none":
             soft = (alpha * temperature * temperature * d_rows).astype(dtype)
             hard = ((1.0 - alpha) * ce_rows).astype(dtype)
