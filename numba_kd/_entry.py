@@ -10,8 +10,7 @@ one-teacher case of the same path.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,8 +18,7 @@ from numba_kd import _arrays, _targets, _validate
 from numba_kd._options import LossComponents, LossOptions
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     """Where a call runs and where its result goes."""
 
     #: "cpu" or "cuda" to force a target (copying the inputs there); None: where the inputs live.

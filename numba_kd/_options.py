@@ -3,6 +3,7 @@ rule that picks float32 or float64 arithmetic, and ``LossComponents``."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -55,7 +56,9 @@ class LossOptions:
     def ignore_code(self) -> int:
         return NO_IGNORE if self.ignore_index is None else self.ignore_index
 
+    @functools.cached_property
     def codes(self) -> tuple[int, int, int]:
+        """(combine, divergence, weighting) codes of the kernels."""
         return (
             COMBINES.index(self.combine),
             DIVERGENCES.index(self.divergence),

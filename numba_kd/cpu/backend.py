@@ -189,7 +189,7 @@ class HostBackend:
         d_rows = np.empty(n_rows)
         ce_rows = np.empty(n_rows)
         params = _math.LossParams(
-            options.ignore_code, float(temperature), float(options.beta), *options.codes(),
+            options.ignore_code, float(temperature), float(options.beta), *options.codes,
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
         compute = compute_dtype(dtype, temperature)
@@ -198,15 +198,15 @@ class HostBackend:
             params=params, per_block=_per_block(n_rows), compute=_EMPTY[compute],
             grad=grad, d_rows=d_rows, ce_rows=ce_rows,
         )  # fmt: skip
-        if compute == np.float32 and not math.isfinite(float(d_rows.sum()) + float(ce_rows.sum())):
+        soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
+        # Any NaN or infinite row makes a part non-finite (0 * inf is NaN too).
+        if compute == np.float32 and not (math.isfinite(soft) and math.isfinite(hard)):
             _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows)
+            soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
         if options.reduction == "none":
             soft = (alpha * temperature * temperature * d_rows).astype(dtype)
             hard = ((1.0 - alpha) * ce_rows).astype(dtype)
-            loss = soft + hard
-        else:
-            soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
-            loss = soft + hard
+        loss = soft + hard
         return loss, soft, hard, grad if want_grad else None
 
     def wrap(self, out: np.ndarray, like: object) -> np.ndarray:

@@ -377,7 +377,7 @@ class CudaBackend:
             scratch = tuple(self.empty((n_rows, n_teachers), dtype) for _ in range(3))
             params = DeviceLossParams(
                 np.int64(options.ignore_code), scalar(1.0 / temperature), scalar(options.beta),
-                *(np.int64(c) for c in options.codes()), scalar(alpha * temperature * temperature),
+                *(np.int64(c) for c in options.codes), scalar(alpha * temperature * temperature),
                 scalar(1.0 - alpha), bool(want_grad),
             )  # fmt: skip
             _launch(
