@@ -25,15 +25,12 @@ from typing import Any
 import numpy as np
 
 from numba_kd import _validate
+from numba_kd._options import LossComponents
 
 try:
     import dask.array as da
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError('dask inputs need dask[array]: pip install "numba_kd[dask]"') from exc
-
-
-def is_dask_array(x: object) -> bool:
-    return isinstance(x, da.Array)
 
 
 def _row_chunked(arrays: Sequence[Any], rows: tuple[int, ...]) -> list[Any]:
@@ -182,7 +179,7 @@ def loss(
         divisor = da.maximum(totals[2], 1.0) if reduction == "mean" else 1.0
         soft, hard = totals[0] / divisor, totals[1] / divisor
         result = (soft + hard, soft, hard)
-    value = _components(result) if components else result[0]
+    value = LossComponents(*result) if components else result[0]
     if not want_grad:
         return value
     grad = da.blockwise(
@@ -191,9 +188,3 @@ def loss(
     if divisor is not None:
         grad = (grad / divisor).astype(dtype)
     return value, grad
-
-
-def _components(parts: tuple) -> Any:
-    from numba_kd._options import LossComponents
-
-    return LossComponents(*parts)

@@ -235,14 +235,14 @@ def check_bool(value: object, name: str) -> bool:
 
 
 def loss_options(
-    reduction: object = "mean",
-    ignore_index: object = None,
-    combine: object = "logits",
-    divergence: object = "forward_kl",
-    beta: object = 0.5,
-    teacher_weighting: object = "static",
-    return_components: object = False,
-    check_finite: object = False,
+    reduction: object,
+    ignore_index: object,
+    combine: object,
+    divergence: object,
+    beta: object,
+    teacher_weighting: object,
+    return_components: object,
+    check_finite: object,
 ) -> LossOptions:
     """The validated loss options; a call with the options of an earlier one reuses its result."""
     arguments = (

@@ -64,6 +64,15 @@ def run_cpu_kernel(op: str, **arguments: Any) -> Any:
     return compiled(*args)
 
 
+def _general_rows(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows) -> None:
+    """The general loss kernel over these rows, with ``compute``'s per-element arithmetic."""
+    run_cpu_kernel(
+        "general_rows", student=student, teachers=teachers, weights=weights, labels=labels, params=params,
+        per_block=_per_block(student.shape[0]), compute=_EMPTY[np.dtype(compute)],
+        grad=grad, d_rows=d_rows, ce_rows=ce_rows,
+    )  # fmt: skip
+
+
 def _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows) -> None:
     """Compute the rows whose float32 results are NaN or infinite again in float64.
 
@@ -79,11 +88,8 @@ def _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_r
     sub_grad = np.empty((len(rows), student.shape[1]) if params.want_grad else (0, 0), dtype=student.dtype)
     sub_d = np.empty(len(rows))
     sub_ce = np.empty(len(rows))
-    run_cpu_kernel(
-        "general_rows", student=student[rows], teachers=sub_teachers, weights=weights, labels=labels[rows],
-        params=params, per_block=_per_block(len(rows)), compute=_EMPTY[np.dtype(np.float64)],
-        grad=sub_grad, d_rows=sub_d, ce_rows=sub_ce,
-    )  # fmt: skip
+    sub_student, sub_labels = student[rows], labels[rows]
+    _general_rows(sub_student, sub_teachers, weights, sub_labels, params, np.float64, sub_grad, sub_d, sub_ce)
     d_rows[rows] = sub_d
     ce_rows[rows] = sub_ce
     if params.want_grad:
@@ -193,11 +199,7 @@ class HostBackend:
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
         compute = compute_dtype(dtype, temperature)
-        run_cpu_kernel(
-            "general_rows", student=student, teachers=teachers, weights=weights, labels=labels,
-            params=params, per_block=_per_block(n_rows), compute=_EMPTY[compute],
-            grad=grad, d_rows=d_rows, ce_rows=ce_rows,
-        )  # fmt: skip
+        _general_rows(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows)
         soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
         # Any NaN or infinite row makes a part non-finite (0 * inf is NaN too).
         if compute == np.float32 and not (math.isfinite(soft) and math.isfinite(hard)):
