@@ -40,6 +40,39 @@ PEERS = ("numpy", "torch", "torch.compile", "jax.jit")
 
 @dataclass
 class Row:
+    """One measured row of the benchmark: an operation on one shape.
+
+    Parameters
+    ----------
+    operation : str
+        The row's name, a key of ``registry.OPERATIONS``.
+    rows : int
+        B, the number of rows.
+    classes : int
+        C, the number of classes.
+    n_teachers : int
+        K, the number of teachers.
+    dtype : str, one of {"float32", "float64"}
+        The logits' dtype.
+    numba_kd_ms : float
+        numba_kd's median time, in milliseconds.
+    gb_per_s : float
+        The bytes the operation must move over numba_kd's median time, in GB/s.
+    roofline_pct : float
+        numba_kd's share of the copy roofline: 100 times the median of its
+        paired copy/call time ratios.
+    copy_gb_per_s : float
+        The bandwidth of the paired copies (median), in GB/s.
+    max_rel_error : float
+        The relative error of numba_kd's result against the float64 NumPy
+        reference (``registry.relative_error``).
+    peer_ms : dict of str to float, default {}
+        The median time in milliseconds of each peer that ran, keyed by a
+        name from PEERS.
+    peer_roofline_pct : dict of str to float, default {}
+        The share of the copy roofline of each peer that ran, likewise.
+    """
+
     operation: str
     rows: int
     classes: int
@@ -55,7 +88,18 @@ class Row:
     peer_roofline_pct: dict[str, float] = field(default_factory=dict)
 
     def speedup(self, peer: str) -> float | None:
-        """The peer's time over numba_kd's: above 1, numba_kd is faster."""
+        """A peer's time over numba_kd's: above 1, numba_kd is faster.
+
+        Parameters
+        ----------
+        peer : str, one of {"numpy", "torch", "torch.compile", "jax.jit"}
+            The peer, a name from PEERS.
+
+        Returns
+        -------
+        float or None
+            The ratio, or None when that peer did not run.
+        """
         ms = self.peer_ms.get(peer)
         return None if ms is None else ms / self.numba_kd_ms
 
@@ -67,27 +111,64 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def paired_with_copy(fn: Callable[[], object], n_bytes: int, repeats: int) -> tuple[float, float, float]:
-    """(median time of fn, median copy time, median of copy/fn ratios), each call of
-    fn timed right after a copy of ``n_bytes``."""
+    """Time a callable, each call right after a copy of ``n_bytes``.
+
+    Parameters
+    ----------
+    fn : callable
+        Called without arguments: once to warm up, then ``repeats`` times timed.
+    n_bytes : int
+        The size of the copy made before each timed call.
+    repeats : int
+        The number of timed calls, at least 1.
+
+    Returns
+    -------
+    call_seconds : float
+        The median time of fn.
+    copy_seconds : float
+        The median time of the copies.
+    roofline : float
+        The median of the paired copy/call time ratios (1 means fn ran at the
+        speed of a copy of n_bytes).
+
+    Raises
+    ------
+    statistics.StatisticsError
+        ``repeats`` below 1.
+    """
     timings = interleaved({"fn": fn}, n_bytes, repeats)["fn"]
     return timings.median, timings.copy_median, timings.roofline
 
 
 @dataclass
 class Timings:
+    """The timings of one implementation: each call's time and the time of the copy before it.
+
+    Parameters
+    ----------
+    calls : list of float, default []
+        Seconds of each timed call.
+    copies : list of float, default []
+        Seconds of the copy made right before each call, in the same order.
+    """
+
     calls: list[float] = field(default_factory=list)
     copies: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
+        """The median call time, in seconds."""
         return statistics.median(self.calls)
 
     @property
     def copy_median(self) -> float:
+        """The median copy time, in seconds."""
         return statistics.median(self.copies)
 
     @property
     def roofline(self) -> float:
+        """The median of the paired copy/call time ratios: the share of the copy roofline."""
         return statistics.median(c / t for c, t in zip(self.copies, self.calls, strict=True))
 
 
@@ -97,8 +178,28 @@ def interleaved(
     rounds: int,
     limited: dict[str, int] | None = None,
 ) -> dict[str, Timings]:
-    """Time every implementation once per round, each right after a paired copy;
-    ``limited`` caps the rounds of slow implementations."""
+    """Time every implementation once per round, each call right after its own copy.
+
+    Each implementation is first called once to warm up (and compile). Then,
+    in every round, each one in turn is timed right after a copy of
+    ``n_bytes``, so that a drift of a shared machine hits all of them alike.
+
+    Parameters
+    ----------
+    implementations : dict of str to callable
+        The zero-argument callables to time, by name.
+    n_bytes : int
+        The size of the copy made before each timed call.
+    rounds : int
+        The number of rounds.
+    limited : dict of str to int, optional
+        Caps the rounds of slow implementations: name to its number of rounds.
+
+    Returns
+    -------
+    dict of str to Timings
+        The timings of each implementation, by name.
+    """
     src = np.ones(max(n_bytes // 4, 1), dtype=np.float32)
     dst = np.empty_like(src)
     for fn in implementations.values():
@@ -137,8 +238,41 @@ def measure(
     operations: list[str] | None = None,
     progress: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """One Row per (shape, operation), every implementation timed in the same rounds;
-    ``progress`` sees each row as soon as it is measured."""
+    """Measure every (shape, operation) row, every implementation timed in the same rounds.
+
+    Each row's numba_kd result is first compared with the NumPy reference's,
+    then numba_kd and its peers are timed with ``interleaved`` (the NumPy
+    reference in at most NUMPY_ROUNDS rounds). When torch is installed, its
+    thread count is set to numba's.
+
+    Parameters
+    ----------
+    shapes : iterable of (int, int)
+        The (rows, classes) shapes, B x C.
+    n_teachers : int
+        K, the number of teachers.
+    dtype : str, one of {"float32", "float64"}
+        The logits' dtype.
+    rounds : int
+        The number of timing rounds, at least 1.
+    peers : bool, default True
+        Time the peers too: the NumPy reference, and torch, torch.compile and
+        jax.jit where installed.
+    operations : list of str, optional
+        Names of ``registry.OPERATIONS`` rows; all of them by default.
+    progress : callable, optional
+        Called with each Row as soon as it is measured.
+
+    Returns
+    -------
+    list of Row
+        One per shape and operation, shapes in the outer loop.
+
+    Raises
+    ------
+    KeyError
+        An operation name that is not in ``registry.OPERATIONS``.
+    """
     import numba
 
     if torch_available():
@@ -201,8 +335,29 @@ LATENCY_OPERATIONS = [
 
 
 def compile_latency(operations: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """import time, and per operation the first call in a fresh process with an empty
-    on-disk cache (cold) and with the cache that call left (warm, median of 3)."""
+    """The import time and, per operation, the latency of a first call in a fresh process.
+
+    The import time is the median of 3 fresh processes. Each operation's
+    first call runs once with an empty on-disk cache (cold), then 3 times with
+    the cache that call left (warm, median), on a 64 x 1000 Case with
+    N_TEACHERS teachers.
+
+    Parameters
+    ----------
+    operations : list of str, optional
+        Names of ``registry.OPERATIONS`` rows; LATENCY_OPERATIONS by default.
+
+    Returns
+    -------
+    dict of str to dict of str to float
+        ``{"import": {"seconds": s}}`` and, for each operation,
+        ``{name: {"cold_s": s, "warm_s": s}}``.
+
+    Raises
+    ------
+    subprocess.CalledProcessError
+        A subprocess failed, e.g. for an unknown operation name.
+    """
     code = "import time; start = time.perf_counter(); import numba_kd; print(time.perf_counter() - start)"
     imports = []
     for _ in range(3):
@@ -218,6 +373,14 @@ def compile_latency(operations: list[str] | None = None) -> dict[str, dict[str, 
 
 
 def machine() -> dict[str, str]:
+    """A description of this machine and its software, for the benchmark's header.
+
+    Returns
+    -------
+    dict of str to str
+        cpu, cores, numba_threads, python, numpy, numba, date and load_before
+        (the load averages), plus torch and jax versions where installed.
+    """
     import numba
 
     cpu = platform.processor() or platform.machine()
@@ -261,6 +424,18 @@ TABLE_HEADER = (
 
 
 def format_row(r: Row) -> str:
+    """One Markdown table line for a Row, in the columns of TABLE_HEADER.
+
+    Parameters
+    ----------
+    r : Row
+        The measured row.
+
+    Returns
+    -------
+    str
+        The line; "-" stands for a peer that did not run.
+    """
     compilers = [r.peer_roofline_pct[p] for p in ("torch.compile", "jax.jit") if p in r.peer_roofline_pct]
     return (
         f"| {r.operation} | {r.rows} x {r.classes} | {r.numba_kd_ms:.2f} | {r.roofline_pct:.0f}% | "
@@ -270,12 +445,46 @@ def format_row(r: Row) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    """Markdown: numba_kd's time and roofline share, each peer's time over numba_kd's
-    (above 1: numba_kd faster), the better compiler's roofline share, the error."""
+    """The Markdown table of the rows.
+
+    Columns: numba_kd's time and share of the roofline, each peer's time over
+    numba_kd's (above 1: numba_kd is faster), the better compiler's share of
+    the roofline, and the error.
+
+    Parameters
+    ----------
+    rows : list of Row
+        The measured rows.
+
+    Returns
+    -------
+    str
+        TABLE_HEADER followed by one line per row.
+    """
     return "\n".join([TABLE_HEADER, *(format_row(r) for r in rows)])
 
 
 def plot(rows: list[Row], path: str) -> None:
+    """Write a PNG bar chart of the rows: numba_kd's share of the roofline, and the speed-ups.
+
+    Parameters
+    ----------
+    rows : list of Row
+        The measured rows, at least one.
+    path : str
+        The PNG file to write.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    SystemExit
+        matplotlib is not installed.
+    IndexError
+        No rows.
+    """
     try:
         import matplotlib
 
@@ -307,13 +516,59 @@ def plot(rows: list[Row], path: str) -> None:
 
 
 def rows_from_json(path: str) -> tuple[dict[str, str], list[Row]]:
-    """The machine description and rows of a ``bench --json`` file."""
+    """The machine description and the rows of a ``bench --json`` file.
+
+    Parameters
+    ----------
+    path : str
+        The JSON file written by ``bench --json``.
+
+    Returns
+    -------
+    machine : dict of str to str
+        As ``machine`` returned it for that run.
+    rows : list of Row
+        The measured rows.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    KeyError
+        A JSON object without "machine" or "rows".
+    """
     with open(path) as f:
         data = json.load(f)
     return data["machine"], [Row(**row) for row in data["rows"]]
 
 
 def run(args) -> int:
+    """Run ``numba-kd bench``: print the table row by row, then the compile latency.
+
+    With ``from_json`` it only prints the table of a saved run. Otherwise it
+    measures (``quick``: small shapes and 3 rounds), prints each row as it is
+    measured, then the compile latency (unless ``no_latency``), and writes the
+    JSON file and the plot when asked for.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``bench`` options: from_json, quick, repeats, operations,
+        shapes, no_peers, no_latency, dtype ({"float32", "float64"}), json
+        and plot.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+
+    Raises
+    ------
+    SystemExit
+        An unknown operation name, or ``--plot`` without matplotlib.
+    ValueError
+        A ``--shapes`` entry that is not of the form BxC.
+    """
     if args.from_json:
         _, rows = rows_from_json(args.from_json)
         print(format_table(rows))

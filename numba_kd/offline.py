@@ -37,6 +37,24 @@ OUTPUT_DTYPES = ("float32", "float16")
 
 
 def is_zarr_path(path: str | os.PathLike) -> bool:
+    """Whether a path names a Zarr array: it ends in ``.zarr`` (trailing slashes ignored).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Any path; it need not exist.
+
+    Returns
+    -------
+    bool
+        True for a Zarr path, False otherwise (e.g. for a ``.npy`` file).
+
+    Examples
+    --------
+    >>> from numba_kd.offline import is_zarr_path
+    >>> is_zarr_path("teacher0.zarr/"), is_zarr_path("teacher0.npy")
+    (True, False)
+    """
     return str(path).rstrip("/").endswith(".zarr")
 
 
@@ -45,7 +63,27 @@ def _partial_path(path: Path) -> Path:
 
 
 def open_input(path: str | os.PathLike, name: str) -> Any:
-    """A read-only view of a ``.npy`` file (memory-mapped) or a Zarr array."""
+    """A read-only view of an input array on disk: a memory-mapped ``.npy`` file or a Zarr array.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.npy`` file, or a Zarr array (a path ending in ``.zarr``).
+    name : str
+        The argument's name in error messages, e.g. ``"teachers[0]"``.
+
+    Returns
+    -------
+    numpy.memmap or zarr.Array
+        The array, opened read-only; nothing is read yet.
+
+    Raises
+    ------
+    ValueError
+        A path that does not exist, or that is neither ``.npy`` nor ``.zarr``.
+    ImportError
+        A Zarr path without the zarr package.
+    """
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{name}: {p} does not exist")
@@ -112,6 +150,36 @@ def _check_logits(arrays: Sequence[Any], names: Sequence[str]) -> tuple[int, int
 
 
 def chunk_rows_for(n_arrays: int, n_classes: int, itemsize: int, chunk_rows: int | None) -> int:
+    """The number of rows read per step: ``chunk_rows`` when given, else about 256 MB of input.
+
+    Parameters
+    ----------
+    n_arrays : int
+        The number of [N, C] arrays read per step.
+    n_classes : int
+        C, the number of classes.
+    itemsize : int
+        Bytes per element of the input arrays.
+    chunk_rows : int or None
+        Rows per step as asked for, at least 1; None picks
+        ``DEFAULT_CHUNK_BYTES // (n_arrays * n_classes * itemsize)`` (at least 1).
+
+    Returns
+    -------
+    int
+        Rows per step, at least 1.
+
+    Raises
+    ------
+    ValueError
+        A ``chunk_rows`` below 1.
+
+    Examples
+    --------
+    >>> from numba_kd.offline import chunk_rows_for
+    >>> chunk_rows_for(4, 1000, 4, None), chunk_rows_for(4, 1000, 4, 512)
+    (16777, 512)
+    """
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
@@ -120,11 +188,22 @@ def chunk_rows_for(n_arrays: int, n_classes: int, itemsize: int, chunk_rows: int
 
 
 class Progress:
-    """Rows done and the rates of a job: a tqdm bar on stderr when it is a terminal
-    (rows, rows/s, GB/s of input read, time left), nothing otherwise.
+    """The rows done and the rates of a job, with a tqdm bar on stderr when it is a terminal.
 
-    The clock starts when the bar is made, after the kernels have compiled, so
-    that the rates exclude compile time.
+    The bar shows rows, rows/s, GB/s of input read and the time left. The
+    clock starts when the Progress is made, after the kernels have compiled,
+    so that the rates exclude compile time.
+
+    Parameters
+    ----------
+    total_rows : int
+        The rows the job will process.
+    bytes_per_row : int
+        Input bytes read per row (all arrays together), for the GB/s rate.
+    enabled : bool
+        Show the bar (when stderr is a terminal); False never shows it.
+    label : str
+        The bar's description, e.g. ``"soft-labels"``.
     """
 
     def __init__(self, total_rows: int, bytes_per_row: int, enabled: bool, label: str) -> None:
@@ -137,23 +216,62 @@ class Progress:
         self.start = time.perf_counter()
 
     def rates(self) -> tuple[float, float]:
+        """The rates since the clock started.
+
+        Returns
+        -------
+        rows_per_second : float
+            Rows done per second.
+        gb_per_second : float
+            GB (1e9 bytes) of input read per second.
+        """
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return self.done / elapsed, self.done * self.bytes_per_row / elapsed / 1e9
 
     def update(self, rows: int) -> None:
+        """Count rows as done and advance the bar.
+
+        Parameters
+        ----------
+        rows : int
+            The rows just completed.
+
+        Returns
+        -------
+        None
+        """
         self.done += rows
         self.bar.set_postfix_str(f"{self.rates()[1]:.2f} GB/s", refresh=False)
         self.bar.update(rows)
 
     def close(self) -> None:
+        """Close the bar (the counts and the clock stay readable).
+
+        Returns
+        -------
+        None
+        """
         self.bar.close()
 
 
 @dataclass
 class Summary:
-    """What a soft_labels run did: rows written, seconds, and its rates (rows per
-    second and GB of teacher logits read per second), measured after the kernels
-    compiled."""
+    """What a soft_labels run did: rows written, seconds, and its rates.
+
+    The rates (rows per second and GB of teacher logits read per second) of a
+    local run are measured after the kernels compiled.
+
+    Parameters
+    ----------
+    rows : int
+        Rows written by this run (after a resume, the rows it added).
+    seconds : float
+        Wall time of the run; in a local run it excludes the kernels' compile time.
+    rows_per_second : float
+        Rows written per second.
+    gb_per_second : float
+        GB (1e9 bytes) of teacher logits read per second.
+    """
 
     rows: int
     seconds: float
@@ -212,7 +330,28 @@ def _resumed_output(path: Path, attrs: dict):
 
 @dataclass
 class SoftLabelPlan:
-    """Validated inputs and settings of a soft-label run (nothing written yet)."""
+    """The validated inputs and settings of a soft-label run; nothing is written yet.
+
+    Parameters
+    ----------
+    arrays : list of K arrays, each [N, C]
+        The teachers' logits, opened read-only (memory-mapped ``.npy`` files
+        or Zarr arrays).
+    out_path : pathlib.Path
+        The output path, ``.npy`` or ``.zarr``.
+    distiller : EnsembleDistiller
+        The weights and temperature of the run.
+    n_rows : int
+        N, the number of rows.
+    n_classes : int
+        C, the number of classes.
+    in_dtype : numpy.dtype
+        The teachers' promoted floating dtype.
+    rows_per_chunk : int
+        Rows read per step.
+    out_dtype : numpy.dtype
+        The output dtype, float32 or float16.
+    """
 
     arrays: list[Any]
     out_path: Path
@@ -235,7 +374,49 @@ def plan_soft_labels(
     dtype: str,
     overwrite: bool,
 ) -> SoftLabelPlan:
-    """Every check of a soft-label run, before anything is written."""
+    """Every check of a soft-label run, made before anything is written.
+
+    Parameters
+    ----------
+    teachers : sequence of paths
+        K teacher logit arrays, each [N, C]: ``.npy`` files or Zarr arrays.
+    out : str or os.PathLike
+        The output path, ending in ``.npy`` or ``.zarr``.
+    weights : sequence of float or None
+        One weight per teacher; None gives equal weights.
+    temperature : float
+        The softmax temperature T.
+    combine : str, one of {"logits", "probs"}
+        How the teachers are combined, as in soft_labels.
+    eps : float
+        Added to the probability mixture; checked (finite, >= 0) with
+        combine="probs" only.
+    chunk_rows : int or None
+        Rows read per step; None picks about 256 MB of input.
+    dtype : str, one of {"float32", "float16"}
+        The output dtype.
+    overwrite : bool
+        Whether an existing ``out`` may be replaced.
+
+    Returns
+    -------
+    SoftLabelPlan
+        The opened inputs and the settings of the run.
+
+    Raises
+    ------
+    TypeError
+        Logits that are not floating point, or weights or a temperature that
+        are not real numbers.
+    ValueError
+        No teachers, an unknown combine or dtype, an output path that is
+        neither ``.npy`` nor ``.zarr``, an existing ``out`` without overwrite,
+        a missing input, inputs that are not 2-D or whose shapes differ, no
+        classes, a number of weights other than K, invalid weights or
+        temperature, a negative or non-finite eps, or a chunk_rows below 1.
+    ImportError
+        A Zarr path without the zarr package.
+    """
     if combine not in ("logits", "probs"):
         raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
     if dtype not in OUTPUT_DTYPES:
@@ -525,8 +706,30 @@ def _read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
 
 
 def open_rows(path: str | os.PathLike, chunk_rows: int) -> Any:
-    """A dask array over a ``.npy`` file or a Zarr array, ``chunk_rows`` rows per block,
-    read by the workers themselves (files must be visible to them)."""
+    """A lazy dask array over a ``.npy`` file or a Zarr array, ``chunk_rows`` rows per block.
+
+    The blocks are read by the workers themselves, so the files must be
+    visible to them (the path is made absolute here).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.npy`` file, or a Zarr array (a path ending in ``.zarr``).
+    chunk_rows : int
+        Rows per block (the last block may be shorter), at least 1.
+
+    Returns
+    -------
+    dask.array.Array
+        The array, of the file's shape and dtype, chunked along the rows only.
+
+    Raises
+    ------
+    ImportError
+        dask is not installed.
+    FileNotFoundError
+        A ``.npy`` path that does not exist.
+    """
     dask, da = _dask_modules()
     p = str(Path(path).resolve())
     if p.endswith(".zarr"):

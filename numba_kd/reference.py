@@ -13,34 +13,121 @@ from numpy.typing import ArrayLike
 
 
 def normalized_weights(weights: ArrayLike) -> np.ndarray:
+    """The teacher weights as float64, divided by their sum.
+
+    Nothing is checked: weights summing to 0 give infinities or NaN.
+
+    Parameters
+    ----------
+    weights : array_like of float, shape [K]
+        One weight per teacher.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [K]
+        The weights scaled to sum 1.
+
+    Examples
+    --------
+    >>> from numba_kd import reference
+    >>> reference.normalized_weights([1, 3])
+    array([0.25, 0.75])
+    """
     w = np.asarray(weights, dtype=np.float64)
     return w / w.sum()
 
 
 def stack_teachers(teachers: Sequence[ArrayLike] | ArrayLike) -> np.ndarray:
-    """[K, B, C] float64 from a list of [B, C] arrays or one [K, B, C] array."""
+    """The teachers' logits as one float64 array, teachers along the first axis.
+
+    Parameters
+    ----------
+    teachers : list or tuple of K arrays [B, C], or one array [K, B, C]
+        Teacher logits; a list or tuple is stacked, anything else is read as
+        one array (other shapes pass through unchanged).
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [K, B, C]
+        A new array for a list or tuple; the input itself when it already is a
+        float64 ndarray.
+
+    Raises
+    ------
+    ValueError
+        List entries whose shapes differ.
+    """
     if isinstance(teachers, (list, tuple)):
         return np.stack([np.asarray(t, dtype=np.float64) for t in teachers])
     return np.asarray(teachers, dtype=np.float64)
 
 
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``log(sum(exp(x)))`` along one axis, with the maximum subtracted first.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float
+        Any shape.
+    axis : int, default -1
+        The axis summed over.
+
+    Returns
+    -------
+    numpy.ndarray
+        The shape of x without ``axis``. A slice that is all -inf gives NaN
+        (the shift by its maximum is -inf - -inf).
+    """
     m = np.max(x, axis=axis, keepdims=True)
     return np.squeeze(m, axis=axis) + np.log(np.sum(np.exp(x - m), axis=axis))
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """(x - max) - log(sum exp(x - max)): the max is subtracted first, so that log S
-    survives even where max + log S would round it away."""
+    """The log-softmax over the last axis, ``(x - max) - log(sum(exp(x - max)))``.
+
+    The maximum is subtracted first, so that log S survives even where
+    ``max + log S`` would round it away.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float, shape [..., C]
+        Logits, classes along the last axis.
+
+    Returns
+    -------
+    numpy.ndarray, shape [..., C]
+        Log-probabilities in x's dtype; each row's exponentials sum to 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> np.exp(reference.log_softmax(np.array([0.0, np.log(3.0)]))).round(6)
+    array([0.25, 0.75])
+    """
     shifted = x - np.max(x, axis=-1, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
 def nonfinite_rows(teachers, student=None) -> np.ndarray:
-    """Rows where any teacher (or the student, when given) holds a NaN or an infinity.
+    """The rows where any teacher (or the student, when given) holds a NaN or an infinity.
 
-    The non-finite policy: such rows give NaN (loss, its parts and its gradient
-    row, or the row of a probability combine); ignored rows stay ignored."""
+    This is the non-finite policy of every formula: such a row gives NaN (the
+    loss, its soft and hard parts and its gradient row, or the row of a
+    probability combine), while a row whose label is ignored stays ignored.
+
+    Parameters
+    ----------
+    teachers : list of K arrays [B, C], or one array [K, B, C]
+        Teacher logits.
+    student : array_like, shape [B, C], optional
+        Student logits, checked too when given.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape [B]
+        True for the rows holding a non-finite value.
+    """
     bad = ~np.isfinite(stack_teachers(teachers)).all(axis=(0, -1))
     if student is not None:
         bad |= ~np.isfinite(np.asarray(student, dtype=np.float64)).all(axis=-1)
@@ -48,14 +135,80 @@ def nonfinite_rows(teachers, student=None) -> np.ndarray:
 
 
 def combine_teachers(teachers, weights) -> np.ndarray:
-    """z = sum_k w_k t_k."""
+    """The weighted average of the teacher logits, ``z = sum_k w_k t_k``.
+
+    Parameters
+    ----------
+    teachers : list of K arrays [B, C], or one array [K, B, C]
+        Teacher logits.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [B, C]
+        The combined logits z. Non-finite logits follow IEEE arithmetic
+        element by element.
+
+    Raises
+    ------
+    ValueError
+        Teachers of different shapes, not three-dimensional once stacked, or
+        a number of weights other than K.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> teachers = [np.array([[0.0, 4.0]]), np.array([[4.0, 0.0]])]
+    >>> reference.combine_teachers(teachers, [1.0, 3.0])
+    array([[3., 1.]])
+    """
     t = stack_teachers(teachers)
     w = normalized_weights(weights)
     return np.einsum("k,kbc->bc", w, t)
 
 
 def combine_via_probabilities(teachers, weights, temperature: float, eps: float = 1e-10) -> np.ndarray:
-    """T * log(sum_k w_k softmax(t_k / T) + eps); eps = 0 gives the exact log-mixture."""
+    """Soft labels from the probability mixture, ``T log(sum_k w_k softmax(t_k / T) + eps)``.
+
+    With ``eps=0`` the result is the exact log-mixture, computed in log space
+    (a log-sum-exp over the teachers with non-zero weight), so that no
+    probability underflows to log(0).
+
+    Parameters
+    ----------
+    teachers : list of K arrays [B, C], or one array [K, B, C]
+        Teacher logits.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The softmax temperature T > 0.
+    eps : float, default 1e-10
+        Added to the mixture before the log (entrenar's form). Any value that
+        is not positive selects the exact log-mixture.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [B, C]
+        The combined logits; NaN in every row where a teacher holds a NaN or
+        an infinity.
+
+    Raises
+    ------
+    ValueError
+        Teachers of different shapes, not three-dimensional once stacked, or
+        a number of weights other than K.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> teachers = [np.array([[0.0, 0.0]]), np.array([[np.log(3.0), 0.0]])]
+    >>> z = reference.combine_via_probabilities(teachers, [1.0, 1.0], temperature=1.0, eps=0.0)
+    >>> np.exp(z).round(6)
+    array([[0.625, 0.375]])
+    """
     t = stack_teachers(teachers) / temperature
     w = normalized_weights(weights)
     log_p = log_softmax(t)  # [K, B, C]
@@ -74,20 +227,102 @@ def combine_via_probabilities(teachers, weights, temperature: float, eps: float 
 
 
 def kl_rows(target_logits: np.ndarray, student_logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Per-row KL(softmax(z / T) || softmax(s / T))."""
+    """The per-row divergence ``KL(softmax(z / T) || softmax(s / T))``.
+
+    Parameters
+    ----------
+    target_logits : array_like of float, shape [N, C]
+        The target's logits z (a teacher, or the combined teachers).
+    student_logits : array_like of float, shape [N, C]
+        The student's logits s.
+    temperature : float
+        The softmax temperature T > 0.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N]
+        One KL divergence per row (non-finite logits propagate as NaN or inf).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> reference.kl_rows(np.array([[0.0, np.log(3.0)]]), np.zeros((1, 2)), 1.0).round(6)
+    array([0.130812])
+    """
     log_p = log_softmax(np.asarray(target_logits, dtype=np.float64) / temperature)
     log_q = log_softmax(np.asarray(student_logits, dtype=np.float64) / temperature)
     return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def cross_entropy_rows(student_logits: np.ndarray, labels: ArrayLike) -> np.ndarray:
+    """The per-row cross-entropy ``-log softmax(s)[y]`` of the student against the labels.
+
+    There is no ignore_index here: every label must index a class (a negative
+    label counts from the end, as NumPy indexing does).
+
+    Parameters
+    ----------
+    student_logits : array_like of float, shape [N, C]
+        The student's logits s.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C).
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N]
+        One cross-entropy per row, at temperature 1.
+
+    Raises
+    ------
+    IndexError
+        A label outside [-C, C).
+    """
     s = np.asarray(student_logits, dtype=np.float64)
     y = np.asarray(labels)
     return -np.take_along_axis(log_softmax(s), y[:, None], axis=-1)[:, 0]
 
 
 def distillation_loss_single(student, teacher, labels, temperature: float, alpha: float) -> float:
-    """entrenar's DistillationLoss.forward."""
+    """The single-teacher loss, entrenar's ``DistillationLoss.forward``.
+
+    ``alpha T^2 mean KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) mean CE(s, y)``.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [B, C]
+        The student's logits s.
+    teacher : array_like of float, shape [B, C]
+        The teacher's logits t.
+    labels : array_like of int, shape [B]
+        Class indices in [0, C).
+    temperature : float
+        The softmax temperature T > 0.
+    alpha : float
+        Weight of the soft (distillation) term, in [0, 1]; the hard
+        (cross-entropy) term gets 1 - alpha.
+
+    Returns
+    -------
+    float
+        The loss, a mean over the rows; NaN when any row's logits hold a NaN
+        or an infinity.
+
+    Raises
+    ------
+    IndexError
+        A label outside [-C, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> loss = reference.distillation_loss_single(
+    ...     np.zeros((1, 3)), np.zeros((1, 3)), np.array([0]), temperature=2.0, alpha=0.5
+    ... )
+    >>> print(f"{loss:.6f}")
+    0.549306
+    """
     bad = nonfinite_rows([teacher], student)
     kl = np.where(bad, np.nan, kl_rows(teacher, student, temperature)).mean()
     ce = np.where(bad, np.nan, cross_entropy_rows(student, labels)).mean()
@@ -95,7 +330,50 @@ def distillation_loss_single(student, teacher, labels, temperature: float, alpha
 
 
 def distillation_loss(student, teachers, labels, weights, temperature: float, alpha: float) -> float:
-    """entrenar's EnsembleDistiller.distillation_loss: the teachers' logit average as target."""
+    """The ensemble loss, entrenar's ``EnsembleDistiller.distillation_loss``.
+
+    The target is the weighted logit average of the teachers
+    (``combine_teachers``); the loss is that of ``distillation_loss_single``
+    against it.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [B, C]
+        The student's logits.
+    teachers : list of K arrays [B, C], or one array [K, B, C]
+        Teacher logits.
+    labels : array_like of int, shape [B]
+        Class indices in [0, C).
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The softmax temperature T > 0.
+    alpha : float
+        Weight of the soft term, in [0, 1].
+
+    Returns
+    -------
+    float
+        The loss, a mean over the rows; NaN when any row's logits hold a NaN
+        or an infinity.
+
+    Raises
+    ------
+    ValueError
+        Teachers of different shapes, or a number of weights other than K.
+    IndexError
+        A label outside [-C, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> student = np.array([[1.0, 0.0, 0.0]])
+    >>> teachers = [np.array([[2.0, 0.0, 0.0]]), np.zeros((1, 3))]
+    >>> loss = reference.distillation_loss(student, teachers, np.array([0]), [1.0, 1.0], 2.0, 0.5)
+    >>> print(f"{loss:.6f}")
+    0.275722
+    """
     z = combine_teachers(teachers, weights)
     return distillation_loss_single(student, z, labels, temperature, alpha)
 
@@ -108,10 +386,47 @@ def distillation_loss(student, teachers, labels, weights, temperature: float, al
 def row_teacher_weights(
     teachers, weights, labels, temperature: float, weighting: str, ignore_index: int | None = None
 ) -> np.ndarray:
-    """[N, K] per-row teacher weights, each row summing to 1.
+    """Per-row teacher weights, each row normalized to sum 1.
 
-    static: w_k.  confidence: w_k * softmax(t_k)[y] (rows with an ignored label,
-    or whose confidences all underflow, keep w_k).  entropy: w_k * exp(-H(softmax(t_k / T))).
+    "static" keeps w_k in every row. "confidence" takes
+    ``w_k * softmax(t_k)[y]`` (at temperature 1); rows whose label is ignored,
+    or whose confidences all underflow to 0, keep w_k. "entropy" takes
+    ``w_k * exp(-H(softmax(t_k / T)))``.
+
+    Parameters
+    ----------
+    teachers : list of K arrays [N, C], or one array [K, N, C]
+        Teacher logits.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index; read by "confidence" only.
+    temperature : float
+        The softmax temperature T > 0; read by "entropy" only.
+    weighting : str, one of {"static", "confidence", "entropy"}
+        How the weights vary by row.
+    ignore_index : int or None, default None
+        The label of ignored rows, or None when no row is ignored.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N, K]
+        The weights of each row.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``weighting``.
+    IndexError
+        With "confidence", a label (other than ignore_index) outside [-C, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> teachers = [np.array([[2.0, 0.0, 0.0]]), np.zeros((1, 3))]
+    >>> reference.row_teacher_weights(teachers, [1.0, 1.0], np.array([0]), 2.0, "confidence").round(6)
+    array([[0.702466, 0.297534]])
     """
     t = stack_teachers(teachers)  # [K, N, C]
     w = normalized_weights(weights)
@@ -136,8 +451,33 @@ def row_teacher_weights(
 
 
 def target_log_probs(teachers, row_weights: np.ndarray, temperature: float, combine: str) -> np.ndarray:
-    """log p, [N, C]: softmax of the weighted logit average, or log of the weighted
-    probability average (in log space)."""
+    """The target's log-probabilities log p, from per-row teacher weights.
+
+    "logits": ``log_softmax(z / T)`` of the weighted logit average
+    ``z = sum_k w_nk t_k``. "probs": the log of the weighted average of the
+    teachers' ``softmax(t_k / T)``, computed in log space.
+
+    Parameters
+    ----------
+    teachers : list of K arrays [N, C], or one array [K, N, C]
+        Teacher logits.
+    row_weights : numpy.ndarray of float, shape [N, K]
+        Per-row teacher weights, as ``row_teacher_weights`` returns them.
+    temperature : float
+        The softmax temperature T > 0.
+    combine : str, one of {"logits", "probs"}
+        How the teachers are combined.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N, C]
+        log p.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``combine``.
+    """
     t = stack_teachers(teachers)
     if combine == "logits":
         z = np.einsum("nk,knc->nc", row_weights, t)
@@ -150,6 +490,41 @@ def target_log_probs(teachers, row_weights: np.ndarray, temperature: float, comb
 
 
 def divergence_rows(log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta: float = 0.5) -> np.ndarray:
+    """The per-row divergence D(p, q) between the target p and the student q.
+
+    "forward_kl": KL(p || q). "reverse_kl": KL(q || p). "jsd": the generalized
+    Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)`` with
+    ``m = beta p + (1 - beta) q``.
+
+    Parameters
+    ----------
+    log_p : numpy.ndarray of float, shape [N, C]
+        The target's log-probabilities.
+    log_q : numpy.ndarray of float, shape [N, C]
+        The student's log-probabilities.
+    divergence : str, one of {"forward_kl", "reverse_kl", "jsd"}
+        Which divergence.
+    beta : float, default 0.5
+        The JSD weight, in (0, 1); read with divergence="jsd" only.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N]
+        One divergence per row.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``divergence``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> log_p, log_q = np.log([[0.25, 0.75]]), np.log([[0.5, 0.5]])
+    >>> reference.divergence_rows(log_p, log_q, "jsd").round(6)
+    array([0.033822])
+    """
     p, q = np.exp(log_p), np.exp(log_q)
     if divergence == "forward_kl":
         return np.sum(p * (log_p - log_q), axis=-1)
@@ -180,7 +555,50 @@ def general_rows(
     teacher_weighting: str = "static",
     ignore_index: int | None = None,
 ):
-    """(divergence per row, CE per row, valid mask), float64, rows [N, C]."""
+    """The per-row divergence and cross-entropy of the generalized loss, before weighting.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [N, C]
+        The student's logits s.
+    teachers : list of K arrays [N, C], or one array [K, N, C]
+        Teacher logits.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The softmax temperature T > 0.
+    combine : {"logits", "probs"}, default "logits"
+        The target, as in ``target_log_probs``.
+    divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
+        The divergence, as in ``divergence_rows``.
+    beta : float, default 0.5
+        The JSD weight, in (0, 1); read with divergence="jsd" only.
+    teacher_weighting : {"static", "confidence", "entropy"}, default "static"
+        The per-row teacher weights, as in ``row_teacher_weights``.
+    ignore_index : int or None, default None
+        The label of ignored rows, or None when no row is ignored.
+
+    Returns
+    -------
+    divergence : numpy.ndarray of float64, shape [N]
+        D(p, softmax(s / T)) per row (not yet scaled by alpha T^2).
+    cross_entropy : numpy.ndarray of float64, shape [N]
+        CE(s, y) per row, at temperature 1.
+    valid : numpy.ndarray of bool, shape [N]
+        False for the ignored rows, whose divergence and cross-entropy are 0.
+        Rows that are not ignored and hold a NaN or an infinity give NaN in
+        both.
+
+    Raises
+    ------
+    ValueError
+        An unknown combine, divergence or teacher_weighting, or teachers of
+        different shapes.
+    IndexError
+        A label (other than ignore_index) outside [-C, C).
+    """
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)
     valid = _valid_rows(y, ignore_index)
@@ -198,8 +616,68 @@ def general_rows(
 def general_loss(
     student, teachers, labels, weights, temperature: float, alpha: float, reduction: str = "mean", **options
 ):
-    """(loss, soft, hard): the soft part alpha*T^2*D and the hard part (1-alpha)*CE,
-    reduced over rows ("mean" over valid rows, at least 1; "sum"; "none": per row)."""
+    """The generalized distillation loss and its parts, ``alpha T^2 D + (1 - alpha) CE``.
+
+    The soft part is ``alpha T^2 D`` and the hard part ``(1 - alpha) CE``,
+    each reduced over rows: "mean" divides the sums by the number of rows not
+    ignored (at least 1), "sum" sums them, "none" keeps one value per row.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [N, C]
+        The student's logits.
+    teachers : list of K arrays [N, C], or one array [K, N, C]
+        Teacher logits.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The softmax temperature T > 0.
+    alpha : float
+        Weight of the soft term, in [0, 1].
+    reduction : {"mean", "sum", "none"}, default "mean"
+        The reduction over rows; any other value sums, as "sum" does.
+    **options
+        The keyword options of ``general_rows``: combine, divergence, beta,
+        teacher_weighting and ignore_index.
+
+    Returns
+    -------
+    loss : numpy.float64, or numpy.ndarray of float64 [N] with "none"
+        soft + hard.
+    soft : numpy.float64, or numpy.ndarray of float64 [N] with "none"
+        The soft (distillation) part.
+    hard : numpy.float64, or numpy.ndarray of float64 [N] with "none"
+        The hard (cross-entropy) part. Ignored rows add 0 to all three.
+
+    Raises
+    ------
+    TypeError
+        An option that ``general_rows`` does not take.
+    ValueError
+        An unknown combine, divergence or teacher_weighting.
+    IndexError
+        A label (other than ignore_index) outside [-C, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> student = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    >>> teachers = [np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), np.zeros((2, 3))]
+    >>> labels = np.array([0, -100])
+    >>> loss, soft, hard = reference.general_loss(
+    ...     student, teachers, labels, [1.0, 1.0], 2.0, 0.5, ignore_index=-100
+    ... )
+    >>> print(f"{loss:.6f} {soft:.6f} {hard:.6f}")
+    0.275722 0.000000 0.275722
+    >>> rows, soft, hard = reference.general_loss(
+    ...     student, teachers, np.array([0, 2]), [1.0, 1.0], 2.0, 0.5, reduction="none", divergence="jsd"
+    ... )
+    >>> rows.round(6)
+    array([0.275722, 0.801302])
+    """
     d, ce, valid = general_rows(student, teachers, labels, weights, temperature, **options)
     soft = alpha * temperature**2 * d
     hard = (1.0 - alpha) * ce
@@ -213,11 +691,60 @@ def general_loss(
 def general_grad(
     student, teachers, labels, weights, temperature: float, alpha: float, reduction: str = "mean", **options
 ) -> np.ndarray:
-    """Gradient of the reduced loss with respect to the student logits (for "none",
-    of the sum of the per-row losses).
+    """The gradient of ``general_loss`` with respect to the student logits.
 
-    With q = softmax(s / T) and g = dD/dq:  dD/ds = q * (g - sum(q * g)) / T, where
-    g = -p/q (forward KL), log(q/p) + 1 (reverse KL), (1 - beta) log(q/m) (JSD).
+    With reduction="none" it is the gradient of the sum of the per-row losses.
+    With ``q = softmax(s / T)`` and ``g = dD/dq``, ``dD/ds = q (g - sum(q g)) / T``,
+    where g is -p/q (forward KL), log(q/p) + 1 (reverse KL) or
+    (1 - beta) log(q/m) (JSD); the forward KL case reduces to (q - p) / T. The
+    hard part adds ``(1 - alpha) (softmax(s) - onehot(y))``.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [N, C]
+        The student's logits.
+    teachers : list of K arrays [N, C], or one array [K, N, C]
+        Teacher logits.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The softmax temperature T > 0.
+    alpha : float
+        Weight of the soft term, in [0, 1].
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" divides by the number of rows not ignored (at least 1); any
+        other value leaves the per-row gradients as they are.
+    **options
+        combine, divergence, beta, teacher_weighting and ignore_index, as for
+        ``general_rows``; other keys are not read.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N, C]
+        d loss / d student. Ignored rows are 0; rows that are not ignored and
+        hold a NaN or an infinity are NaN.
+
+    Raises
+    ------
+    ValueError
+        An unknown combine, divergence or teacher_weighting.
+    IndexError
+        A label (other than ignore_index) outside [-C, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> student = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    >>> teachers = [np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), np.zeros((2, 3))]
+    >>> grad = reference.general_grad(
+    ...     student, teachers, np.array([0, -100]), [1.0, 1.0], 2.0, 0.5, ignore_index=-100
+    ... )
+    >>> grad.round(6)
+    array([[-0.211942,  0.105971,  0.105971],
+           [ 0.      ,  0.      ,  0.      ]])
     """
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)

@@ -41,8 +41,26 @@ LOSS_OPTIONS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Case:
-    """Synthetic logits: K teachers that broadly agree, a noisier student, labels
-    (every 8th of them IGNORE_INDEX when ``ignored``)."""
+    """Synthetic logits of one benchmark or test shape.
+
+    K teachers that broadly agree (a shared signal plus noise), a noisier
+    student, uniformly drawn labels (every 8th of them IGNORE_INDEX when
+    ``arrays(ignored=True)``) and the weights 1, 2, ..., K. The same fields
+    give the same arrays.
+
+    Parameters
+    ----------
+    n_teachers : int
+        K, the number of teachers.
+    rows : int
+        B, the number of rows.
+    classes : int
+        C, the number of classes.
+    dtype : {"float32", "float64", "float16"}, default "float32"
+        The logits' dtype.
+    seed : int, default 0
+        The seed of the random generator.
+    """
 
     n_teachers: int
     rows: int
@@ -51,6 +69,29 @@ class Case:
     seed: int = 0
 
     def arrays(self, ignored: bool = False) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+        """The arguments of an operation: ``(student, teachers, labels, weights)``.
+
+        Parameters
+        ----------
+        ignored : bool, default False
+            Set the labels of rows 0, 8, 16, ... to IGNORE_INDEX.
+
+        Returns
+        -------
+        student : numpy.ndarray, shape [B, C]
+            The student's logits, in the Case's dtype.
+        teachers : list of K numpy.ndarray, each [B, C]
+            The teachers' logits, in the Case's dtype.
+        labels : numpy.ndarray of int64, shape [B]
+            Class indices in [0, C), or IGNORE_INDEX.
+        weights : numpy.ndarray of float64, shape [K]
+            1, 2, ..., K (not normalized).
+
+        Raises
+        ------
+        TypeError
+            A dtype that NumPy does not know.
+        """
         rng = np.random.default_rng(self.seed)
         shape = (self.rows, self.classes)
         dtype = np.dtype(self.dtype)
@@ -72,11 +113,40 @@ Args = tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]
 
 @dataclass(frozen=True)
 class Operation:
-    """One benchmark row: an operation with its options.
+    """One benchmark row: a public operation with one set of options.
 
-    ``numba_kd``, ``numpy`` and ``torch`` take the arrays of a Case; ``torch_compile``
-    and ``jax_jit`` take them too and return a zero-argument callable that runs the
-    compiled peer on inputs converted once (so that conversions are not timed).
+    ``numba_kd``, ``numpy`` and ``torch`` are called with the arrays of a Case
+    and return the result. ``torch_compile`` and ``jax_jit`` are called with
+    them too and return a zero-argument callable that runs the compiled peer on
+    inputs converted once, so that the conversions are not timed.
+
+    Parameters
+    ----------
+    name : str
+        The row's name: the operation, then its option in brackets, e.g.
+        ``"distillation_loss[jsd]"``.
+    options : dict of str to Any
+        The keyword options of the call (``{"eps": ...}`` for
+        combine_via_probabilities).
+    arrays_moved : callable, int -> int
+        The number of [B, C] arrays the operation must read or write at the
+        least, given K.
+    numba_kd : callable
+        ``numba_kd(student, teachers, labels, weights)``: the numba_kd call.
+        The loss_and_grad rows return the gradient only.
+    numpy : callable
+        The same call on the float64 NumPy reference.
+    torch : callable or None, default None
+        The same call in eager torch, in the input dtype.
+    torch_compile : callable or None, default None
+        Builds the ``torch.compile`` peer: takes the Case's arrays, returns a
+        zero-argument callable.
+    jax_jit : callable or None, default None
+        Builds the ``jax.jit`` peer, likewise.
+    scalar : bool, default False
+        Whether the result is one loss value rather than an array.
+    notes : str, default ""
+        Free text about the row.
     """
 
     name: str
@@ -97,6 +167,18 @@ class Operation:
         return "ignore_index" in self.options
 
     def bytes_moved(self, case: Case) -> int:
+        """The bytes the operation must move at the least on one Case.
+
+        Parameters
+        ----------
+        case : Case
+            The shape, number of teachers and dtype.
+
+        Returns
+        -------
+        int
+            ``arrays_moved(K) * B * C * itemsize``.
+        """
         return self.arrays_moved(case.n_teachers) * case.rows * case.classes * np.dtype(case.dtype).itemsize
 
 
@@ -191,23 +273,66 @@ def _jax():
 
 
 def torch_available() -> bool:
+    """Whether torch can be imported.
+
+    Returns
+    -------
+    bool
+        True when ``import torch`` succeeds.
+    """
     return _torch() is not None
 
 
 def jax_available() -> bool:
+    """Whether JAX can be imported.
+
+    Returns
+    -------
+    bool
+        True when ``import jax`` succeeds.
+    """
     return _jax() is not None
 
 
 def torch_loss_function(
     options: dict[str, Any], temperature: float = TEMPERATURE, alpha: float = ALPHA, reduction: str = "mean"
 ):
-    """The loss of ``distillation_loss`` with these options, in torch operations.
+    """The loss of ``distillation_loss`` with these options, written in torch operations.
 
-    Returns ``loss(s, t, y, w)`` for student logits [B, C], stacked teachers
-    [K, B, C], labels [B] and normalized weights [K]: the reduced loss, or the
-    per-row losses with ``reduction="none"``.  It is the torch and
-    torch.compile peer of the benchmarks and, under autograd, the tests' torch
-    oracle for gradients.
+    It is the torch and torch.compile peer of the benchmarks and, under
+    autograd, the tests' torch oracle for gradients. It computes in the dtype
+    of its inputs.
+
+    Parameters
+    ----------
+    options : dict of str to Any
+        Loss options, as in LOSS_OPTIONS: combine ({"logits", "probs"}),
+        divergence ({"forward_kl", "reverse_kl", "jsd"}), beta,
+        teacher_weighting ({"static", "confidence", "entropy"}) and
+        ignore_index; missing keys take the defaults of distillation_loss,
+        other keys are not read.
+    temperature : float, default TEMPERATURE (2.0)
+        The softmax temperature T > 0.
+    alpha : float, default ALPHA (0.7)
+        Weight of the soft term, in [0, 1].
+    reduction : {"mean", "sum", "none"}, default "mean"
+        The reduction over rows: the mean over the rows not ignored, the sum,
+        or one value per row.
+
+    Returns
+    -------
+    callable
+        ``loss(s, t, y, w)`` for student logits s [B, C], stacked teachers
+        t [K, B, C], labels y [B] (int64) and normalized weights w [K], all
+        torch tensors: a 0-d tensor, or the per-row losses [B] with
+        ``reduction="none"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``reduction``.
+    ImportError
+        torch is not installed.
     """
     import torch
     import torch.nn.functional as F
@@ -331,6 +456,20 @@ def _torch_combine(*args):
 
 
 def torch_combine(t, w):
+    """The weighted average of the teacher logits in torch, ``sum_k w_k t_k``.
+
+    Parameters
+    ----------
+    t : torch.Tensor, shape [K, B, C]
+        Stacked teacher logits.
+    w : torch.Tensor, shape [K]
+        Teacher weights (normalized to sum 1 for an average), in t's dtype.
+
+    Returns
+    -------
+    torch.Tensor, shape [B, C]
+        The combined logits.
+    """
     return (w[:, None, None] * t).sum(0)
 
 
@@ -553,7 +692,29 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in _operations()}
 
 
 def relative_error(result: Any, expected: Any) -> float:
-    """Max relative error: |result - expected| / max(|expected|) for arrays."""
+    """The maximum relative error of a result, ``max|result - expected| / max|expected|``.
+
+    Both are compared in float64; the scale is the largest magnitude of
+    ``expected`` (at least the smallest normal float64), so that one error
+    measure serves scalars and whole arrays.
+
+    Parameters
+    ----------
+    result : array_like or float
+        The value under test.
+    expected : array_like or float
+        The reference value, of result's shape.
+
+    Returns
+    -------
+    float
+        The error; NaN where either holds a NaN.
+
+    Raises
+    ------
+    ValueError
+        Empty arrays, or shapes that do not broadcast.
+    """
     result = np.asarray(result, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(float(np.max(np.abs(expected))), np.finfo(np.float64).tiny)
