@@ -39,6 +39,28 @@ def flatten_arrays(inputs: Iterable[object]) -> list[object]:
     return flat
 
 
+def host_layout(student: object, teachers: object, labels: object) -> tuple | None:
+    """The dtypes, shapes and strides of NumPy loss inputs (teachers a list or tuple of
+    arrays, or one array); None when any input is something else.  Inputs with equal
+    layouts pass or fail the same structural checks and compile to the same kernel."""
+    if type(student) is not np.ndarray or type(labels) is not np.ndarray:
+        return None
+    kind = type(teachers)
+    if kind is np.ndarray:
+        parts: tuple = (teachers.dtype, teachers.shape, teachers.strides)
+    elif kind is list or kind is tuple:
+        parts = (kind,)
+        for t in teachers:
+            if type(t) is not np.ndarray:
+                return None
+            parts += (t.dtype, t.shape, t.strides)
+    else:
+        return None
+    return (
+        student.dtype, student.shape, student.strides, labels.dtype, labels.shape, labels.strides, parts
+    )  # fmt: skip
+
+
 def has_dask_array(inputs: Iterable[object]) -> bool:
     """Whether any input is a dask array (without importing dask)."""
     return any(

@@ -61,6 +61,10 @@ def loss(
     """
     single = weights is None
     a = _validate.check_alpha(alpha)
+    if _is_default(placement):
+        layout = _arrays.host_layout(student, teachers, labels)
+        if layout is not None and (layout, 0 if single else len(weights)) in _PLAIN_LAYOUTS:
+            return _plain_host_loss(weights, temperature, student, teachers, labels, a, options, want_grad)
     if _arrays.has_dask_array([student, teachers, labels]):
 
         def call(s, t, y, grad, **kwargs):
@@ -84,7 +88,59 @@ def loss(
     if options.check_finite:
         _validate.refuse_nonfinite(backend, [("student", s), *named])
     w = _SINGLE_TEACHER_WEIGHT if single else weights
-    return _evaluate(backend, student, (s, t, y, lead), w, temperature, a, options, placement, want_grad)
+    result = _evaluate(backend, student, (s, t, y, lead), w, temperature, a, options, placement, want_grad)
+    if _is_default(placement) and _is_plain(backend, student, teachers, labels, (s, t, y, lead), single):
+        if len(_PLAIN_LAYOUTS) >= _MAX_PLAIN_LAYOUTS:
+            _PLAIN_LAYOUTS.clear()
+        _PLAIN_LAYOUTS.add((_arrays.host_layout(student, teachers, labels), 0 if single else len(weights)))
+    return result
+
+
+_HERE = Placement()
+
+
+def _is_default(placement: Placement) -> bool:
+    """Where the inputs live, a new result, host scalars (compared by identity: out may be an array)."""
+    device, stream, out, device_scalar = placement
+    return device is None and stream is None and out is None and device_scalar is False
+
+
+# Keys (layout, number of weights or 0 for one teacher) of NumPy inputs that passed
+# the structural checks as they are: 2-D, one float dtype, int64 labels, nothing to
+# cast or copy (the layout, _arrays.host_layout, is their dtypes, shapes and strides).
+# A later call with the same key checks only what the layout does not fix (alpha, the
+# label values and, with check_finite, the logits), which keeps small calls cheap.
+_PLAIN_LAYOUTS: set[tuple] = set()
+_MAX_PLAIN_LAYOUTS = 256
+
+
+def _is_plain(backend, student, teachers, labels, batch, single) -> bool:
+    """Whether validation used the host inputs as they are."""
+    s, t, y, lead = batch
+    if backend is not _targets.HOST or s is not student or y is not labels or len(lead) != 1:
+        return False
+    if single:
+        return t[0] is teachers
+    if isinstance(t, tuple):
+        return isinstance(teachers, (list, tuple)) and all(a is b for a, b in zip(t, teachers, strict=True))
+    return t is teachers
+
+
+def _plain_host_loss(weights, temperature, student, teachers, labels, alpha, options, want_grad):
+    """``loss`` for inputs whose layout passed validation before (see _PLAIN_LAYOUTS)."""
+    backend = _targets.HOST
+    single = weights is None
+    if single:
+        t = (teachers,)
+    else:
+        t = tuple(teachers) if type(teachers) is list else teachers
+    y = backend.labels(labels, student.shape[0], student.shape[1], options.ignore_index)
+    if options.check_finite:
+        named = _validate.named_teachers(t, single)
+        _validate.refuse_nonfinite(backend, [("student", student), *named])
+    w = _SINGLE_TEACHER_WEIGHT if single else weights
+    batch = (student, t, y, student.shape[:1])
+    return _evaluate(backend, student, batch, w, temperature, alpha, options, _HERE, want_grad)
 
 
 def _evaluate(backend, like, batch, weights, temperature, alpha, options, placement, want_grad):

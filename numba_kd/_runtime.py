@@ -27,6 +27,7 @@ import ctypes
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -127,11 +128,29 @@ def threading_layer() -> str:
     return "serial" if launch_mode() == SERIAL else numba.threading_layer()
 
 
+_SERIAL_TWINS: dict[Any, Any] = {}
+
+
 def serial_dispatcher(kernel: Any) -> Any:
-    """The same kernel compiled without ``parallel`` (``prange`` runs as ``range``)."""
-    options = {**kernel.targetoptions, "parallel": False, "cache": False}
-    options.pop("nopython", None)  # implied by njit
-    return numba.njit(**options)(kernel.py_func)
+    """The same kernel compiled without ``parallel`` (``prange`` runs as ``range``).
+
+    The twin is a copy of the kernel's function under another name, so that
+    numba's disk cache keeps its specializations apart from the parallel ones.
+    """
+    twin = _SERIAL_TWINS.get(kernel)
+    if twin is None:
+        function = kernel.py_func
+        copy = types.FunctionType(
+            function.__code__, function.__globals__, function.__name__ + "_serial",
+            function.__defaults__, function.__closure__,
+        )  # fmt: skip
+        copy.__qualname__ = function.__qualname__ + "_serial"
+        copy.__module__ = function.__module__
+        copy.__dict__.update(function.__dict__)
+        options = {**kernel.targetoptions, "parallel": False}
+        options.pop("nopython", None)  # implied by njit
+        twin = _SERIAL_TWINS[kernel] = numba.njit(cache=DISK_CACHE, **options)(copy)
+    return twin
 
 
 def locked(kernel: Callable[..., Any]) -> Callable[..., Any]:

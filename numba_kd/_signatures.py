@@ -99,15 +99,20 @@ _PLAIN_SCALARS = frozenset({bool, int, float})
 
 def type_key(value: Any) -> Any:
     """A hashable summary of ``value`` that determines its numba type."""
-    if type(value) in _PLAIN_SCALARS:
-        return type(value)
-    if isinstance(value, np.ndarray):
+    kind = type(value)
+    if kind is np.ndarray:
         return value.dtype, value.ndim, value.flags.c_contiguous
+    if kind in _PLAIN_SCALARS:
+        return kind
     if isinstance(value, tuple):
         kinds = tuple(map(type, value))
         if _PLAIN_SCALARS.issuperset(kinds):
-            return type(value), kinds  # a NamedTuple of parameters: its field types
-        return type(value), tuple(map(type_key, value))
+            return kind, kinds  # a NamedTuple of parameters: its field types
+        if all(k is np.ndarray for k in kinds):
+            return kind, tuple([(a.dtype, a.ndim, a.flags.c_contiguous) for a in value])
+        return kind, tuple(map(type_key, value))
+    if isinstance(value, np.ndarray):
+        return value.dtype, value.ndim, value.flags.c_contiguous
     if _is_array(value):
         return np.dtype(value.dtype), len(value.shape), is_c_contiguous(value)
     return type(value)
@@ -152,5 +157,13 @@ def types_of(function: Callable[..., Any], args: tuple[Any, ...], host: bool) ->
 
 
 def signature_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The cache key of a specialization: one :func:`type_key` per argument."""
-    return tuple([type_key(value) for value in args])
+    """The cache key of a specialization: one :func:`type_key` per argument (NumPy
+    arrays, most of the arguments, spelled out here: this runs on every call)."""
+    return tuple(
+        [
+            (value.dtype, value.ndim, value.flags.c_contiguous)
+            if type(value) is np.ndarray
+            else type_key(value)
+            for value in args
+        ]
+    )

@@ -11,6 +11,8 @@ import numpy as np
 from numba_kd._arrays import flatten_arrays, is_device_array
 from numba_kd.cpu.backend import HOST
 
+__all__ = ["HOST", "backend_for"]
+
 
 def backend_for(inputs: Iterable[object], device: str | None, stream: object = None):
     """The backend for these inputs: from where they live, or from ``device``."""

@@ -58,3 +58,49 @@ def test_repeated_calls_compile_nothing():
     assert out.returncode == 0, out.stderr
     # combine_logits, combine_probabilities, distillation_loss_terms for list and stacked
     assert int(out.stdout) == 6
+
+
+def _small_batch(n_teachers: int = 2):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    student = rng.normal(size=(4, 7)).astype(np.float32)
+    teachers = [rng.normal(size=(4, 7)).astype(np.float32) for _ in range(n_teachers)]
+    return student, teachers, rng.integers(0, 7, size=4)
+
+
+def test_a_known_layout_still_checks_what_it_does_not_fix():
+    """After a call with the same dtypes, shapes and strides, the label values, the
+    logits' finiteness and the number of teachers are still checked on every call."""
+    import numpy as np
+    import pytest
+
+    import numba_kd as kd
+
+    student, teachers, labels = _small_batch()
+    d = kd.EnsembleDistiller([1.0, 2.0], temperature=2.0)
+    expected = d.distillation_loss(student, teachers, labels, 0.5)
+    assert d.distillation_loss(student, teachers, labels, 0.5) == expected
+    bad = labels.copy()
+    bad[3] = 7
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 7\): labels\[3\] = 7"):
+        d.distillation_loss(student, teachers, bad, 0.5)
+    bad[3] = -3
+    with pytest.raises(ValueError, match=r"labels\[3\] = -3"):
+        d.loss_and_grad(student, teachers, bad, 0.5)
+    nan_student = student.copy()
+    nan_student[1, 2] = np.nan
+    with pytest.raises(ValueError, match="student holds NaN"):
+        d.distillation_loss(nan_student, teachers, labels, 0.5, check_finite=True)
+    assert np.isnan(d.distillation_loss(nan_student, teachers, labels, 0.5))
+    with pytest.raises(ValueError, match="1 teachers, 2 weights"):
+        d.distillation_loss(student, teachers[:1], labels, 0.5)
+    three = kd.EnsembleDistiller([1.0, 1.0, 1.0], temperature=2.0)
+    with pytest.raises(ValueError, match="2 teachers, 3 weights"):
+        three.distillation_loss(student, teachers, labels, 0.5)
+    with pytest.raises(ValueError, match="Alpha must be in"):
+        d.distillation_loss(student, teachers, labels, 1.5)
+    single = kd.DistillationLoss(temperature=2.0, alpha=0.5)
+    assert single(student, teachers[0], labels) == single(student, teachers[0], labels)
+    with pytest.raises(ValueError, match=r"labels\[3\] = 7"):
+        single(student, teachers[0], np.where(np.arange(4) == 3, 7, labels))

@@ -16,6 +16,7 @@ import pytest
 import reference as ref
 
 import numba_kd as kd
+from numba_kd.cpu import backend as host_backend
 
 # float32 loss: relative error against the float64 reference on the same inputs.
 LOSS_RTOL = 1e-6
@@ -218,7 +219,7 @@ def test_bitwise_determinism_repeats_and_thread_counts(dtype, layout):
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-def test_rows_do_not_depend_on_the_thread_that_computes_them(dtype):
+def test_rows_do_not_depend_on_the_thread_that_computes_them(dtype, monkeypatch):
     """Calls from several Python threads at once put the rows of each call on
     different numba threads, whose scratch rows lie elsewhere in memory: every
     result must still be bitwise the one of a lone call.  (Small rows once took
@@ -226,6 +227,7 @@ def test_rows_do_not_depend_on_the_thread_that_computes_them(dtype):
     allocated, and summed in another order.)"""
     import threading
 
+    monkeypatch.setattr(host_backend, "SERIAL_MAX_ELEMENTS", -1)  # parallel builds at this size too
     rng = np.random.default_rng(11)
     signal = rng.normal(scale=3.0, size=(6, 11))
     teachers = [(signal + rng.normal(size=signal.shape)).astype(dtype) for _ in range(3)]
@@ -247,6 +249,25 @@ def test_rows_do_not_depend_on_the_thread_that_computes_them(dtype):
     for worker in workers:
         worker.join()
     assert not differing, sorted(set(differing))
+
+
+@pytest.mark.parametrize("shape", [(6, 11), (40, 257)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_serial_and_parallel_builds_give_the_same_bits(dtype, shape, monkeypatch):
+    """Small calls run the serial build of a kernel (no thread start-up); every
+    operation and option gives the bits of the parallel build."""
+    rng = np.random.default_rng(13)
+    rows, classes = shape
+    teachers = [rng.normal(scale=3.0, size=shape).astype(dtype) for _ in range(3)]
+    student = rng.normal(scale=3.0, size=shape).astype(dtype)
+    labels = rng.integers(0, classes, size=rows)
+    d = kd.EnsembleDistiller([1.0, 2.0, 3.0], temperature=2.0)
+    results = {}
+    for build, limit in (("serial", 10**12), ("parallel", -1)):
+        monkeypatch.setattr(host_backend, "SERIAL_MAX_ELEMENTS", limit)
+        results[build] = _all_results(d, student, teachers, labels)
+    for name, value in results["serial"].items():
+        assert _bits(value) == _bits(results["parallel"][name]), name
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

@@ -26,7 +26,15 @@ Teachers = tuple[Any, ...] | Any
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
 
-def _per_block(n_rows: int) -> int:
+# Calls that read at most this many input elements run the serial build of a kernel:
+# starting the threads of a parallel launch costs more than such a call's work.
+SERIAL_MAX_ELEMENTS = 16384
+
+
+def _per_block(n_rows: int, elements: int) -> int:
+    """Rows per work item of a kernel over ``n_rows`` rows that reads ``elements`` elements."""
+    if elements <= SERIAL_MAX_ELEMENTS:
+        return n_rows  # the serial build: one block, one scratch allocation
     return _kernels().rows_per_block(n_rows, numba.get_num_threads())
 
 
@@ -42,33 +50,37 @@ def _kernels() -> Any:
     return _KERNELS[0]
 
 
-def run_cpu_kernel(op: str, **arguments: Any) -> Any:
-    """Run CPU kernel ``op`` on its arguments (by parameter name).
+def run_cpu_kernel(op: str, elements: int, **arguments: Any) -> Any:
+    """Run CPU kernel ``op`` on its arguments (by parameter name), reading ``elements``
+    input elements.
 
     The specialization for the arguments' types is compiled (or loaded from
     numba's disk cache) on first use and kept for the process
-    (:func:`numba_kd._signatures.cached_kernel`).
+    (:func:`numba_kd._signatures.cached_kernel`).  Serial and parallel builds
+    compute every row the same way, so they give the same bits.
     """
     kernel = getattr(_kernels(), op)
     args = _signatures.bind(kernel.py_func, arguments)
     mode = _runtime.launch_mode()
-    key = (op, "cpu", mode == _runtime.SERIAL, _signatures.signature_key(args))
+    serial = mode == _runtime.SERIAL or elements <= SERIAL_MAX_ELEMENTS
+    key = (op, "cpu", serial, _signatures.signature_key(args))
 
     def build():
-        dispatcher = _runtime.serial_dispatcher(kernel) if mode == _runtime.SERIAL else kernel
+        dispatcher = _runtime.serial_dispatcher(kernel) if serial else kernel
         return dispatcher.compile(_signatures.types_of(kernel.py_func, args, host=True))
 
     compiled = _signatures.cached_kernel(key, build)
-    if mode == _runtime.LOCKED:
+    if mode == _runtime.LOCKED and not serial:
         return _runtime.locked(compiled)(*args)
     return compiled(*args)
 
 
 def _general_rows(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows) -> None:
     """The general loss kernel over these rows, with ``compute``'s per-element arithmetic."""
+    elements = student.size * (len(teachers) + 1)
     run_cpu_kernel(
-        "general_rows", student=student, teachers=teachers, weights=weights, labels=labels, params=params,
-        per_block=_per_block(student.shape[0]), compute=_EMPTY[np.dtype(compute)],
+        "general_rows", elements, student=student, teachers=teachers, weights=weights, labels=labels,
+        params=params, per_block=_per_block(student.shape[0], elements), compute=_EMPTY[np.dtype(compute)],
         grad=grad, d_rows=d_rows, ce_rows=ce_rows,
     )  # fmt: skip
 
@@ -118,15 +130,16 @@ class HostBackend:
             raise ValueError(f"labels must be a 1-D array with one label per row, got shape {arr.shape}")
         if arr.shape[0] != n_rows:
             raise ValueError(f"labels has {arr.shape[0]} entries but the logits have {n_rows} rows")
-        if arr.dtype.itemsize == 8:
-            # One comparison: as uint64 a negative label is at least 2^63 > n_classes.
-            bad = arr.view(np.uint64) >= n_classes
+        if arr.dtype == np.int64 and arr.flags.c_contiguous:
+            # No ignore_index: 0, a valid label, which excuses no bad one.
+            ignore = 0 if ignore_index is None else ignore_index
+            first = _kernels().first_bad_label(arr, n_classes, ignore)
         else:
             bad = (arr < 0) | (arr >= n_classes)
-        if ignore_index is not None:
-            bad &= arr != ignore_index
-        if bad.any():
-            first = int(np.flatnonzero(bad)[0])
+            if ignore_index is not None:
+                bad &= arr != ignore_index
+            first = int(np.flatnonzero(bad)[0]) if bad.any() else -1
+        if first >= 0:
             raise ValueError(f"labels must be in [0, {n_classes}): labels[{first}] = {arr[first]}")
         return np.ascontiguousarray(arr, dtype=np.int64)
 
@@ -156,18 +169,21 @@ class HostBackend:
         return out
 
     def combine_logits(self, teachers: Teachers, weights: np.ndarray, out: np.ndarray) -> None:
+        elements = out.size * len(teachers)
         run_cpu_kernel(
-            "combine_logits", teachers=teachers, weights=weights, per_block=_per_block(out.shape[0]), out=out
-        )
+            "combine_logits", elements, teachers=teachers, weights=weights,
+            per_block=_per_block(out.shape[0], elements), out=out,
+        )  # fmt: skip
 
     def combine_probabilities(
         self, teachers: Teachers, weights: np.ndarray, temperature: float, eps: float, out: np.ndarray
     ) -> None:
         probs = _math.COMBINES.index("probs")
         params = _math.LossParams(NO_IGNORE, float(temperature), 0.5, probs, 0, 0, 0.0, 0.0, False)
+        elements = out.size * len(teachers)
         run_cpu_kernel(
-            "combine_probabilities", teachers=teachers, weights=weights, params=params,
-            eps=float(eps), per_block=_per_block(out.shape[0]), out=out,
+            "combine_probabilities", elements, teachers=teachers, weights=weights, params=params,
+            eps=float(eps), per_block=_per_block(out.shape[0], elements), out=out,
         )  # fmt: skip
 
     def loss(

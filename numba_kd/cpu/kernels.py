@@ -210,6 +210,16 @@ def reduce_rows(d_rows, ce_rows, divisor, alpha, temperature):
     return distillation_terms(d_sum, ce_sum, divisor, alpha, temperature)
 
 
+@njit(nogil=True, cache=DISK_CACHE)
+def first_bad_label(labels, n_classes, ignore_index):
+    """Index of the first label outside [0, n_classes) that is not ignore_index; -1 if none."""
+    for i in range(labels.shape[0]):
+        y = labels[i]
+        if (y < 0 or y >= n_classes) and y != ignore_index:
+            return i
+    return -1
+
+
 @row_function
 def _finite_teachers(teachers, i):
     """Whether row i of every teacher is free of NaN and infinities."""
