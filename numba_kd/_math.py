@@ -123,6 +123,19 @@ def kl_from_stats(s_a, w_a, log_s_a, log_s_b):
 
 
 @njit(inline="always")
+def kl_from_sums(s_a, w_a, s_b, u_b):
+    """KL(softmax(a) || softmax(b)) = W / S_a - log1p(U / S_b), for nearly flat rows.
+
+    ``S_a``, ``W`` and ``S_b`` as in kl_from_stats, and ``U = sum_j exp(b_j - max b)
+    expm1(d_j)`` with ``d = (a - max a) - (b - max b)``, so that ``log1p(U / S_b)
+    = log S_a - log S_b``.  Both terms are of the size of d: at large T, where
+    log S_a and log S_b agree to many digits and kl_from_stats keeps only about
+    1e-16 T^2 relative precision, this form keeps about 1e-16 T.
+    """
+    return nonnegative(w_a / s_a - math.log1p(u_b / s_b))
+
+
+@njit(inline="always")
 def kl_from_online_stats(m_a, s_a, w_a, m_b, s_b):
     """KL(softmax(a) || softmax(b)) from online states: (m_a, s_a, w_a) of
     online_weighted_step over x = a, v = a - b, and (m_b, s_b) of online_lse_step
@@ -172,6 +185,35 @@ def jsd_term(p, q, lp_lm, lq_lm, beta, one_m_beta):
     a = beta * p * lp_lm if p > zero else zero
     b = one_m_beta * q * lq_lm if q > zero else zero
     return a + b
+
+
+@njit(inline="always")
+def _x_plus_expm1_neg(x):
+    """x + expm1(-x) = x^2/2 - x^3/6 + ... >= 0: its Taylor series for |x| < 0.1
+    (where the sum would cancel; the terms left out are below 1e-16 relative)."""
+    if abs(x) >= 0.1:
+        return x + math.expm1(-x)
+    series = 1.0 / 3628800.0
+    for n in (9, 8, 7, 6, 5, 4, 3, 2):
+        series = 1.0 / math.gamma(n + 1.0) - x * series
+    return x * x * series
+
+
+@njit(inline="always")
+def jsd_term_near(p, q, lq_lp, beta, one_m_beta):
+    """(the JSD term of one class, log q - log m) for p and q within a factor e of each
+    other (|lq_lp| < 1), where jsd_term would cancel.
+
+    The term is beta p phi(log p/m) + (1 - beta) q phi(log q/m) with phi(x) = x +
+    expm1(-x) >= 0: it differs from jsd_term's by beta (m - p) + (1 - beta) (m - q),
+    which is 0 for every class.  Each part is of second order in lq_lp, so the sum
+    over classes does not cancel when both rows are nearly uniform (large T); the
+    log-ratios come from expm1(lq_lp), not from m.
+    """
+    lp_lm = -math.log1p(one_m_beta * math.expm1(lq_lp))
+    lq_lm = -math.log1p(beta * math.expm1(-lq_lp))
+    term = beta * p * _x_plus_expm1_neg(lp_lm) + one_m_beta * q * _x_plus_expm1_neg(lq_lm)
+    return term, lq_lm
 
 
 @njit(inline="always")

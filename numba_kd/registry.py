@@ -40,6 +40,152 @@ LOSS_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
+class Tolerance:
+    """How far numba_kd's results may lie from the float64 reference on the same inputs.
+
+    Parameters
+    ----------
+    loss : float
+        Relative error of a loss or of its soft and hard parts. Comparisons add
+        an absolute floor of ``loss`` times the logit scale (1 + the largest
+        |logit|): a loss is a difference of log-sum-exps of that size and can be
+        close to 0.
+    array : float
+        Absolute error of an entry of a combined-logits array, per unit of the
+        logit scale.
+    grad : float
+        Absolute error of a gradient entry, per unit of the reference
+        gradient's largest magnitude (or absolute, for gradients whose entries
+        are at most 1).
+    peer : float
+        Relative error against an independent implementation that computes in
+        the input precision: torch and jax on the CPU, the CPU kernels for CUDA.
+    """
+
+    loss: float
+    array: float
+    grad: float
+    peer: float
+
+
+#: The tolerances of every comparison in the test suite, per (dtype, target).
+#: float32 kernels compute exponentials and logarithms in float32 (about 1e-7
+#: relative each) and sum in float64; the CUDA float32 kernels use the GPU's
+#: exp and log, whose errors are a few ulps.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("float64", "cpu"): Tolerance(loss=1e-12, array=1e-12, grad=1e-12, peer=1e-11),
+    ("float32", "cpu"): Tolerance(loss=1e-6, array=1e-5, grad=1e-6, peer=1e-5),
+    ("float64", "cuda"): Tolerance(loss=1e-12, array=1e-12, grad=1e-11, peer=1e-11),
+    ("float32", "cuda"): Tolerance(loss=1e-5, array=1e-5, grad=1e-4, peer=1e-5),
+}
+
+
+def tolerance(dtype: Any, target: str = "cpu") -> Tolerance:
+    """The tolerances of results of ``dtype`` computed on ``target``.
+
+    Parameters
+    ----------
+    dtype : numpy dtype or str, one of {"float32", "float64"}
+        The dtype of the inputs (and of array results).
+    target : str, one of {"cpu", "cuda"}, default "cpu"
+        Where the kernels ran.
+
+    Returns
+    -------
+    Tolerance
+        The entry of TOLERANCES.
+
+    Raises
+    ------
+    KeyError
+        A dtype or target without an entry.
+
+    Examples
+    --------
+    >>> from numba_kd import registry
+    >>> registry.tolerance("float32").loss
+    1e-06
+    """
+    return TOLERANCES[(np.dtype(dtype).name, target)]
+
+
+def synthetic_batch(
+    rng: np.random.Generator,
+    n_teachers: int,
+    rows: int,
+    classes: int,
+    dtype: Any = "float32",
+    spread: float = 3.0,
+    independent: bool = False,
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Synthetic logits and labels: the one data generator of the tests and benchmarks.
+
+    Standard normal draws are made in the working precision (float32 for
+    float32 and float16 results, float64 otherwise), so that large batches
+    need no float64 temporaries.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The source of the draws.
+    n_teachers : int
+        K, the number of teachers.
+    rows : int
+        B, the number of rows.
+    classes : int
+        C, the number of classes.
+    dtype : numpy dtype or str, default "float32"
+        The dtype of the logits.
+    spread : float, default 3.0
+        The scale of the logits.
+    independent : bool, default False
+        False: teachers that broadly agree and a noisier student, from a shared
+        signal ``g = spread * N(0, 1)``: teacher ``g + N(0, 1)``, student
+        ``g / 2 + 2 N(0, 1)``. True: every array is ``spread * N(0, 1)`` on its
+        own (teachers that disagree as much as random logits do).
+
+    Returns
+    -------
+    student : numpy.ndarray, shape [B, C]
+        The student's logits.
+    teachers : list of K numpy.ndarray, each [B, C]
+        The teachers' logits.
+    labels : numpy.ndarray of int64, shape [B]
+        Class indices in [0, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import registry
+    >>> s, t, y = registry.synthetic_batch(np.random.default_rng(0), 2, 4, 5, "float64")
+    >>> s.shape, len(t), t[0].dtype, y.shape
+    ((4, 5), 2, dtype('float64'), (4,))
+    """
+    shape = (rows, classes)
+    dtype = np.dtype(dtype)
+    work = np.dtype(np.float64) if dtype.itemsize > 4 else np.dtype(np.float32)
+    scale = work.type(spread)
+
+    def normal() -> np.ndarray:
+        return rng.standard_normal(shape, dtype=work)
+
+    if independent:
+        arrays = []
+        for _ in range(n_teachers + 1):
+            x = normal()
+            x *= scale
+            arrays.append(x.astype(dtype, copy=False))
+        student, teachers = arrays[0], arrays[1:]
+    else:
+        signal = normal()
+        signal *= scale
+        teachers = [(signal + normal()).astype(dtype, copy=False) for _ in range(n_teachers)]
+        student = (work.type(0.5) * signal + work.type(2.0) * normal()).astype(dtype, copy=False)
+    labels = rng.integers(0, classes, size=rows)
+    return student, teachers, labels
+
+
+@dataclass(frozen=True)
 class Case:
     """Synthetic logits of one benchmark or test shape.
 
@@ -93,15 +239,7 @@ class Case:
             A dtype that NumPy does not know.
         """
         rng = np.random.default_rng(self.seed)
-        shape = (self.rows, self.classes)
-        dtype = np.dtype(self.dtype)
-        signal = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
-        teachers = [
-            (signal + rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-            for _ in range(self.n_teachers)
-        ]
-        student = (np.float32(0.5) * signal + rng.standard_normal(shape, dtype=np.float32) * 2).astype(dtype)
-        labels = rng.integers(0, self.classes, size=self.rows)
+        student, teachers, labels = synthetic_batch(rng, self.n_teachers, self.rows, self.classes, self.dtype)
         if ignored:
             labels[::8] = IGNORE_INDEX
         weights = np.arange(1.0, self.n_teachers + 1.0)

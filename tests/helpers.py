@@ -1,15 +1,17 @@
-"""Shared test helpers: tolerances, comparisons and synthetic batches."""
+"""Shared test helpers: comparisons, over the registry's tolerances and data generator."""
 
 from __future__ import annotations
 
 import numpy as np
 
-# Tolerances, stated once.  float64: rtol 1e-12; float32: loss rtol 1e-6 against the
-# float64 reference evaluated on the same (float32) inputs; arrays atol 1e-5 times
-# the logit scale.  Losses also get an absolute floor of rtol times the logit scale,
-# because a loss is a difference of log-sum-exps of that size and can be ~0.
-LOSS_RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6}
-ARRAY_ATOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+from numba_kd import registry
+
+# The tolerances live in numba_kd.registry.TOLERANCES: loss is relative (with an
+# absolute floor of rtol times the logit scale, because a loss is a difference of
+# log-sum-exps of that size and can be ~0); arrays are absolute per unit of the
+# logit scale.
+LOSS_RTOL = {np.dtype(d): registry.tolerance(d).loss for d in ("float32", "float64")}
+ARRAY_ATOL = {np.dtype(d): registry.tolerance(d).array for d in ("float32", "float64")}
 
 
 def logit_scale(*arrays) -> float:
@@ -31,9 +33,5 @@ def assert_array_close(actual: np.ndarray, expected: np.ndarray, dtype) -> None:
 
 
 def make_batch(rng, n_teachers: int, rows: int, classes: int, dtype, spread: float = 3.0):
-    """Student, teacher list and labels with teachers that broadly agree."""
-    signal = rng.normal(scale=spread, size=(rows, classes))
-    teachers = [(signal + rng.normal(size=(rows, classes))).astype(dtype) for _ in range(n_teachers)]
-    student = (0.5 * signal + rng.normal(scale=2.0, size=(rows, classes))).astype(dtype)
-    labels = rng.integers(0, classes, size=rows)
-    return student, teachers, labels
+    """Student, teacher list and labels with teachers that broadly agree (registry.synthetic_batch)."""
+    return registry.synthetic_batch(rng, n_teachers, rows, classes, dtype, spread)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import make_batch
 
 import numba_kd as kd
 
@@ -31,10 +32,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def batch():
-    rng = np.random.default_rng(11)
-    teachers = [rng.normal(scale=3.0, size=(B, C)).astype(np.float32) for _ in range(3)]
-    student = rng.normal(size=(B, C)).astype(np.float32)
-    labels = rng.integers(0, C, size=B)
+    student, teachers, labels = make_batch(np.random.default_rng(11), 3, B, C, np.float32)
     labels[::9] = -100
     return student, teachers, labels
 

@@ -16,13 +16,14 @@ import pytest
 import reference as ref
 
 import numba_kd as kd
+from numba_kd import registry
 from numba_kd.cpu import backend as host_backend
 
-# float32 loss: relative error against the float64 reference on the same inputs.
-LOSS_RTOL = 1e-6
-# float32 gradient: absolute error per element after the kernel's and the reference's
-# gradients are both divided by the reference gradient's largest magnitude.
-GRAD_ATOL_SCALED = 1e-6
+# registry.TOLERANCES for float32: the loss's relative error against the float64
+# reference on the same inputs, and the gradient's absolute error per element after
+# both gradients are divided by the reference gradient's largest magnitude.
+LOSS_RTOL = registry.tolerance("float32").loss
+GRAD_ATOL_SCALED = registry.tolerance("float32").grad
 
 WEIGHTS = [1.0, 2.0]
 TEMPERATURE = 2.0
@@ -31,19 +32,12 @@ LOGIT_SCALE = 3.0
 
 
 def _float32_batch(seed: int, rows: int, classes: int):
-    """Student, two teachers (independent normal logits times 3) and labels, all float32.
-
-    Drawn straight into float32 arrays (no float64 temporaries): at 1e8 logits each
-    array is 400 MB."""
+    """Student, two teachers (independent normal logits times 3) and labels, all float32,
+    drawn in float32 (at 1e8 logits each array is 400 MB)."""
     rng = np.random.default_rng(seed)
-    arrays = []
-    for _ in range(1 + len(WEIGHTS)):
-        x = np.empty((rows, classes), dtype=np.float32)
-        rng.standard_normal(dtype=np.float32, out=x)
-        x *= np.float32(LOGIT_SCALE)
-        arrays.append(x)
-    labels = rng.integers(0, classes, size=rows)
-    return arrays[0], arrays[1:], labels
+    return registry.synthetic_batch(
+        rng, len(WEIGHTS), rows, classes, np.float32, spread=LOGIT_SCALE, independent=True
+    )
 
 
 def _chunked_reference(student, teachers, labels, grad, chunk_rows: int):

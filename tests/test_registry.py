@@ -13,13 +13,15 @@ from numba_kd.registry import (
     Case,
     jax_available,
     relative_error,
+    tolerance,
     torch_available,
 )
 
-# Max error relative to the largest magnitude of the float64 reference.
-RTOL = {"float32": 1e-6, "float64": 1e-12}
-# torch computes in the input precision with its own kernels: float32 agrees to ~1e-6.
-TORCH_RTOL = {"float32": 1e-5, "float64": 1e-11}
+# Max error relative to the largest magnitude of the float64 reference; against
+# torch and jax, which compute in the input precision with their own kernels, the
+# peer tolerance.
+RTOL = {dtype: tolerance(dtype).loss for dtype in ("float32", "float64")}
+TORCH_RTOL = {dtype: tolerance(dtype).peer for dtype in ("float32", "float64")}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

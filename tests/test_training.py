@@ -11,6 +11,7 @@ import reference as ref
 from helpers import logit_scale, make_batch
 
 import numba_kd as kd
+from numba_kd import registry
 
 COMBINES = ["logits", "probs"]
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
@@ -19,11 +20,11 @@ REDUCTIONS = ["mean", "sum", "none"]
 OPTION_GRID = list(itertools.product(COMBINES, DIVERGENCES, WEIGHTINGS, REDUCTIONS))
 IGNORE = -100
 WEIGHTS = [1.0, 2.0, 3.0]
-# float64: rtol 1e-12 on losses, 1e-12 absolute on gradients (entries of size <= 1).
-# float32: the default loss kernel computes exponentials in float32 (about 1e-7
-# relative each): loss rtol 1e-6, gradient atol 1e-6 times the largest entry.
-LOSS_RTOL = {np.float64: 1e-12, np.float32: 1e-6}
-GRAD_ATOL = {np.float64: 1e-12, np.float32: 1e-6}
+# registry.TOLERANCES: float64 rtol 1e-12 on losses and 1e-12 absolute on gradients
+# (entries of size <= 1); float32 (exponentials in float32, about 1e-7 relative
+# each) rtol 1e-6 on losses and 1e-6 absolute on gradients.
+LOSS_RTOL = {dtype: registry.tolerance(dtype).loss for dtype in (np.float32, np.float64)}
+GRAD_ATOL = {dtype: registry.tolerance(dtype).grad for dtype in (np.float32, np.float64)}
 
 
 def _batch(rng, dtype, three_d=False, rows=6, classes=11):

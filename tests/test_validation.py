@@ -20,11 +20,8 @@ def d():
 
 @pytest.fixture
 def batch():
-    rng = np.random.default_rng(0)
-    student = rng.normal(size=(4, 5))
-    teachers = [rng.normal(size=(4, 5)), rng.normal(size=(4, 5))]
-    labels = np.array([0, 1, 4, 2])
-    return student, teachers, labels
+    student, teachers, _ = make_batch(np.random.default_rng(0), 2, 4, 5, np.float64)
+    return student, teachers, np.array([0, 1, 4, 2])
 
 
 @pytest.mark.parametrize(

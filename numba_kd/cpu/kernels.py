@@ -47,7 +47,9 @@ from numba_kd._math import (
     jsd_log_ratios,
     jsd_mixture_ratio,
     jsd_term,
+    jsd_term_near,
     kl_from_stats,
+    kl_from_sums,
     log_like,
     logaddexp,
     lse_from_stats,
@@ -61,6 +63,10 @@ from numba_kd._math import (
 from numba_kd._runtime import DISK_CACHE
 from numba_kd._signatures import reads
 
+# Above this temperature the KL of a row is computed from kl_from_sums (one expm1
+# per element more), which keeps its digits where the rows are nearly uniform; the
+# float32 path (T <= 16) never takes it.
+FLAT_TEMPERATURE = 16.0
 # Most rows per parallel work item: a block allocates its scratch rows once.
 ROWS_PER_BLOCK = 16
 FASTMATH = {"reassoc", "contract"}
@@ -397,13 +403,16 @@ def _mixture_log_entry(teachers, row_w, m_t, log_st, i, j, inv_t):
 
 
 @row_function
-def _student_stats(s, rows, inv_t, divergence):
-    """The student's sweep: qt_j = exp((s_j - max s) / T) and the sum of the forward
+def _student_stats(s, rows, inv_t, divergence, flat):
+    """The student's sweep: qt_j = exp((s_j - max s) / T) and the sums of the forward
     or reverse KL, relative to both maxima.
 
-    Returns (max s, log S_b, log S_s, S_b, W): S_b = sum qt, S_s = sum exp(s - max s),
+    Returns (max s, log S_b, log S_s, S_b, W, U): S_b = sum qt, S_s = sum exp(s - max s),
     W = sum pt (ell - b) for forward KL, sum qt (b - ell) for reverse KL (b the
-    student's shifted logits over T), else 0.
+    student's shifted logits over T), else 0.  With ``flat`` (large T, where both
+    rows are nearly uniform) also U = sum pt expm1(b - ell) for reverse KL and
+    sum qt expm1(ell - b) otherwise (kl_from_sums; log S_a - log S_b =
+    log1p(U / S_b)), else 0.
     """
     ell, pt, qt, _ = rows
     like = ell[0]
@@ -415,6 +424,7 @@ def _student_stats(s, rows, inv_t, divergence):
     s_b = 0.0
     s_s = 0.0
     w = 0.0
+    u = 0.0
     for start in range(0, n, CHUNK):
         x = s[start : start + CHUNK]
         a = ell[start : start + CHUNK]
@@ -423,7 +433,8 @@ def _student_stats(s, rows, inv_t, divergence):
         p_b = zero
         p_s = zero
         p_w = zero
-        if divergence == FORWARD_KL:
+        p_u = zero
+        if divergence == FORWARD_KL and flat:
             for j in range(x.shape[0]):
                 d = x[j] - shift
                 b = d * scale
@@ -432,6 +443,26 @@ def _student_stats(s, rows, inv_t, divergence):
                 p_b += q
                 p_s += exp_like(d, like)
                 p_w += p[j] * (a[j] - b)
+                p_u += q * math.expm1(a[j] - b)
+        elif divergence == FORWARD_KL:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                b = d * scale
+                q = exp_like(b, like)
+                q_out[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                p_w += p[j] * (a[j] - b)
+        elif divergence == REVERSE_KL and flat:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                b = d * scale
+                q = exp_like(b, like)
+                q_out[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                p_w += q * (b - a[j])
+                p_u += p[j] * math.expm1(b - a[j])
         elif divergence == REVERSE_KL:
             for j in range(x.shape[0]):
                 d = x[j] - shift
@@ -441,6 +472,15 @@ def _student_stats(s, rows, inv_t, divergence):
                 p_b += q
                 p_s += exp_like(d, like)
                 p_w += q * (b - a[j])
+        elif flat:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                b = d * scale
+                q = exp_like(b, like)
+                q_out[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                p_u += q * math.expm1(a[j] - b)
         else:
             for j in range(x.shape[0]):
                 d = x[j] - shift
@@ -451,7 +491,8 @@ def _student_stats(s, rows, inv_t, divergence):
         s_b += p_b
         s_s += p_s
         w += p_w
-    return np.float64(m_s), math.log(s_b), math.log(s_s), s_b, w
+        u += p_u
+    return np.float64(m_s), math.log(s_b), math.log(s_s), s_b, w, u
 
 
 @row_function
@@ -459,13 +500,13 @@ def _jsd_sweep(s, rows, stats, params):
     """JSD(beta) of the row and sum_j q_j g_j with g = (1 - beta) log(q_j / m_j);
     log(q / m) per class into aux for the gradient sweep."""
     ell, pt, qt, aux = rows
-    m_s, log_sa, log_sb, _, s_a, s_b = stats
+    m_s, _, _, _, s_a, s_b, log_ratio = stats
     like = ell[0]
     n = s.shape[0]
     beta = params.beta
     shift = as_type_of(m_s, like)
     scale = as_type_of(1.0 / params.temperature, like)
-    offset = as_type_of(log_sb - log_sa, like)
+    offset = as_type_of(log_ratio, like)
     inv_sa = as_type_of(1.0 / s_a, like)
     inv_sb = as_type_of(1.0 / s_b, like)
     lb = as_type_of(math.log(beta), like)
@@ -473,6 +514,7 @@ def _jsd_sweep(s, rows, stats, params):
     b_c = as_type_of(beta, like)
     b1_c = as_type_of(1.0 - beta, like)
     zero = as_type_of(0.0, like)
+    flat = params.temperature > FLAT_TEMPERATURE
     d_sum = 0.0
     qg_sum = 0.0
     for start in range(0, n, CHUNK):
@@ -483,15 +525,30 @@ def _jsd_sweep(s, rows, stats, params):
         g_out = aux[start : start + CHUNK]
         p_d = zero
         p_qg = zero
-        for j in range(x.shape[0]):
-            lq_lp = ((x[j] - shift) * scale - a[j]) - offset
-            p_j = p[j] * inv_sa
-            q = q_row[j] * inv_sb
-            ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
-            lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
-            g_out[j] = lq_lm
-            p_d += jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
-            p_qg += q * lq_lm
+        if flat:
+            for j in range(x.shape[0]):
+                lq_lp = ((x[j] - shift) * scale - a[j]) - offset
+                p_j = p[j] * inv_sa
+                q = q_row[j] * inv_sb
+                if abs(lq_lp) < 1.0:
+                    term, lq_lm = jsd_term_near(p_j, q, lq_lp, b_c, b1_c)
+                else:
+                    ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
+                    lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
+                    term = jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
+                g_out[j] = lq_lm
+                p_d += term
+                p_qg += q * lq_lm
+        else:
+            for j in range(x.shape[0]):
+                lq_lp = ((x[j] - shift) * scale - a[j]) - offset
+                p_j = p[j] * inv_sa
+                q = q_row[j] * inv_sb
+                ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
+                lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
+                g_out[j] = lq_lm
+                p_d += jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
+                p_qg += q * lq_lm
         d_sum += p_d
         qg_sum += p_qg
     return nonnegative(d_sum), (1.0 - beta) * qg_sum
@@ -501,7 +558,7 @@ def _jsd_sweep(s, rows, stats, params):
 def _grad_sweep(s, y, rows, stats, d, qg, params, out):
     """out = c_soft dD/ds + c_hard dCE/ds for one row (D the divergence, value d)."""
     ell, pt, qt, aux = rows
-    m_s, log_sa, log_sb, log_ss, s_a, s_b = stats
+    m_s, _, _, log_ss, s_a, s_b, log_ratio = stats
     like = ell[0]
     n = s.shape[0]
     inv_t = 1.0 / params.temperature
@@ -517,7 +574,7 @@ def _grad_sweep(s, y, rows, stats, d, qg, params, out):
             dd = forward_kl_grad(pt[j] * inv_sa, qt[j] * inv_sb)
             out[j] = soft * dd + hard * exp_like((s[j] - shift) - shift_s, like)
     elif params.divergence == REVERSE_KL:
-        offset = as_type_of(log_sb - log_sa, like)
+        offset = as_type_of(log_ratio, like)
         d_c = as_type_of(d, like)
         for j in range(n):
             lq_lp = ((s[j] - shift) * scale - ell[j]) - offset
@@ -550,6 +607,9 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
     n_teachers = weights.shape[0]
     inv_t = 1.0 / params.temperature
     need_stats = params.combine == COMBINE_PROBS or params.weighting != STATIC
+    # Above FLAT_TEMPERATURE log S_a and log S_b agree to many digits: the KL comes
+    # from kl_from_sums instead of their difference.
+    flat = params.temperature > FLAT_TEMPERATURE
     for block in prange(_n_blocks(n_rows, per_block)):
         row_w = np.empty(n_teachers)
         m_t = np.empty(n_teachers)
@@ -592,13 +652,24 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             else:
                 log_sa = _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, 1.0 / total, ell, pt)
             s = student[i]
-            m_s, log_sb, log_ss, s_b, w = _student_stats(s, rows, inv_t, params.divergence)
-            stats = (m_s, log_sa, log_sb, log_ss, math.exp(log_sa), s_b)
+            m_s, log_sb, log_ss, s_b, w, u = _student_stats(s, rows, inv_t, params.divergence, flat)
+            s_a = math.exp(log_sa)
+            # A row whose log-ratios reach the exponent range (huge logits) overflows U:
+            # it is far from flat, and the difference of log-sums keeps its digits.
+            sums = flat and math.isfinite(u)
+            # log S_b - log S_a, which the reverse KL's and the JSD's log-ratios use.
+            if not sums:
+                offset = log_sb - log_sa
+            elif params.divergence == REVERSE_KL:
+                offset = math.log1p(u / s_a)
+            else:
+                offset = -math.log1p(u / s_b)
+            stats = (m_s, log_sa, log_sb, log_ss, s_a, s_b, offset)
             qg = 0.0
             if params.divergence == FORWARD_KL:
-                d = kl_from_stats(stats[4], w, log_sa, log_sb)
+                d = kl_from_sums(s_a, w, s_b, u) if sums else kl_from_stats(s_a, w, log_sa, log_sb)
             elif params.divergence == REVERSE_KL:
-                d = kl_from_stats(s_b, w, log_sb, log_sa)
+                d = kl_from_sums(s_b, w, s_a, u) if sums else kl_from_stats(s_b, w, log_sb, log_sa)
             else:
                 d, qg = _jsd_sweep(s, rows, stats, params)
             d_rows[i] = d

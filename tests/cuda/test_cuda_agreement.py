@@ -17,11 +17,12 @@ from helpers import make_batch
 from numba import cuda
 
 import numba_kd as kd
+from numba_kd import registry
 
 if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
     pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 or a CUDA GPU", allow_module_level=True)
 
-AGREEMENT_RTOL = 1e-11
+AGREEMENT_RTOL = registry.tolerance("float64", "cuda").peer
 WEIGHTS = [1.0, 2.0, 0.5]
 OPTIONS = [
     {"combine": c, "divergence": d, "teacher_weighting": w, "beta": 0.3}
