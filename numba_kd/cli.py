@@ -245,7 +245,7 @@ def _soft_labels(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )  # fmt: skip
         summary = offline.soft_labels(args.teachers, args.out, scheduler=args.scheduler, **options)
-    except (TypeError, ValueError, ImportError) as exc:
+    except (TypeError, ValueError, ImportError, OSError) as exc:
         return _fail(exc)
     print(
         f"wrote {args.out}: {summary.rows} rows in {summary.seconds:.2f} s "
@@ -266,7 +266,7 @@ def _loss(args: argparse.Namespace) -> int:
             args.student, args.teachers, args.labels, progress=not args.no_progress,
             scheduler=args.scheduler, **options,
         )  # fmt: skip
-    except (TypeError, ValueError, ImportError) as exc:
+    except (TypeError, ValueError, ImportError, OSError) as exc:
         return _fail(exc)
     if args.json:
         print(json.dumps(result))

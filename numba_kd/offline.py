@@ -14,6 +14,7 @@ continues an interrupted run from there.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -80,19 +81,25 @@ def open_input(path: str | os.PathLike, name: str) -> Any:
     Raises
     ------
     ValueError
-        A path that does not exist, or that is neither ``.npy`` nor ``.zarr``.
+        A path that does not exist, that is neither ``.npy`` nor ``.zarr``, or
+        that cannot be read as an array (an empty or truncated file, a
+        directory named ``.npy``, no permission).
     ImportError
         A Zarr path without the zarr package.
     """
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{name}: {p} does not exist")
-    if is_zarr_path(p):
-        zarr = _zarr()
-        return zarr.open_array(str(p), mode="r")
-    if p.suffix != ".npy":
+    if not (is_zarr_path(p) or p.suffix == ".npy"):
         raise ValueError(f"{name}: {p} is neither a .npy file nor a .zarr array")
-    return np.load(p, mmap_mode="r")
+    if p.suffix == ".npy" and p.is_dir():
+        raise ValueError(f"{name}: {p} is a directory, not a .npy file")
+    zarr = _zarr() if is_zarr_path(p) else None
+    try:
+        return zarr.open_array(str(p), mode="r") if zarr is not None else np.load(p, mmap_mode="r")
+    except (OSError, EOFError, ValueError) as exc:
+        # An empty or truncated .npy file, an unreadable path, a broken Zarr array.
+        raise ValueError(f"{name}: {p} cannot be read as an array ({type(exc).__name__}: {exc})") from None
 
 
 def _zarr():
@@ -295,8 +302,72 @@ def _ensemble(weights: Sequence[float] | None, n_teachers: int, temperature: flo
     return distiller
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or directory (resolved, or the same inode)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_output_path(out_path: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """An output path that can be written without losing anything the run was not asked to replace."""
+    for k, path in enumerate(inputs):
+        if _same_file(out_path, Path(path)):
+            raise ValueError(f"out: {out_path} is teachers[{k}]; an output never replaces an input")
+    parent = out_path.parent
+    if not parent.is_dir():
+        raise ValueError(f"out: the directory {parent} does not exist")
+    if out_path.exists() and not overwrite:
+        raise ValueError(f"out: {out_path} exists (pass overwrite=True / --overwrite to replace it)")
+    if out_path.exists() and out_path.is_dir() != is_zarr_path(out_path):
+        kind = "a directory" if out_path.is_dir() else "a file"
+        raise ValueError(
+            f"out: {out_path} exists and is {kind}; --overwrite replaces only an output of its kind"
+        )
+    partial = _partial_path(out_path)
+    if partial.exists() or partial.is_symlink():
+        if not _own_partial(partial, out_path):
+            raise ValueError(
+                f"out: {partial} exists and is not the temporary output of an interrupted numba-kd run "
+                "(a Zarr array it wrote); remove it or choose another out"
+            )
+
+
+def _own_partial(partial: Path, out_path: Path) -> bool:
+    """Whether ``partial`` is the temporary Zarr output of an earlier run of this tool."""
+    if not is_zarr_path(out_path) or partial.is_symlink() or not partial.is_dir():
+        return False
+    try:
+        arr = _zarr().open_array(str(partial), mode="r")
+    except (OSError, ValueError, KeyError):
+        return False
+    return "numba_kd" in arr.attrs
+
+
+def _reserve(path: Path, n_bytes: int) -> None:
+    """Allocate the file's blocks now, so that a full disk fails here with ENOSPC
+    instead of with SIGBUS while the memory map is written."""
+    if not hasattr(os, "posix_fallocate") or n_bytes == 0:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, n_bytes)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return  # a filesystem that cannot reserve: writes report a full disk themselves
+        raise OSError(
+            exc.errno, f"out: cannot reserve {n_bytes:,} bytes for {path}: {exc.strerror}"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_rows: int, attrs: dict):
-    """A new output array under its temporary name."""
+    """A new output array under its temporary name (checked by _check_output_path:
+    nothing there but a Zarr array an earlier run of this tool left)."""
     partial = _partial_path(path)
     if is_zarr_path(path):
         zarr = _zarr()
@@ -307,7 +378,14 @@ def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_ro
         )
         arr.attrs.update({"numba_kd": {**attrs, "completed_rows": 0}})
         return arr
-    return np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+    arr = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+    try:
+        _reserve(partial, os.path.getsize(partial))
+    except OSError:
+        del arr
+        partial.unlink()
+        raise
+    return arr
 
 
 def _resumed_output(path: Path, attrs: dict):
@@ -425,8 +503,7 @@ def plan_soft_labels(
     out_path = Path(out)
     if not (is_zarr_path(out_path) or out_path.suffix == ".npy"):
         raise ValueError(f"out: {out_path} must end in .npy or .zarr")
-    if out_path.exists() and not overwrite:
-        raise ValueError(f"out: {out_path} exists (pass overwrite=True / --overwrite to replace it)")
+    _check_output_path(out_path, teachers, overwrite)
     arrays = [open_input(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
     n_rows, n_classes, in_dtype = _check_logits(arrays, [f"teachers[{k}]" for k in range(len(arrays))])
     distiller = _ensemble(weights, len(arrays), temperature)
@@ -546,43 +623,86 @@ def soft_labels(
     else:
         distiller.combine_via_probabilities(_zero_rows(inputs), eps, out=buffer[:1])
     bar = Progress(n_rows - start_row, bytes_per_row, progress, "soft-labels")
-    for start in range(start_row, n_rows, rows_per_chunk):
-        stop = min(start + rows_per_chunk, n_rows)
-        block = _read_rows(arrays, start, stop, inputs)
-        target = buffer[: stop - start]
-        if combine == "logits":
-            distiller.combine_teachers(block, out=target)
-        else:
-            distiller.combine_via_probabilities(block, eps, out=target)
-        result[start:stop] = target if out_dtype == compute_dtype else target.astype(out_dtype)
-        if is_zarr_path(out_path):
-            meta = dict(result.attrs["numba_kd"])
-            meta["completed_rows"] = stop
-            result.attrs["numba_kd"] = meta
-        # Unmapping written pages keeps them in the page cache, to be written back
-        # later; the one flush happens before the rename.
-        _release(result, *arrays)
-        bar.update(stop - start)
-        if on_chunk is not None:
-            on_chunk(stop)
-    bar.close()
+    try:
+        for start in range(start_row, n_rows, rows_per_chunk):
+            stop = min(start + rows_per_chunk, n_rows)
+            block = _read_rows(arrays, start, stop, inputs)
+            target = buffer[: stop - start]
+            if combine == "logits":
+                distiller.combine_teachers(block, out=target)
+            else:
+                distiller.combine_via_probabilities(block, eps, out=target)
+            result[start:stop] = target if out_dtype == compute_dtype else target.astype(out_dtype)
+            if is_zarr_path(out_path):
+                meta = dict(result.attrs["numba_kd"])
+                meta["completed_rows"] = stop
+                result.attrs["numba_kd"] = meta
+            # Unmapping written pages keeps them in the page cache, to be written back
+            # later; the one flush happens before the rename.
+            _release(result, *arrays)
+            bar.update(stop - start)
+            if on_chunk is not None:
+                on_chunk(stop)
+        bar.close()
+    except BaseException as exc:
+        partial = _partial_path(out_path)
+        if not is_zarr_path(out_path):
+            # A .npy output cannot be resumed: its temporary file goes.  A Zarr one
+            # stays for resume=True.
+            del result
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = (
+                f"; {partial} is kept: resume=True / --resume continues it" if is_zarr_path(out_path) else ""
+            )
+            raise OSError(exc.errno, f"out: writing {partial} failed: {exc.strerror or exc}{kept}") from exc
+        raise
     _finish(result, out_path, overwrite)
     rows_per_s, gb_per_s = bar.rates()
     return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
 
 
 def _finish(result: Any, out_path: Path, overwrite: bool) -> None:
-    """Move the completed output from its temporary name to ``out_path``."""
+    """Move the completed output from its temporary name to ``out_path``.
+
+    A file replaces the old one in one atomic rename.  A Zarr directory swaps
+    places with the old one in one atomic exchange where the system has one
+    (Linux); elsewhere the old one is renamed aside, the new one renamed in, and
+    only then is the old one deleted.  Either way the old output is never lost
+    before the new one is in place.
+    """
     partial = _partial_path(out_path)
     if isinstance(result, np.memmap):
         result.flush()
         del result
-    if overwrite and out_path.exists():
-        if out_path.is_dir():
-            shutil.rmtree(out_path)
-        else:
-            out_path.unlink()
-    os.replace(partial, out_path)
+    if not (overwrite and out_path.is_dir()):
+        os.replace(partial, out_path)
+    elif _exchange(partial, out_path):
+        shutil.rmtree(partial)  # the old output, swapped out
+    else:
+        aside = out_path.with_name(f"{out_path.name}.replaced-{os.getpid()}")
+        os.replace(out_path, aside)
+        os.replace(partial, out_path)
+        shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE);
+    False where the system or the filesystem cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2
+    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 # ---------------------------------------------------------------- dataset loss

@@ -109,8 +109,10 @@ def test_invalid_inputs_write_nothing(data):
         with pytest.raises((TypeError, ValueError), match=words):
             offline.soft_labels([*data["paths"][:2], str(data["dir"] / extra)], out)
         assert not out.exists() and not offline._partial_path(out).exists()
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(ValueError, match="an output never replaces an input"):
         offline.soft_labels(data["paths"], data["paths"][0])
+    with pytest.raises(ValueError, match="exists"):
+        offline.soft_labels(data["paths"], data["student_path"])
 
 
 class Interrupt(Exception):
@@ -279,3 +281,189 @@ def test_progress_bar_on_a_terminal_only(monkeypatch):
     quiet.update(1000)
     quiet.close()
     assert silent.getvalue() == ""
+
+
+# ---------------------------------------------------------------- faults: nothing lost
+
+
+def _fingerprint(path) -> bytes:
+    """The bytes of a file, or of every file of a directory tree, in path order."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return path.read_bytes()
+    return b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "zarr"])
+def test_out_never_replaces_an_input(data, spelling):
+    """--out naming a teacher is refused even with --overwrite, however it is spelled."""
+    target = data["paths"][2] if spelling == "zarr" else data["paths"][0]
+    (data["dir"] / "sub").mkdir()
+    out = str(data["dir"] / "sub" / ".." / target.split("/")[-1]) if spelling == "dotted" else target
+    before = _fingerprint(target)
+    with pytest.raises(ValueError, match=r"is teachers\[\d\]; an output never replaces an input"):
+        offline.soft_labels(data["paths"], out, overwrite=True)
+    result = _cli("soft-labels", *data["paths"], "--out", str(out), "--overwrite")
+    assert result.returncode == 2 and "numba-kd: error: out:" in result.stderr
+    assert _fingerprint(target) == before
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_partial_the_tool_did_not_write_is_refused(data, suffix, overwrite):
+    out = data["dir"] / f"soft{suffix}"
+    partial = offline._partial_path(out)
+    if suffix == ".npy":
+        np.save(partial, np.arange(5.0))  # np.save keeps the name: it ends in .partial
+        partial = partial.with_name(partial.name + ".npy")
+        partial.rename(offline._partial_path(out))
+        partial = offline._partial_path(out)
+    else:
+        zarr.create_array(str(partial), shape=(3,), dtype="float32")[:] = 1.0  # no numba_kd attrs
+    before = _fingerprint(partial)
+    with pytest.raises(ValueError, match="is not the temporary output of an interrupted numba-kd run"):
+        offline.soft_labels(data["paths"], out, overwrite=overwrite)
+    assert _fingerprint(partial) == before and not out.exists()
+
+
+def test_a_partial_the_tool_left_is_replaced(data):
+    out = data["dir"] / "soft.zarr"
+    with pytest.raises(Interrupt):
+        offline.soft_labels(data["paths"], out, chunk_rows=100, on_chunk=_interrupt_after(300))
+    offline.soft_labels(data["paths"], out, chunk_rows=100)
+    expected = kd.EnsembleDistiller([1.0, 1.0, 1.0], 1.0).combine_teachers(data["teachers"])
+    np.testing.assert_array_equal(_read(out), expected)
+    assert not offline._partial_path(out).exists()
+
+
+def test_an_interrupted_npy_run_removes_its_partial(data):
+    out = data["dir"] / "soft.npy"
+    with pytest.raises(Interrupt):
+        offline.soft_labels(data["paths"], out, chunk_rows=100, on_chunk=_interrupt_after(300))
+    assert not out.exists() and not offline._partial_path(out).exists()
+
+
+@pytest.mark.parametrize("fail_at", ["exchange", "delete"])
+def test_overwriting_a_zarr_output_never_loses_it(data, monkeypatch, fail_at):
+    """A failure while a new Zarr output replaces an old one leaves OUT complete: the old
+    output before the swap, the new one after it."""
+    out = data["dir"] / "soft.zarr"
+    offline.soft_labels(data["paths"], out, temperature=1.0)
+    old = _read(out)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if fail_at == "exchange":
+        monkeypatch.setattr(offline, "_exchange", fail)
+    else:
+        monkeypatch.setattr(offline.shutil, "rmtree", fail)
+    with pytest.raises(KeyboardInterrupt):
+        offline.soft_labels(data["paths"], out, temperature=2.0, overwrite=True)
+    monkeypatch.undo()
+    new = kd.EnsembleDistiller([1.0, 1.0, 1.0], 2.0).combine_teachers(data["teachers"])
+    np.testing.assert_array_equal(_read(out), old if fail_at == "exchange" else new)
+
+
+def test_overwriting_a_zarr_output_without_an_atomic_exchange(data, monkeypatch):
+    out = data["dir"] / "soft.zarr"
+    offline.soft_labels(data["paths"], out, temperature=1.0)
+    monkeypatch.setattr(offline, "_exchange", lambda a, b: False)
+    offline.soft_labels(data["paths"], out, temperature=2.0, overwrite=True)
+    expected = kd.EnsembleDistiller([1.0, 1.0, 1.0], 2.0).combine_teachers(data["teachers"])
+    np.testing.assert_array_equal(_read(out), expected)
+    assert sorted(p.name for p in data["dir"].iterdir() if p.name.startswith("soft")) == ["soft.zarr"]
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("missing directory", "the directory"),
+        ("empty input", "cannot be read as an array"),
+        ("directory input", "is a directory, not a .npy file"),
+        ("file partial", "is not the temporary output"),
+        ("directory out", "exists and is a directory"),
+    ],
+)
+def test_os_errors_are_clean_cli_errors(data, case, words):
+    """Faults of the file system end in `numba-kd: error: ...` and exit status 2, never a traceback."""
+    d = data["dir"]
+    teachers = list(data["paths"])
+    out = d / "soft.npy"
+    extra = []
+    if case == "missing directory":
+        out = d / "no" / "such" / "soft.npy"
+    elif case == "empty input":
+        (d / "empty.npy").write_bytes(b"")
+        teachers[0] = str(d / "empty.npy")
+    elif case == "directory input":
+        (d / "dir.npy").mkdir()
+        teachers[0] = str(d / "dir.npy")
+    elif case == "file partial":
+        out = d / "soft.zarr"
+        offline._partial_path(out).write_text("user data")
+    elif case == "directory out":
+        (d / "soft.npy").mkdir()
+        extra = ["--overwrite"]
+    result = _cli("soft-labels", *teachers, "--out", str(out), *extra)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("numba-kd: error: ") and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    if case == "empty input":
+        loss = _cli("loss", teachers[0], *data["paths"], "--labels", data["labels_path"], "--alpha", "0.5")
+        assert loss.returncode == 2 and "cannot be read as an array" in loss.stderr, loss.stderr
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount(options) -> a fresh tmpfs directory (root only; skipped elsewhere)."""
+    mounted = []
+
+    def mount(options: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def _big_teachers(directory):
+    rng = np.random.default_rng(8)
+    paths = []
+    for k in range(2):
+        paths.append(str(directory / f"big{k}.npy"))
+        np.save(paths[-1], rng.normal(size=(4000, 1000)).astype(np.float32))  # 16 MB each
+    return paths
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_a_full_disk_is_a_clean_error(tmp_path, mount_tmpfs, suffix):
+    """16 MB of output on a file system with 8 MB free: exit 2 with a message, no
+    SIGBUS; a .npy leaves nothing behind, a Zarr output keeps its partial for --resume."""
+    small = mount_tmpfs("size=20m")
+    (small / "filler").write_bytes(b"\0" * (12 << 20))
+    out = small / f"o{suffix}"
+    result = _cli("soft-labels", *_big_teachers(tmp_path), "--out", str(out), "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("numba-kd: error: ") and "No space left on device" in result.stderr
+    assert not out.exists()
+    assert offline._partial_path(out).exists() == (suffix == ".zarr")
+    if suffix == ".zarr":
+        assert "--resume continues it" in result.stderr
+
+
+def test_a_read_only_file_system_is_a_clean_error(tmp_path, mount_tmpfs):
+    read_only = mount_tmpfs("ro,size=1m")
+    result = _cli("soft-labels", *_big_teachers(tmp_path), "--out", str(read_only / "o.npy"), "--no-progress")
+    assert result.returncode == 2 and result.stderr.startswith("numba-kd: error: "), result.stderr
+    assert "Read-only file system" in result.stderr and "Traceback" not in result.stderr
