@@ -61,6 +61,22 @@ def host_layout(student: object, teachers: object, labels: object) -> tuple | No
     )  # fmt: skip
 
 
+def host_has_nonfinite(arr: np.ndarray, read: np.ndarray | None = None) -> bool:
+    """Whether the NumPy array ``arr`` ([N, C] or [K, N, C]) holds a NaN or an infinity
+    in the rows ``read`` selects (a boolean mask over N; None: every row).  Checked
+    in row blocks, so the temporary memory stays small."""
+    matrices = arr if arr.ndim == 3 else (arr,)
+    for matrix in matrices:
+        step = max(1, (1 << 20) // max(1, matrix.shape[-1]))
+        for start in range(0, matrix.shape[0], step):
+            block = matrix[start : start + step]
+            if read is not None:
+                block = block[read[start : start + step]]
+            if not np.isfinite(block).all():
+                return True
+    return False
+
+
 def has_dask_array(inputs: Iterable[object]) -> bool:
     """Whether any input is a dask array (without importing dask)."""
     return any(

@@ -38,8 +38,10 @@ class Backend(Protocol):
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """A new uninitialized array of this target."""
 
-    def has_nonfinite(self, arr: Any) -> bool:
-        """Whether ``arr`` holds a NaN or an infinity."""
+    def has_nonfinite(self, arr: Any, ignored: tuple[Any, int] | None = None) -> bool:
+        """Whether ``arr`` ([N, C] or [K, N, C]) holds a NaN or an infinity in a row
+        the kernels read: with ``ignored = (labels, ignore_index)``, rows whose label
+        is ignore_index are never read and not checked."""
 
     def output(self, out: object, shape: tuple[int, ...], dtype: np.dtype, inputs: list) -> Any:
         """A caller's ``out=`` array, checked: shape, dtype, layout, and no memory shared with ``inputs``."""

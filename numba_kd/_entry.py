@@ -86,7 +86,7 @@ def loss(
         s, t, y, lead = _validate.loss_inputs(backend, student, teachers, labels, len(weights), options)
         named = _validate.named_teachers(t)
     if options.check_finite:
-        _validate.refuse_nonfinite(backend, [("student", s), *named])
+        _validate.refuse_nonfinite(backend, [("student", s), *named], _ignored(y, options))
     w = _SINGLE_TEACHER_WEIGHT if single else weights
     result = _evaluate(backend, student, (s, t, y, lead), w, temperature, a, options, placement, want_grad)
     if _is_default(placement) and _is_plain(backend, student, teachers, labels, (s, t, y, lead), single):
@@ -137,10 +137,15 @@ def _plain_host_loss(weights, temperature, student, teachers, labels, alpha, opt
     y = backend.labels(labels, student.shape[0], student.shape[1], options.ignore_index)
     if options.check_finite:
         named = _validate.named_teachers(t, single)
-        _validate.refuse_nonfinite(backend, [("student", student), *named])
+        _validate.refuse_nonfinite(backend, [("student", student), *named], _ignored(y, options))
     w = _SINGLE_TEACHER_WEIGHT if single else weights
     batch = (student, t, y, student.shape[:1])
     return _evaluate(backend, student, batch, w, temperature, alpha, options, _HERE, want_grad)
+
+
+def _ignored(labels, options: LossOptions) -> tuple[Any, int] | None:
+    """(labels, ignore_index) when rows can be ignored: check_finite skips them."""
+    return None if options.ignore_index is None else (labels, options.ignore_index)
 
 
 def _evaluate(backend, like, batch, weights, temperature, alpha, options, placement, want_grad):

@@ -241,16 +241,23 @@ def jsd_grad(q, lq_lm, one_m_beta, q_g):
 
 
 @njit(inline="always")
-def confidence_weight(weight, shifted_label_logit, log_sum):
-    """w_k softmax(t_k)_y from the label's logit minus the row max and log sum exp(t_k - max)."""
-    return weight * math.exp(shifted_label_logit - log_sum)
+def confidence_log_weight(log_weight, shifted_label_logit, log_sum):
+    """log(w_k softmax(t_k)_y) from the label's logit minus the row max and log sum
+    exp(t_k - max).  Kept as a logarithm: the confidence underflows for large logits."""
+    return log_weight + (shifted_label_logit - log_sum)
 
 
 @njit(inline="always")
-def entropy_weight(weight, mean_shifted, log_sum):
-    """w_k exp(-H(softmax(u))), u = t_k / T, with H = log S - sum_j softmax(u)_j (u_j - max u)
-    (``mean_shifted`` is that sum): every term relative to the row maximum."""
-    return weight * math.exp(mean_shifted - log_sum)
+def entropy_log_weight(log_weight, mean_shifted, log_sum):
+    """log(w_k exp(-H(softmax(u)))), u = t_k / T, with H = log S - sum_j softmax(u)_j
+    (u_j - max u) (``mean_shifted`` is that sum): every term relative to the row maximum."""
+    return log_weight + (mean_shifted - log_sum)
+
+
+@njit(inline="always")
+def log_or_minus_inf(x):
+    """log x, and -inf for x = 0 (where math.log raises)."""
+    return math.log(x) if x > 0.0 else NEG_INF
 
 
 @njit(inline="always")

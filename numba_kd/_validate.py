@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,6 +133,11 @@ def logits(backend, x: object, name: str, ndim: int | tuple[int, ...] = 2):
 
 def teacher_arrays(backend, teachers: TeacherLogits, n_weights: int, ndim: int = 2):
     """A tuple of ``ndim``-D arrays (a list, read in place) or one (ndim + 1)-D array."""
+    if teachers is None or isinstance(teachers, (dict, set, frozenset, Iterator)):
+        raise TypeError(
+            "teachers must be a list or tuple of arrays, or one array stacking them, "
+            f"got {type(teachers).__name__}"
+        )
     if isinstance(teachers, (list, tuple)):
         some_teachers(len(teachers))
         result = tuple(logits(backend, t, f"teachers[{k}]", ndim) for k, t in enumerate(teachers))
@@ -215,9 +220,11 @@ def named_inputs(s, t, y) -> list[tuple[str, Any]]:
     return [("student", s), ("labels", y), *named_teachers(t)]
 
 
-def refuse_nonfinite(backend, arrays: list[tuple[str, Any]]) -> None:
+def refuse_nonfinite(backend, arrays: list[tuple[str, Any]], ignored: tuple[Any, int] | None = None) -> None:
+    """check_finite=True: refuse a NaN or an infinity in a row the kernels read
+    (``ignored = (labels, ignore_index)`` excludes the ignored rows)."""
     for name, arr in arrays:
-        if backend.has_nonfinite(arr):
+        if backend.has_nonfinite(arr, ignored):
             raise ValueError(f"{name} holds NaN or infinite values (check_finite=True)")
 
 
@@ -296,9 +303,21 @@ _cached_loss_options = functools.lru_cache(maxsize=64, typed=True)(_checked_loss
 def weights(values: ArrayLike) -> NDArray[np.float64]:
     """Teacher weights normalized to sum 1, as a read-only float64 array."""
     try:
-        w = np.array(values, dtype=np.float64, copy=True)
+        raw = np.asarray(values)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"weights must be a sequence of real numbers: {exc}") from None
+    if raw.dtype.kind not in "iuf":
+        # Strings, None and other objects are not converted (NumPy would parse "1" and
+        # turn None into NaN); a temperature given as a string is refused the same way.
+        shown = f"dtype {raw.dtype}"
+        if raw.dtype.kind in "OSU":
+            numbers_only = (
+                v for v in raw.reshape(-1).tolist() if isinstance(v, bool) or not isinstance(v, (int, float))
+            )
+            bad = next(numbers_only, None)
+            shown = f"{bad!r} ({type(bad).__name__})"
+        raise TypeError(f"weights must be a sequence of real numbers, got {shown}")
+    w = np.array(raw, dtype=np.float64, copy=True)
     if w.ndim != 1:
         raise ValueError(f"weights must be a 1-D sequence, got shape {w.shape}")
     some_teachers(w.size)

@@ -165,8 +165,11 @@ class EnsembleDistiller:
 
     @property
     def weights(self) -> NDArray[np.float64]:
-        """Normalized teacher weights (read-only, sum to 1)."""
-        return self._weights
+        """Normalized teacher weights (sum to 1): a read-only copy, so that no change
+        to it reaches the distiller."""
+        copy = self._weights.copy()
+        copy.flags.writeable = False
+        return copy
 
     @property
     def temperature(self) -> float:

@@ -632,7 +632,7 @@ def soft_labels(
                 distiller.combine_teachers(block, out=target)
             else:
                 distiller.combine_via_probabilities(block, eps, out=target)
-            result[start:stop] = target if out_dtype == compute_dtype else target.astype(out_dtype)
+            result[start:stop] = target if out_dtype == compute_dtype else _narrowed(target, out_dtype, start)
             if is_zarr_path(out_path):
                 meta = dict(result.attrs["numba_kd"])
                 meta["completed_rows"] = stop
@@ -660,6 +660,21 @@ def soft_labels(
     _finish(result, out_path, overwrite)
     rows_per_s, gb_per_s = bar.rates()
     return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
+
+
+def _narrowed(block: np.ndarray, dtype: np.dtype, first_row: int) -> np.ndarray:
+    """``block`` cast to the output dtype; a finite value that the cast would turn into
+    an infinity (|x| above float16's 65504) is an error, not a silent inf."""
+    with np.errstate(over="ignore"):  # reported below, with the row
+        cast = block.astype(dtype)
+    overflow = np.isinf(cast) & np.isfinite(block)
+    if overflow.any():
+        row = first_row + int(np.flatnonzero(overflow.any(axis=1))[0])
+        raise ValueError(
+            f"dtype: {int(np.count_nonzero(overflow))} values from row {row} on exceed the {dtype.name} "
+            f"range (largest {np.finfo(dtype).max:g}); write dtype='float32' (--dtype float32)"
+        )
+    return cast
 
 
 def _finish(result: Any, out_path: Path, overwrite: bool) -> None:

@@ -389,9 +389,10 @@ def row_teacher_weights(
     """Per-row teacher weights, each row normalized to sum 1.
 
     "static" keeps w_k in every row. "confidence" takes
-    ``w_k * softmax(t_k)[y]`` (at temperature 1); rows whose label is ignored,
-    or whose confidences all underflow to 0, keep w_k. "entropy" takes
-    ``w_k * exp(-H(softmax(t_k / T)))``.
+    ``w_k * softmax(t_k)[y]`` (at temperature 1); rows whose label is ignored
+    keep w_k. "entropy" takes ``w_k * exp(-H(softmax(t_k / T)))``. Both are
+    computed as logarithms and scaled by the row's largest, so that weights
+    whose exponentials would all underflow keep their ratios.
 
     Parameters
     ----------
@@ -430,6 +431,8 @@ def row_teacher_weights(
     """
     t = stack_teachers(teachers)  # [K, N, C]
     w = normalized_weights(weights)
+    with np.errstate(divide="ignore"):
+        log_w = np.log(w)  # -inf for a zero weight
     n_rows = t.shape[1]
     if weighting == "static":
         raw = np.broadcast_to(w, (n_rows, w.size)).copy()
@@ -438,16 +441,21 @@ def row_teacher_weights(
         valid = _valid_rows(y, ignore_index)
         safe_y = np.where(valid, y, 0)
         log_conf = np.take_along_axis(log_softmax(t), safe_y[None, :, None], axis=-1)[..., 0]  # [K, N]
-        raw = w[None, :] * np.exp(log_conf.T)
-        fallback = ~valid | (raw.sum(axis=1) <= 0)
-        raw[fallback] = w
+        raw = _from_log_weights(log_w[None, :] + log_conf.T)
+        raw[~valid] = w
     elif weighting == "entropy":
         log_p = log_softmax(t / temperature)
         entropy = -np.sum(np.exp(log_p) * log_p, axis=-1)  # [K, N]
-        raw = w[None, :] * np.exp(-entropy.T)
+        raw = _from_log_weights(log_w[None, :] - entropy.T)
     else:
         raise ValueError(weighting)
     return raw / raw.sum(axis=1, keepdims=True)
+
+
+def _from_log_weights(log_raw: np.ndarray) -> np.ndarray:
+    """exp(log_raw) scaled so that each row's largest entry is 1: weights whose
+    exponentials would all underflow keep their ratios."""
+    return np.exp(log_raw - np.max(log_raw, axis=1, keepdims=True))
 
 
 def target_log_probs(teachers, row_weights: np.ndarray, temperature: float, combine: str) -> np.ndarray:

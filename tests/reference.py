@@ -20,6 +20,7 @@ from numba_kd.reference import (  # noqa: F401  (re-exported for the tests)
     kl_rows,
     log_softmax,
     normalized_weights,
+    row_teacher_weights,
     stack_teachers,
 )
 

@@ -451,9 +451,17 @@ def _loss_error(case: Case, out=None):
     error = _label_error(case)
     if error is not None:
         return error
-    if case.check_finite and _nonfinite(case.student_values, *case.teacher_values):
+    if case.check_finite and _nonfinite_read_rows(case):
         return ValueError
     return _out_error(out, case.shape, _loss_dtype(case))
+
+
+def _nonfinite_read_rows(case: Case) -> bool:
+    """A NaN or an infinity in a row the loss reads (check_finite skips ignored rows)."""
+    labels = np.asarray(case.labels)
+    ignore = case.options["ignore_index"]
+    read = np.ones(labels.shape, bool) if ignore is None else labels != ignore
+    return _nonfinite(*(np.asarray(a)[read] for a in (case.student_values, *case.teacher_values)))
 
 
 def _combine_error(case: Case, out=None):

@@ -12,6 +12,7 @@ import reference as ref
 from helpers import LOSS_RTOL, assert_array_close, logit_scale, make_batch
 
 import numba_kd as kd
+from numba_kd import registry
 
 # The reference's NumPy arithmetic warns on the NaN and infinite inputs tested here.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -26,11 +27,11 @@ def batch(rng):
     return make_batch(rng, len(WEIGHTS), 9, 6, np.float64)
 
 
-def _mpmath_divergence(student, teachers, weights, temperature, divergence, beta=0.5) -> float:
-    """T^2 times the mean divergence of the rows in 50-digit arithmetic."""
+def _mpmath_divergence(student, teachers, weights, temperature, divergence, beta=0.5, digits=50) -> float:
+    """T^2 times the mean divergence of the rows in ``digits``-digit arithmetic."""
     mpmath = pytest.importorskip("mpmath")
     mp = mpmath.mp.clone()
-    mp.dps = 50
+    mp.dps = digits
     total = mp.mpf(0)
     for i in range(student.shape[0]):
         z = [sum(mp.mpf(float(w)) * mp.mpf(float(t[i, j])) for w, t in zip(weights, teachers, strict=True))
@@ -64,6 +65,58 @@ def test_divergences_of_nearly_uniform_rows(rng, divergence, dtype, temperature)
     got = d.distillation_loss(student, teachers, labels, 1.0, divergence=divergence)
     expected = _mpmath_divergence(student, teachers, d.weights, temperature, divergence)
     assert abs(got - expected) <= max(1e-13, 1e-15 * temperature) * abs(expected), (got, expected)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_float64_rows_near_uniform(divergence):
+    """Logits of scale 1e-3 at T = 100 over 50,000 classes (issue: 5e-5 relative error
+    against mpmath, where torch float64 gets 5e-6).  The log-ratios are about 1e-5, and
+    the error of the sums of kl_from_sums is about 1e-16 / 1e-5: measured (two rows)
+    1.5e-10 (forward KL), 8.5e-11 (reverse KL), 3e-16 (JSD); the bound is 1e-9."""
+    rng = np.random.default_rng(1)
+    student = rng.normal(scale=1e-3, size=(1, 50_000))
+    teachers = [rng.normal(scale=1e-3, size=(1, 50_000)) for _ in range(2)]
+    d = kd.EnsembleDistiller([1.0, 2.0], 100.0)
+    got = d.distillation_loss(student, teachers, np.array([3]), 1.0, divergence=divergence)
+    expected = _mpmath_divergence(student, teachers, d.weights, 100.0, divergence, digits=30)
+    assert abs(got - expected) <= 1e-9 * expected, (got, expected)
+
+
+@pytest.mark.parametrize("combine", ["logits", "probs"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_confidence_weights_that_all_underflow(combine, dtype):
+    """Logits of scale 1e4: every teacher's confidence (its softmax of the label at T = 1)
+    underflows float64, where the weights once fell back to the static ones (10-68 % off).
+    The weights are computed as logarithms: the reference's match 50-digit mpmath, and
+    the kernels' loss matches the reference."""
+    mpmath = pytest.importorskip("mpmath")
+    rng = np.random.default_rng(3)
+    # Teachers that disagree (so that their weights matter), each sure of its own
+    # class; the label is far below every teacher's maximum.
+    student, teachers, _ = registry.synthetic_batch(rng, 3, 4, 6, dtype, spread=1e4, independent=True)
+    labels = np.argmin(sum(teachers), axis=1)
+    weights = [1.0, 2.0, 3.0]
+    confidences = ref.log_softmax(ref.stack_teachers(teachers))[:, np.arange(4), labels]
+    assert np.all(np.exp(confidences) == 0.0)  # the premise: every confidence underflows
+    mp = mpmath.mp.clone()
+    mp.dps = 50
+    for i in range(4):
+        raw = []
+        for k, t in enumerate(teachers):
+            row = [mp.mpf(float(x)) for x in t[i]]
+            raw.append(weights[k] * mp.exp(row[labels[i]]) / sum(mp.exp(x) for x in row))
+        exact = [float(r / sum(raw)) for r in raw]
+        got = ref.row_teacher_weights(teachers, weights, labels, T, "confidence")[i]
+        np.testing.assert_allclose(got, exact, rtol=1e-12, atol=1e-300)
+    d = kd.EnsembleDistiller(weights, T)
+    opts = {"teacher_weighting": "confidence", "combine": combine}
+    got = d.distillation_loss(student, teachers, labels, ALPHA, **opts)
+    expected = ref.general_loss(student, teachers, labels, weights, T, ALPHA, "mean", **opts)[0]
+    scale = logit_scale(student, *teachers)
+    rtol = LOSS_RTOL[np.dtype(dtype)]
+    assert abs(got - expected) <= rtol * (abs(expected) + scale), (got, expected)
+    static = ref.general_loss(student, teachers, labels, weights, T, ALPHA, "mean", combine=combine)[0]
+    assert abs(got - static) > 0.01 * abs(static)  # the old fallback would have been far off
 
 
 def _ops(student, teachers, labels, **kw):
@@ -191,7 +244,7 @@ def test_teachers_that_are_not_logits_are_rejected():
         d.combine_teachers(_Unreadable())
     with pytest.raises(ValueError, match=r"teachers\[1\] cannot be read as an array"):
         d.combine_teachers([np.ones((2, 2)), [[1.0, 2.0], [1.0]]])
-    with pytest.raises(ValueError, match="teachers must be a list"):
+    with pytest.raises(TypeError, match="teachers must be a list or tuple of arrays, or one array"):
         d.combine_teachers({"a": 1})
 
 
@@ -268,6 +321,29 @@ def test_check_finite_raises_naming_the_argument(batch, op, where):
     with pytest.raises(ValueError, match=rf"^{name} holds NaN or infinite values"):
         _ops(student, teachers, labels, check_finite=True)[op]()
     _ops(student, teachers, labels, check_finite=False)[op]()  # the policy instead
+
+
+@pytest.mark.parametrize("layout", ["list", "stacked"])
+def test_check_finite_skips_ignored_rows(batch, layout):
+    """Rows that ignore_index excludes are never read, so their NaN is not refused;
+    the loss equals the one without those non-finite values."""
+    student, teachers, labels = (
+        x.copy() if isinstance(x, np.ndarray) else [t.copy() for t in x] for x in batch
+    )
+    labels[2] = -100
+    d = kd.EnsembleDistiller(WEIGHTS, T)
+    clean = d.distillation_loss(student, teachers, labels, ALPHA, ignore_index=-100)
+    teachers[1][2, 0] = np.nan
+    student[2, 3] = -np.inf
+    t = np.stack(teachers) if layout == "stacked" else teachers
+    assert d.distillation_loss(student, t, labels, ALPHA, ignore_index=-100, check_finite=True) == clean
+    labels[2] = 0  # the row is read now
+    with pytest.raises(ValueError, match=r"^student holds NaN"):
+        d.distillation_loss(student, t, labels, ALPHA, ignore_index=-100, check_finite=True)
+    student[2, 3] = 0.0
+    name = "teachers" if layout == "stacked" else r"teachers\[1\]"
+    with pytest.raises(ValueError, match=f"^{name} holds NaN"):
+        d.distillation_loss(student, t, labels, ALPHA, ignore_index=-100, check_finite=True)
 
 
 def test_check_finite_passes_finite_inputs_and_names_stacked_teachers(batch):

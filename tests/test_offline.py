@@ -467,3 +467,22 @@ def test_a_read_only_file_system_is_a_clean_error(tmp_path, mount_tmpfs):
     result = _cli("soft-labels", *_big_teachers(tmp_path), "--out", str(read_only / "o.npy"), "--no-progress")
     assert result.returncode == 2 and result.stderr.startswith("numba-kd: error: "), result.stderr
     assert "Read-only file system" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_float16_overflow_is_refused(data, suffix):
+    """Teacher logits of 1e5 do not fit float16: the run fails naming the first row, writes
+    no OUT and exits 2 from the CLI."""
+    big = data["teachers"][0].copy()
+    big[700, 3] = 1e5
+    np.save(data["dir"] / "big.npy", big)
+    teachers = [str(data["dir"] / "big.npy"), *data["paths"][1:]]
+    out = data["dir"] / f"soft16{suffix}"
+    with pytest.raises(ValueError, match=r"dtype: 1 values from row 700 on exceed the float16 range"):
+        offline.soft_labels(teachers, out, weights=[1.0, 0.0, 0.0], dtype="float16", chunk_rows=100)
+    assert not out.exists()
+    run = _cli(
+        "soft-labels", *teachers, "--out", str(out), "--weights", "1,0,0", "--dtype", "float16", "--overwrite"
+    )
+    assert run.returncode == 2 and "exceed the float16 range" in run.stderr, run.stderr
+    assert not out.exists()

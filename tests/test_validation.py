@@ -34,11 +34,31 @@ def batch():
         ([1.0, np.inf], ValueError, "finite and non-negative"),
         ([[1.0, 2.0]], ValueError, "weights must be a 1-D"),
         (["a", "b"], TypeError, "weights must be a sequence of real numbers"),
+        # Like temperatures, weights are numbers: NumPy would parse "1" and make None NaN.
+        (["1", 2, 1], TypeError, r"weights must be a sequence of real numbers, got '1' \(str\)"),
+        ([None, 1.0], TypeError, r"got None \(NoneType\)"),
+        ([1.0, 2j], TypeError, "got dtype complex128"),
+        ([True, False], TypeError, "got dtype bool"),
     ],
 )
 def test_bad_weights(weights, error, match):
     with pytest.raises(error, match=match):
         kd.EnsembleDistiller(weights, temperature=1.0)
+
+
+def test_weights_cannot_be_changed_from_outside():
+    d = kd.EnsembleDistiller([1.0, 3.0], temperature=2.0)
+    w = d.weights
+    assert not w.flags.writeable
+    w.flags.writeable = True  # allowed on the copy, which the distiller does not use
+    w[:] = 0.0
+    np.testing.assert_array_equal(d.weights, [0.25, 0.75])
+
+
+@pytest.mark.parametrize("teachers", [None, {"a": 1}, (np.zeros((2, 3)) for _ in range(2)), {1, 2}])
+def test_teachers_of_the_wrong_kind(d, teachers):
+    with pytest.raises(TypeError, match="teachers must be a list or tuple of arrays, or one array"):
+        d.combine_teachers(teachers)
 
 
 @pytest.mark.parametrize("t", [np.nan, np.inf])

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from numba_kd import _math, _runtime, _signatures, _validate
-from numba_kd._arrays import check_output, flatten_arrays, is_device_array
+from numba_kd._arrays import check_output, flatten_arrays, host_has_nonfinite, is_device_array
 from numba_kd._options import NO_IGNORE, LossOptions, compute_dtype
 
 Teachers = tuple[Any, ...] | Any
@@ -149,11 +149,10 @@ class HostBackend:
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
 
-    def has_nonfinite(self, arr: np.ndarray) -> bool:
-        """Whether ``arr`` holds a NaN or an infinity (checked in row blocks: O(block) memory)."""
-        rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 2 else arr
-        step = max(1, (1 << 20) // max(1, rows.shape[-1]))
-        return any(not np.isfinite(rows[i : i + step]).all() for i in range(0, rows.shape[0], step))
+    def has_nonfinite(self, arr: np.ndarray, ignored: tuple[Any, int] | None = None) -> bool:
+        """Whether ``arr`` holds a NaN or an infinity in a row the kernels read."""
+        read = None if ignored is None else np.asarray(ignored[0]) != ignored[1]
+        return host_has_nonfinite(arr, read)
 
     def output(self, out: object, shape: tuple[int, ...], dtype: np.dtype, inputs: list) -> np.ndarray:
         """A caller's ``out=`` array, checked: a writable C-contiguous NumPy array of

@@ -37,10 +37,10 @@ from numba_kd._math import (
     REVERSE_KL,
     STATIC,
     as_type_of,
-    confidence_weight,
+    confidence_log_weight,
     cross_entropy,
     distillation_terms,
-    entropy_weight,
+    entropy_log_weight,
     exp_like,
     forward_kl_grad,
     jsd_grad,
@@ -51,6 +51,7 @@ from numba_kd._math import (
     kl_from_stats,
     kl_from_sums,
     log_like,
+    log_or_minus_inf,
     logaddexp,
     lse_from_stats,
     nonfinite_probe,
@@ -291,16 +292,22 @@ def _teacher_weights(teachers, weights, i, y, params, weighting, m_t, log_st, ro
     gets a statistics sweep (lse(t_k / T) = m_t[k] + log_st[k]); for the
     probability combine its exponentials, still in cache, are then added into
     pt: pt_j = sum_k w_k exp(t_kj / T - lse_k), the mixture times sum_k w_k.
+
+    Data-dependent weights are computed as logarithms and scaled by the largest
+    (top): confidences or entropies that would all underflow (logits of 1e3 and
+    up) still weigh the teachers by their ratios.  pt is rescaled when top grows.
     """
     inv_t = 1.0 / params.temperature
     like = e[0]
     mix = params.combine == COMBINE_PROBS
+    linear = weighting == STATIC
     if mix:
         pt[:] = 0.0
-    total = 0.0
+    top = NEG_INF
     for k in range(weights.shape[0]):
-        w = weights[k]
-        if mix or weighting != STATIC:
+        # The weight; for a data-dependent weighting its logarithm.
+        w = weights[k] if linear else log_or_minus_inf(weights[k])
+        if mix or not linear:
             row = teachers[k][i]
             scaled = mix or weighting == ENTROPY
             unit = weighting == CONFIDENCE
@@ -308,15 +315,26 @@ def _teacher_weights(teachers, weights, i, y, params, weighting, m_t, log_st, ro
             m_t[k] = m * inv_t
             log_st[k] = log_s
             if weighting == CONFIDENCE:
-                w = confidence_weight(w, np.float64(row[y]) - np.float64(m), log_s1)
+                w = confidence_log_weight(w, np.float64(row[y]) - np.float64(m), log_s1)
             elif weighting == ENTROPY:
-                w = entropy_weight(w, moment, log_s)
-            if mix and w > 0.0:
-                c = as_type_of(w * math.exp(-log_s), like)
+                w = entropy_log_weight(w, moment, log_s)
+            if not linear and w > top:
+                if mix and top > NEG_INF:
+                    rescale = as_type_of(math.exp(top - w), like)
+                    for j in range(pt.shape[0]):
+                        pt[j] *= rescale
+                top = w
+            factor = w if linear else (math.exp(w - top) if w > NEG_INF else 0.0)
+            if mix and factor > 0.0:
+                c = as_type_of(factor * math.exp(-log_s), like)
                 for j in range(pt.shape[0]):
                     pt[j] += c * e[j]
         row_w[k] = w
-        total += w
+    total = 0.0
+    for k in range(weights.shape[0]):
+        if not linear:
+            row_w[k] = math.exp(row_w[k] - top) if row_w[k] > NEG_INF else 0.0
+        total += row_w[k]
     return total
 
 
@@ -640,11 +658,6 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             total = _teacher_weights(
                 teachers, weights, i, y, params, params.weighting, m_t, log_st, row_w, e, pt
             )
-            if not total > 0.0:
-                # Every data-dependent weight underflowed: the static weights.
-                total = _teacher_weights(
-                    teachers, weights, i, y, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
-                )
             for k in range(n_teachers):
                 row_w[k] /= total
             if params.combine == COMBINE_LOGITS:

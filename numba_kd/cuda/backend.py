@@ -274,8 +274,14 @@ class CudaBackend:
     def empty(self, shape, dtype: np.dtype):
         return cuda.device_array(shape, dtype=dtype, stream=self.stream)
 
-    def has_nonfinite(self, arr) -> bool:
-        """Whether the device array ``arr`` holds a NaN or an infinity (synchronizes)."""
+    def has_nonfinite(self, arr, ignored: tuple[Any, int] | None = None) -> bool:
+        """Whether the device array ``arr`` holds a NaN or an infinity in a row the
+        kernels read (synchronizes).  When some rows are ignored, the check copies
+        ``arr`` to the host and skips them there."""
+        if ignored is not None:
+            read = ignored[0].copy_to_host(stream=self.stream) != ignored[1]
+            if not read.all():
+                return _arrays.host_has_nonfinite(arr.copy_to_host(stream=self.stream), read)
         counter = cuda.to_device(np.zeros(1, dtype=np.int32), stream=self.stream)
         dtype = np.dtype(arr.dtype)
         for matrix in arr if arr.ndim == 3 else (arr,):

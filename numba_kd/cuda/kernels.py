@@ -391,11 +391,15 @@ def make_kernels(acc) -> SimpleNamespace:
             bad = valid and not (in_range and finite)
             y_safe = y if in_range else 0
             # Teacher weights for this row (confidence and entropy need statistics sweeps).
+            # Data-dependent weights as logarithms (confidences and entropies can all
+            # underflow), scaled by the largest (top) once every teacher is known.
             total = zero
+            top = neg_inf
             for k in range(n_teachers):
                 t = teachers[k]
                 w = weights[k]
                 if weighting != 0:
+                    w = math.log(w) if w > zero else neg_inf
                     scale = one if weighting == 1 else inv_t
                     m = acc(_m.NEG_INF)
                     s = zero
@@ -408,7 +412,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     ls = math.log(sm_s[base])
                     if weighting == 1:
                         if valid and in_range:
-                            w = _m.confidence_weight(w, t[i, y_safe] - m, ls)
+                            w = _m.confidence_log_weight(w, t[i, y_safe] - m, ls)
                     else:
                         su = zero
                         for j in range(tx, n_classes, tpr):
@@ -416,19 +420,25 @@ def make_kernels(acc) -> SimpleNamespace:
                             su += math.exp(d - ls) * d
                         sm_x[slot] = su
                         _tree_sum(sm_x, base, tx, tpr)
-                        w = _m.entropy_weight(w, sm_x[base], ls)
+                        w = _m.entropy_log_weight(w, sm_x[base], ls)
+                    top = max(top, w)
                     cuda.syncthreads()
                 if tx == 0 and i_raw < n_rows:
                     row_w[i, k] = w
                 total += w
             cuda.syncthreads()
-            if not total > zero:
+            if weighting != 0:
+                # Every thread reads the row's log weights before one thread replaces them.
                 total = zero
                 for k in range(n_teachers):
-                    if tx == 0 and i_raw < n_rows:
-                        row_w[i, k] = weights[k]
-                    total += weights[k]
-            cuda.syncthreads()
+                    lw = row_w[i, k]
+                    total += math.exp(lw - top) if lw > neg_inf else zero
+                cuda.syncthreads()
+                if tx == 0 and i_raw < n_rows:
+                    for k in range(n_teachers):
+                        lw = row_w[i, k]
+                        row_w[i, k] = math.exp(lw - top) if lw > neg_inf else zero
+                cuda.syncthreads()
             # Groups past the last row read row n_rows - 1's scratch; their results are dropped.
             r = i
             # Target statistics: lse(z / T) for the logit combine, lse(t_k / T) per teacher for probs.

@@ -11,6 +11,7 @@ from helpers import make_batch
 from numba import cuda
 
 import numba_kd as kd
+from numba_kd import registry
 
 if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
     pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 or a CUDA GPU", allow_module_level=True)
@@ -70,6 +71,36 @@ def test_check_finite_raises_naming_the_argument(rng):
     with pytest.raises(ValueError, match=r"^student holds NaN"):
         kd.DistillationLoss(T, ALPHA).forward(cuda.to_device(student), t[0], y, check_finite=True)
     assert d.distillation_loss(s, [t[0], t[0]], y, ALPHA, check_finite=True) > 0
+
+
+def test_check_finite_skips_ignored_rows(rng):
+    """Rows that ignore_index excludes are never read, so their NaN is not refused."""
+    student, teachers, labels = make_batch(rng, 2, 3, 4, np.float64)
+    labels[0] = -100
+    teachers[1][0, 3] = np.nan
+    student[0, 1] = np.inf
+    s, t, y = _device(student, teachers, labels)
+    d = kd.EnsembleDistiller([1.0, 1.0], T)
+    got = d.distillation_loss(s, t, y, ALPHA, ignore_index=-100, check_finite=True)
+    expected = d.distillation_loss(student, teachers, labels, ALPHA, ignore_index=-100, check_finite=True)
+    assert np.isfinite(got) and abs(got - expected) <= 1e-12 * abs(expected)
+    labels[0] = 1  # the row is read now
+    with pytest.raises(ValueError, match=r"^student holds NaN"):
+        d.distillation_loss(*_device(student, teachers, labels), ALPHA, ignore_index=-100, check_finite=True)
+
+
+@pytest.mark.parametrize("combine", ["logits", "probs"])
+def test_confidence_weights_that_all_underflow(combine):
+    """Logits of scale 1e4 (every confidence underflows float64): the device computes
+    the weights as logarithms, like the host, and agrees with it."""
+    rng = np.random.default_rng(3)
+    student, teachers, _ = registry.synthetic_batch(rng, 3, 4, 6, np.float64, spread=1e4, independent=True)
+    labels = np.argmin(sum(teachers), axis=1)
+    d = kd.EnsembleDistiller([1.0, 2.0, 3.0], T)
+    opts = {"teacher_weighting": "confidence", "combine": combine}
+    host = d.distillation_loss(student, teachers, labels, ALPHA, **opts)
+    device = d.distillation_loss(*_device(student, teachers, labels), ALPHA, **opts)
+    assert abs(device - host) <= 1e-11 * abs(host), (device, host)
 
 
 def test_bad_labels_are_rejected(rng):
