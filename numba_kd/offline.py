@@ -608,22 +608,28 @@ def soft_labels(
         "chunk_rows": rows_per_chunk,
         "shape": [n_rows, n_classes],
     }
-    if resume:
-        result, start_row = _resumed_output(out_path, attrs)
-    else:
-        result, start_row = _create_output(out_path, (n_rows, n_classes), out_dtype, rows_per_chunk, attrs), 0
-    compute_dtype = np.dtype(np.float64) if in_dtype == np.float64 else np.dtype(np.float32)
-    buffer = np.empty((rows_per_chunk, n_classes), dtype=compute_dtype)
-    inputs = _buffers(arrays, min(rows_per_chunk, n_rows))
-    bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in arrays)
-    # The kernels compile (or load from the cache) on one row of zeros of the
-    # chunks' types before the clock starts.
-    if combine == "logits":
-        distiller.combine_teachers(_zero_rows(inputs), out=buffer[:1])
-    else:
-        distiller.combine_via_probabilities(_zero_rows(inputs), eps, out=buffer[:1])
-    bar = Progress(n_rows - start_row, bytes_per_row, progress, "soft-labels")
+    # Everything from here on may leave a temporary output behind: on any error or
+    # interruption (KeyboardInterrupt too) a .npy one is removed, a Zarr one kept.
+    result = None
     try:
+        if resume:
+            result, start_row = _resumed_output(out_path, attrs)
+        else:
+            result, start_row = (
+                _create_output(out_path, (n_rows, n_classes), out_dtype, rows_per_chunk, attrs),
+                0,
+            )
+        compute_dtype = np.dtype(np.float64) if in_dtype == np.float64 else np.dtype(np.float32)
+        buffer = np.empty((rows_per_chunk, n_classes), dtype=compute_dtype)
+        inputs = _buffers(arrays, min(rows_per_chunk, n_rows))
+        bytes_per_row = n_classes * sum(np.dtype(a.dtype).itemsize for a in arrays)
+        # The kernels compile (or load from the cache) on one row of zeros of the
+        # chunks' types before the clock starts.
+        if combine == "logits":
+            distiller.combine_teachers(_zero_rows(inputs), out=buffer[:1])
+        else:
+            distiller.combine_via_probabilities(_zero_rows(inputs), eps, out=buffer[:1])
+        bar = Progress(n_rows - start_row, bytes_per_row, progress, "soft-labels")
         for start in range(start_row, n_rows, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_rows)
             block = _read_rows(arrays, start, stop, inputs)
@@ -644,6 +650,7 @@ def soft_labels(
             if on_chunk is not None:
                 on_chunk(stop)
         bar.close()
+        _finish(result, out_path, overwrite)
     except BaseException as exc:
         partial = _partial_path(out_path)
         if not is_zarr_path(out_path):
@@ -657,7 +664,6 @@ def soft_labels(
             )
             raise OSError(exc.errno, f"out: writing {partial} failed: {exc.strerror or exc}{kept}") from exc
         raise
-    _finish(result, out_path, overwrite)
     rows_per_s, gb_per_s = bar.rates()
     return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
 
