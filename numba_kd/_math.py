@@ -193,9 +193,16 @@ def _x_plus_expm1_neg(x):
     (where the sum would cancel; the terms left out are below 1e-16 relative)."""
     if abs(x) >= 0.1:
         return x + math.expm1(-x)
+    # Horner form of sum_{n=2}^{10} (-x)^n / n!, divided by x^2.
     series = 1.0 / 3628800.0
-    for n in (9, 8, 7, 6, 5, 4, 3, 2):
-        series = 1.0 / math.gamma(n + 1.0) - x * series
+    series = 1.0 / 362880.0 - x * series
+    series = 1.0 / 40320.0 - x * series
+    series = 1.0 / 5040.0 - x * series
+    series = 1.0 / 720.0 - x * series
+    series = 1.0 / 120.0 - x * series
+    series = 1.0 / 24.0 - x * series
+    series = 1.0 / 6.0 - x * series
+    series = 0.5 - x * series
     return x * x * series
 
 

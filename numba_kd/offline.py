@@ -327,24 +327,45 @@ def _check_output_path(out_path: Path, inputs: Sequence[str | os.PathLike], over
         raise ValueError(
             f"out: {out_path} exists and is {kind}; --overwrite replaces only an output of its kind"
         )
+
+
+def _check_partial(out_path: Path, overwrite: bool, shape: tuple[int, int], dtype: np.dtype) -> None:
+    """OUT.partial may be replaced only when it is this tool's: a Zarr array it marked,
+    or, with overwrite, an array of exactly this output's shape and dtype (a .npy run,
+    which cannot be marked, killed before it could clean up)."""
     partial = _partial_path(out_path)
-    if partial.exists() or partial.is_symlink():
-        if not _own_partial(partial, out_path):
-            raise ValueError(
-                f"out: {partial} exists and is not the temporary output of an interrupted numba-kd run "
-                "(a Zarr array it wrote); remove it or choose another out"
-            )
+    if not (partial.exists() or partial.is_symlink()):
+        return
+    marked, same_shape = _partial_kind(partial, out_path, shape, dtype)
+    if marked or (overwrite and same_shape):
+        return
+    hint = "" if overwrite or not same_shape else " (if an interrupted run left it, pass --overwrite)"
+    raise ValueError(
+        f"out: {partial} exists and is not a temporary output of numba-kd that this run may "
+        f"replace; remove it or choose another out{hint}"
+    )
 
 
-def _own_partial(partial: Path, out_path: Path) -> bool:
-    """Whether ``partial`` is the temporary Zarr output of an earlier run of this tool."""
-    if not is_zarr_path(out_path) or partial.is_symlink() or not partial.is_dir():
-        return False
+def _partial_kind(
+    partial: Path, out_path: Path, shape: tuple[int, int], dtype: np.dtype
+) -> tuple[bool, bool]:
+    """(marked by this tool, an array of this shape and dtype) for an existing OUT.partial."""
+    if partial.is_symlink():
+        return False, False
     try:
-        arr = _zarr().open_array(str(partial), mode="r")
-    except (OSError, ValueError, KeyError):
-        return False
-    return "numba_kd" in arr.attrs
+        if is_zarr_path(out_path):
+            if not partial.is_dir():
+                return False, False
+            arr = _zarr().open_array(str(partial), mode="r")
+            marked = "numba_kd" in arr.attrs
+        else:
+            if not partial.is_file():
+                return False, False
+            arr = np.load(partial, mmap_mode="r")
+            marked = False
+    except (OSError, EOFError, ValueError, KeyError):
+        return False, False
+    return marked, tuple(arr.shape) == tuple(shape) and np.dtype(arr.dtype) == dtype
 
 
 def _reserve(path: Path, n_bytes: int) -> None:
@@ -373,11 +394,10 @@ def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_ro
         zarr = _zarr()
         if partial.exists():
             shutil.rmtree(partial)
-        arr = zarr.create_array(
-            str(partial), shape=shape, chunks=(chunk_rows, shape[1]), dtype=dtype, fill_value=0
-        )
-        arr.attrs.update({"numba_kd": {**attrs, "completed_rows": 0}})
-        return arr
+        return zarr.create_array(
+            str(partial), shape=shape, chunks=(chunk_rows, shape[1]), dtype=dtype, fill_value=0,
+            attributes={"numba_kd": {**attrs, "completed_rows": 0}},
+        )  # fmt: skip
     arr = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
     try:
         _reserve(partial, os.path.getsize(partial))
@@ -403,6 +423,10 @@ def _resumed_output(path: Path, attrs: dict):
             f"--resume: {partial} was written with other settings ({json.dumps(saved)}); "
             "start again without --resume"
         )
+    if completed >= arr.shape[0]:
+        # A complete output under the temporary name: an earlier output that an
+        # interrupted --overwrite swapped out, never one to put back.
+        raise ValueError(f"--resume: {partial} holds no interrupted run; start again without --resume")
     return arr, completed
 
 
@@ -510,6 +534,7 @@ def plan_soft_labels(
     if combine == "probs" and not (eps >= 0.0 and np.isfinite(eps)):
         raise ValueError(f"eps must be finite and non-negative, got {eps}")
     rows_per_chunk = chunk_rows_for(len(arrays), n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
+    _check_partial(out_path, overwrite, (n_rows, n_classes), np.dtype(dtype))
     return SoftLabelPlan(
         arrays, out_path, distiller, n_rows, n_classes, in_dtype, rows_per_chunk, np.dtype(dtype)
     )
@@ -657,12 +682,15 @@ def soft_labels(
             # A .npy output cannot be resumed: its temporary file goes.  A Zarr one
             # stays for resume=True.
             del result
-            partial.unlink(missing_ok=True)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only file system: report the error that stopped the run
         if isinstance(exc, OSError):
-            kept = (
-                f"; {partial} is kept: resume=True / --resume continues it" if is_zarr_path(out_path) else ""
-            )
-            raise OSError(exc.errno, f"out: writing {partial} failed: {exc.strerror or exc}{kept}") from exc
+            kept = ""
+            if is_zarr_path(out_path) and partial.is_dir():
+                kept = f"; {partial} is kept: resume=True / --resume continues it"
+            raise OSError(exc.errno, f"out: writing {partial} stopped: {exc.strerror or exc}{kept}") from exc
         raise
     rows_per_s, gb_per_s = bar.rates()
     return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
@@ -698,13 +726,18 @@ def _finish(result: Any, out_path: Path, overwrite: bool) -> None:
         del result
     if not (overwrite and out_path.is_dir()):
         os.replace(partial, out_path)
-    elif _exchange(partial, out_path):
-        shutil.rmtree(partial)  # the old output, swapped out
+        return
+    aside = out_path.with_name(f"{out_path.name}.replaced-{os.getpid()}")
+    if _exchange(partial, out_path):
+        os.replace(partial, aside)  # the old output, swapped out, off the temporary name
     else:
-        aside = out_path.with_name(f"{out_path.name}.replaced-{os.getpid()}")
         os.replace(out_path, aside)
         os.replace(partial, out_path)
+    try:
         shutil.rmtree(aside)
+    except OSError as exc:
+        # The new output is in place: the run succeeded; the old one is left to the user.
+        print(f"numba-kd: warning: could not delete the replaced output {aside}: {exc}", file=sys.stderr)
 
 
 def _exchange(a: Path, b: Path) -> bool:

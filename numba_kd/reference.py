@@ -442,7 +442,9 @@ def row_teacher_weights(
         safe_y = np.where(valid, y, 0)
         log_conf = np.take_along_axis(log_softmax(t), safe_y[None, :, None], axis=-1)[..., 0]  # [K, N]
         raw = _from_log_weights(log_w[None, :] + log_conf.T)
-        raw[~valid] = w
+        # Ignored rows, and rows where no log weight is finite (a label logit so far
+        # below the maximum that the difference overflows), keep the static weights.
+        raw[~valid | ~np.isfinite(raw).all(axis=1)] = w
     elif weighting == "entropy":
         log_p = log_softmax(t / temperature)
         entropy = -np.sum(np.exp(log_p) * log_p, axis=-1)  # [K, N]
@@ -454,8 +456,11 @@ def row_teacher_weights(
 
 def _from_log_weights(log_raw: np.ndarray) -> np.ndarray:
     """exp(log_raw) scaled so that each row's largest entry is 1: weights whose
-    exponentials would all underflow keep their ratios."""
-    return np.exp(log_raw - np.max(log_raw, axis=1, keepdims=True))
+    exponentials would all underflow keep their ratios.  A row with no finite entry
+    is NaN (its caller gives it the static weights)."""
+    top = np.max(log_raw, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        return np.exp(log_raw - top)
 
 
 def target_log_probs(teachers, row_weights: np.ndarray, temperature: float, combine: str) -> np.ndarray:

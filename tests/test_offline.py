@@ -328,7 +328,7 @@ def test_a_partial_the_tool_did_not_write_is_refused(data, suffix, overwrite):
     else:
         zarr.create_array(str(partial), shape=(3,), dtype="float32")[:] = 1.0  # no numba_kd attrs
     before = _fingerprint(partial)
-    with pytest.raises(ValueError, match="is not the temporary output of an interrupted numba-kd run"):
+    with pytest.raises(ValueError, match="is not a temporary output of numba-kd that this run may replace"):
         offline.soft_labels(data["paths"], out, overwrite=overwrite)
     assert _fingerprint(partial) == before and not out.exists()
 
@@ -388,7 +388,7 @@ def test_overwriting_a_zarr_output_without_an_atomic_exchange(data, monkeypatch)
         ("missing directory", "the directory"),
         ("empty input", "cannot be read as an array"),
         ("directory input", "is a directory, not a .npy file"),
-        ("file partial", "is not the temporary output"),
+        ("file partial", "is not a temporary output of numba-kd"),
         ("directory out", "exists and is a directory"),
     ],
 )
@@ -494,3 +494,53 @@ def test_float16_overflow_is_refused(data, suffix):
     )
     assert run.returncode == 2 and "exceed the float16 range" in run.stderr, run.stderr
     assert not out.exists()
+
+
+def test_a_killed_npy_run_s_partial_is_replaced_with_overwrite(data):
+    """A .npy partial cannot be marked: one of exactly the output's shape and dtype (what a
+    killed run leaves) is replaced with --overwrite, and refused without it."""
+    out = data["dir"] / "soft.npy"
+    np.lib.format.open_memmap(offline._partial_path(out), mode="w+", dtype=np.float32, shape=(ROWS, CLASSES))
+    with pytest.raises(ValueError, match="if an interrupted run left it, pass --overwrite"):
+        offline.soft_labels(data["paths"], out)
+    offline.soft_labels(data["paths"], out, overwrite=True)
+    expected = kd.EnsembleDistiller([1.0, 1.0, 1.0], 1.0).combine_teachers(data["teachers"])
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+def test_a_swapped_out_old_output_is_never_resumed(data, monkeypatch):
+    """If a run is killed right after the atomic swap, OUT.partial briefly holds the old
+    complete output: --resume refuses it instead of swapping it back in."""
+    out = data["dir"] / "soft.zarr"
+    settings = {"temperature": 2.0, "chunk_rows": 1000}  # the old output's: the dangerous case
+    offline.soft_labels(data["paths"], out, **settings)
+
+    exchange = offline._exchange
+
+    def killed_after_the_swap(a, b):
+        exchange(a, b)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offline, "_exchange", killed_after_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        offline.soft_labels(data["paths"], out, overwrite=True, **settings)
+    monkeypatch.undo()
+    assert offline._partial_path(out).is_dir()  # the old output, swapped out
+    with pytest.raises(ValueError, match="holds no interrupted run"):
+        offline.soft_labels(data["paths"], out, resume=True, overwrite=True, **settings)
+    offline.soft_labels(data["paths"], out, overwrite=True, **settings)  # a fresh run replaces it
+    assert not offline._partial_path(out).exists()
+
+
+def test_a_failed_delete_of_the_old_output_is_a_warning(data, monkeypatch, capsys):
+    out = data["dir"] / "soft.zarr"
+    offline.soft_labels(data["paths"], out, temperature=1.0)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(offline.shutil, "rmtree", refuse)
+    offline.soft_labels(data["paths"], out, temperature=2.0, overwrite=True)
+    expected = kd.EnsembleDistiller([1.0, 1.0, 1.0], 2.0).combine_teachers(data["teachers"])
+    np.testing.assert_array_equal(_read(out), expected)
+    assert "could not delete the replaced output" in capsys.readouterr().err

@@ -330,6 +330,8 @@ def _teacher_weights(teachers, weights, i, y, params, weighting, m_t, log_st, ro
                 for j in range(pt.shape[0]):
                     pt[j] += c * e[j]
         row_w[k] = w
+    if not linear and not top > NEG_INF:
+        return 0.0  # no finite log weight: the caller falls back to the static weights
     total = 0.0
     for k in range(weights.shape[0]):
         if not linear:
@@ -658,6 +660,12 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             total = _teacher_weights(
                 teachers, weights, i, y, params, params.weighting, m_t, log_st, row_w, e, pt
             )
+            if not total > 0.0:
+                # No teacher's log weight is finite (a label logit so far below its
+                # row's maximum that the difference overflows): the static weights.
+                total = _teacher_weights(
+                    teachers, weights, i, y, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
+                )
             for k in range(n_teachers):
                 row_w[k] /= total
             if params.combine == COMBINE_LOGITS:

@@ -428,16 +428,21 @@ def make_kernels(acc) -> SimpleNamespace:
                 total += w
             cuda.syncthreads()
             if weighting != 0:
-                # Every thread reads the row's log weights before one thread replaces them.
+                # Every thread reads the row's log weights before one thread replaces
+                # them.  No finite log weight (a label logit so far below its row's
+                # maximum that the difference overflows): the static weights.
+                fallback = not top > neg_inf
                 total = zero
                 for k in range(n_teachers):
                     lw = row_w[i, k]
-                    total += math.exp(lw - top) if lw > neg_inf else zero
+                    total += weights[k] if fallback else (math.exp(lw - top) if lw > neg_inf else zero)
                 cuda.syncthreads()
                 if tx == 0 and i_raw < n_rows:
                     for k in range(n_teachers):
                         lw = row_w[i, k]
-                        row_w[i, k] = math.exp(lw - top) if lw > neg_inf else zero
+                        row_w[i, k] = (
+                            weights[k] if fallback else (math.exp(lw - top) if lw > neg_inf else zero)
+                        )
                 cuda.syncthreads()
             # Groups past the last row read row n_rows - 1's scratch; their results are dropped.
             r = i
