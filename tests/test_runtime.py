@@ -261,3 +261,34 @@ def test_read_only_installation_directory(tmp_path):
     finally:
         for path in [package, *package.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
+
+
+CORRUPT_CACHE_CALL = """
+import numpy as np, numba_kd as kd
+rng = np.random.default_rng(0)
+student = rng.normal(size=(8, 30))
+teachers = [rng.normal(size=(8, 30)) for _ in range(2)]
+labels = rng.integers(0, 30, size=8)
+print(repr(kd.EnsembleDistiller([1.0, 2.0], 2.0).distillation_loss(student, teachers, labels, 0.5)))
+"""
+
+
+@pytest.mark.parametrize("damage", ["garbage index", "truncated data"])
+def test_a_corrupt_numba_cache_is_recompiled_with_one_warning(tmp_path, damage):
+    """A garbage .nbi or a truncated .nbc in numba's cache once made every later call fail
+    (ValueError, UnpicklingError): now the kernels compile in memory, with one warning
+    that names the cache directory, and give the same result."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    run = [sys.executable, "-c", CORRUPT_CACHE_CALL]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    suffix = ".nbi" if damage == "garbage index" else ".nbc"
+    files = sorted((tmp_path / "cache").rglob(f"*general_rows_serial-*{suffix}"))
+    assert files, sorted(p.name for p in (tmp_path / "cache").rglob("*"))
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(b"garbage\n" if suffix == ".nbi" else data[: len(data) // 3])
+    second = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert second.stderr.count("is unreadable") == 1, second.stderr
+    assert str(files[0].parent) in second.stderr

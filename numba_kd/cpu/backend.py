@@ -67,7 +67,8 @@ def run_cpu_kernel(op: str, elements: int, **arguments: Any) -> Any:
 
     def build():
         dispatcher = _runtime.serial_dispatcher(kernel) if serial else kernel
-        return dispatcher.compile(_signatures.types_of(kernel.py_func, args, host=True))
+        signature = _signatures.types_of(kernel.py_func, args, host=True)
+        return _runtime.compile_despite_a_broken_cache(lambda: dispatcher.compile(signature), _kernels())
 
     compiled = _signatures.cached_kernel(key, build)
     if mode == _runtime.LOCKED and not serial:
