@@ -262,9 +262,10 @@ def entropy_log_weight(log_weight, mean_shifted, log_sum):
 
 
 @njit(inline="always")
-def log_or_minus_inf(x):
-    """log x, and -inf for x = 0 (where math.log raises)."""
-    return math.log(x) if x > 0.0 else NEG_INF
+def log_or_minus_inf(x, neg_inf):
+    """log x, and ``neg_inf`` (-inf in the caller's float type) for x = 0, stated
+    rather than left to the error model."""
+    return math.log(x) if x > x - x else neg_inf
 
 
 @njit(inline="always")

@@ -306,7 +306,7 @@ def _teacher_weights(teachers, weights, i, y, params, weighting, m_t, log_st, ro
     top = NEG_INF
     for k in range(weights.shape[0]):
         # The weight; for a data-dependent weighting its logarithm.
-        w = weights[k] if linear else log_or_minus_inf(weights[k])
+        w = weights[k] if linear else log_or_minus_inf(weights[k], NEG_INF)
         if mix or not linear:
             row = teachers[k][i]
             scaled = mix or weighting == ENTROPY
@@ -444,7 +444,6 @@ def _student_stats(s, rows, inv_t, divergence, flat):
     s_b = 0.0
     s_s = 0.0
     w = 0.0
-    u = 0.0
     for start in range(0, n, CHUNK):
         x = s[start : start + CHUNK]
         a = ell[start : start + CHUNK]
@@ -453,8 +452,7 @@ def _student_stats(s, rows, inv_t, divergence, flat):
         p_b = zero
         p_s = zero
         p_w = zero
-        p_u = zero
-        if divergence == FORWARD_KL and flat:
+        if divergence == FORWARD_KL:
             for j in range(x.shape[0]):
                 d = x[j] - shift
                 b = d * scale
@@ -463,26 +461,6 @@ def _student_stats(s, rows, inv_t, divergence, flat):
                 p_b += q
                 p_s += exp_like(d, like)
                 p_w += p[j] * (a[j] - b)
-                p_u += q * math.expm1(a[j] - b)
-        elif divergence == FORWARD_KL:
-            for j in range(x.shape[0]):
-                d = x[j] - shift
-                b = d * scale
-                q = exp_like(b, like)
-                q_out[j] = q
-                p_b += q
-                p_s += exp_like(d, like)
-                p_w += p[j] * (a[j] - b)
-        elif divergence == REVERSE_KL and flat:
-            for j in range(x.shape[0]):
-                d = x[j] - shift
-                b = d * scale
-                q = exp_like(b, like)
-                q_out[j] = q
-                p_b += q
-                p_s += exp_like(d, like)
-                p_w += q * (b - a[j])
-                p_u += p[j] * math.expm1(b - a[j])
         elif divergence == REVERSE_KL:
             for j in range(x.shape[0]):
                 d = x[j] - shift
@@ -492,15 +470,6 @@ def _student_stats(s, rows, inv_t, divergence, flat):
                 p_b += q
                 p_s += exp_like(d, like)
                 p_w += q * (b - a[j])
-        elif flat:
-            for j in range(x.shape[0]):
-                d = x[j] - shift
-                b = d * scale
-                q = exp_like(b, like)
-                q_out[j] = q
-                p_b += q
-                p_s += exp_like(d, like)
-                p_u += q * math.expm1(a[j] - b)
         else:
             for j in range(x.shape[0]):
                 d = x[j] - shift
@@ -511,7 +480,14 @@ def _student_stats(s, rows, inv_t, divergence, flat):
         s_b += p_b
         s_s += p_s
         w += p_w
-        u += p_u
+    u = 0.0
+    if flat:
+        # A sweep of its own, at large T only: expm1 does not vectorize, and the
+        # loops above keep doing so.
+        reverse = divergence == REVERSE_KL
+        for j in range(n):
+            b = (s[j] - shift) * scale
+            u += pt[j] * math.expm1(b - ell[j]) if reverse else qt[j] * math.expm1(ell[j] - b)
     return np.float64(m_s), math.log(s_b), math.log(s_s), s_b, w, u
 
 
@@ -545,6 +521,7 @@ def _jsd_sweep(s, rows, stats, params):
         g_out = aux[start : start + CHUNK]
         p_d = zero
         p_qg = zero
+        # Two loops: the default one stays free of branches and calls, so that it vectorizes.
         if flat:
             for j in range(x.shape[0]):
                 lq_lp = ((x[j] - shift) * scale - a[j]) - offset

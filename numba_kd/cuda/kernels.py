@@ -399,7 +399,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 t = teachers[k]
                 w = weights[k]
                 if weighting != 0:
-                    w = math.log(w) if w > zero else neg_inf
+                    w = _m.log_or_minus_inf(w, neg_inf)
                     scale = one if weighting == 1 else inv_t
                     m = acc(_m.NEG_INF)
                     s = zero
