@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from numba_kd import _validate
+from numba_kd import _runtime, _validate
 from numba_kd._options import LossComponents
 
 try:
@@ -74,7 +74,7 @@ def _cap_numba_threads() -> None:
         return  # not on a distributed worker
     import numba
 
-    numba.set_num_threads(max(1, min(numba.get_num_threads(), int(nthreads))))
+    numba.set_num_threads(max(1, min(_runtime.num_threads(), int(nthreads))))
 
 
 def _indices(ndim: int) -> str:

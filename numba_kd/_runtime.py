@@ -4,7 +4,7 @@ numba runs ``parallel=True`` kernels on one of three threading layers, picked
 at the first parallel launch in the process (``NUMBA_THREADING_LAYER``, default
 priority tbb > omp > workqueue):
 
-- ``tbb`` is safe with concurrent Python threads and across ``fork()``.  pip's
+- ``tbb`` is safe with concurrent Python threads.  pip's
   ``tbb`` wheel (a dependency of numba_kd where one exists) installs
   ``libtbb`` into the environment's ``lib/``, which the loader does not search;
   :func:`preload_tbb` loads it by its full path at import, so that numba's
@@ -14,6 +14,15 @@ priority tbb > omp > workqueue):
   under it numba_kd serializes its launches behind a lock.
 - GNU OpenMP (``omp``) kills a forked child that launches a kernel after its
   parent did: in such a child numba_kd runs serial builds of its kernels.
+
+The thread pools do not survive every ``fork()`` either.  numba's ``tbb`` layer
+shuts its pool down before a fork, and restarts it in the child, only when the
+forking thread is the one that started the layer and no other thread has
+launched kernels; otherwise it prints
+"Unable to join threads to shut down before fork()" and the child can hang
+forever at its first parallel launch.  So a child forked after another
+thread started the layer or launched kernels runs serial builds too, whatever
+the layer.
 
 Kernels are cached on disk (``cache=True``) when numba finds a writable place
 (next to the source, then the user-wide cache directory, or ``NUMBA_CACHE_DIR``);
@@ -82,15 +91,42 @@ def _layer_started() -> bool:
     return bool(getattr(parallel, "_is_initialized", True))
 
 
+# The threads that started numba's threading layer or launched parallel kernels
+# through numba_kd (_SOMEONE_ELSE: the layer was started outside numba_kd), and
+# whether, at the last fork, any of them was not the forking thread.
+_SOMEONE_ELSE = -1
+_layer_users: set[int] = set()
+_forked_with_other_layer_users = False
+
+
+def _before_fork() -> None:
+    global _others_use_the_layer
+    _others_use_the_layer = bool(_layer_users - {threading.get_ident()})
+
+
 def _after_fork_in_child() -> None:
-    global _mode, _forked_after_launch, _launch_lock
+    global _mode, _forked_after_launch, _forked_with_other_layer_users, _launch_lock
     _forked_after_launch = _forked_after_launch or _layer_started()
+    _forked_with_other_layer_users = _forked_with_other_layer_users or _others_use_the_layer
+    _layer_users.clear()
     _mode = None
     # A lock held by another thread at fork time would stay held forever.
     _launch_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_others_use_the_layer = False
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def launch_parallel(kernel: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """``kernel(*args)`` for a parallel build, noting the launching thread for
+    :func:`launch_mode`'s fork rule; under the launch lock when the layer is
+    ``workqueue``."""
+    _layer_users.add(threading.get_ident())
+    if _mode == LOCKED:
+        with _launch_lock:
+            return kernel(*args)
+    return kernel(*args)
 
 
 def _gnu_openmp() -> bool:
@@ -102,14 +138,17 @@ def _gnu_openmp() -> bool:
 def launch_mode() -> str:
     """How CPU kernels run in this process: ``parallel``, ``locked`` (one launch at
     a time: the layer is ``workqueue``) or ``serial`` (a forked child of a process
-    that used GNU OpenMP)."""
+    that used GNU OpenMP, or in which a thread other than the forking one had
+    started the threading layer or launched parallel kernels)."""
     global _mode
     mode = _mode
     if mode is not None:
         return mode
     with _launch_lock:
         if _mode is None:
-            if _forked_after_launch and str(numba.config.THREADING_LAYER).lower() in ("default", "omp"):
+            if _forked_with_other_layer_users:
+                serial = True
+            elif _forked_after_launch and str(numba.config.THREADING_LAYER).lower() in ("default", "omp"):
                 # The layer the parent chose is the one the child inherits.
                 layer = numba.threading_layer() if _layer_started() else "omp"
                 serial = layer == "omp" and _gnu_openmp()
@@ -118,9 +157,17 @@ def launch_mode() -> str:
             if serial:
                 _mode = SERIAL
             else:
+                _layer_users.add(_SOMEONE_ELSE if _layer_started() else threading.get_ident())
                 numba.get_num_threads()  # starts the threading layer, once, under the lock
                 _mode = LOCKED if numba.threading_layer() == "workqueue" else PARALLEL
         return _mode
+
+
+def num_threads() -> int:
+    """The number of threads numba's parallel kernels use in this thread, starting the
+    threading layer through :func:`launch_mode` (which notes who started it)."""
+    launch_mode()
+    return numba.get_num_threads()
 
 
 def threading_layer() -> str:
@@ -152,16 +199,6 @@ def serial_dispatcher(kernel: Any) -> Any:
         options.pop("nopython", None)  # implied by njit
         twin = _SERIAL_TWINS[kernel] = numba.njit(cache=DISK_CACHE, **options)(copy)
     return twin
-
-
-def locked(kernel: Callable[..., Any]) -> Callable[..., Any]:
-    """``kernel`` called under the process-wide launch lock."""
-
-    def call(*args: Any) -> Any:
-        with _launch_lock:
-            return kernel(*args)
-
-    return call
 
 
 # ---------------------------------------------------------------- on-disk cache

@@ -21,10 +21,8 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def check(args: argparse.Namespace) -> int:
-    import numba
-
     import numba_kd as kd
-    from numba_kd import reference
+    from numba_kd import _runtime, reference
 
     rng = np.random.default_rng(args.seed)
     dtype = np.dtype(args.dtype)
@@ -41,7 +39,7 @@ def check(args: argparse.Namespace) -> int:
     print(
         f"numba_kd {kd.__version__} check: K={args.teachers} teachers, B={args.batch}, C={args.classes}, "
         f"{dtype.name}, weights={distiller.weights.round(3).tolist()}, T={args.temperature}, "
-        f"alpha={args.alpha}, {numba.get_num_threads()} threads"
+        f"alpha={args.alpha}, {_runtime.num_threads()} threads"
     )
 
     start = time.perf_counter()

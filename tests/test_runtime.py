@@ -103,6 +103,57 @@ FORK = WORKLOAD + textwrap.dedent(
     """
 )
 
+FORK_WHILE_BUSY = textwrap.dedent(
+    """
+    import json, os, signal, sys, threading, time
+    import numpy as np
+    import numba_kd
+    from numba_kd import _runtime
+
+    rng = np.random.default_rng(11)
+    # Big enough for the parallel builds (more than SERIAL_MAX_ELEMENTS inputs).
+    s = rng.normal(size=(128, 300)).astype(np.float32)
+    t = [rng.normal(size=(128, 300)).astype(np.float32) for _ in range(3)]
+    y = rng.integers(0, 300, size=128)
+    d = numba_kd.EnsembleDistiller([1.0, 2.0, 3.0], 2.0)
+    expected = d.distillation_loss(s, t, y, 0.5)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            d.distillation_loss(s, t, y, 0.5)
+
+    threads = [threading.Thread(target=busy) for _ in range(3)]
+    for th in threads:
+        th.start()
+    hung, wrong, modes = 0, 0, set()
+    for _ in range(int(sys.argv[1])):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            ok = d.distillation_loss(s, t, y, 0.5) == expected
+            os.write(write, _runtime.launch_mode().encode())
+            os._exit(0 if ok else 3)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            hung += 1
+        elif os.waitstatus_to_exitcode(done[1]) != 0:
+            wrong += 1
+        modes.add(os.read(read, 16).decode())
+        os.close(read)
+    stop.set()
+    for th in threads:
+        th.join()
+    print(json.dumps({"hung": hung, "wrong": wrong, "modes": sorted(modes)}))
+    """
+)
+
 ONE_LOSS = textwrap.dedent(
     """
     import json
@@ -190,6 +241,23 @@ def test_forked_child_computes_the_same_results(layer):
     if layer == "omp":
         assert out["parent"] == "omp"
         assert out["child"] in ("serial", "omp")  # "omp" with a fork-safe OpenMP runtime
+    else:
+        # One thread used the layer, so the child keeps its parallel kernels.
+        assert out["child"] == out["parent"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("layer", [None, "workqueue"])
+def test_forks_while_other_threads_run_kernels(layer):
+    """200 forks while 3 threads run parallel kernels: every child finishes within
+    60 s with its parent's result (under tbb such a child could hang at its first
+    parallel launch), because it runs serial builds."""
+    if layer is None and not _tbb_loadable():
+        pytest.skip("numba cannot load the tbb threading layer here")
+    code = FORK_WHILE_BUSY.replace("int(sys.argv[1])", "200")
+    out = _run(code, _env(NUMBA_THREADING_LAYER=layer, PYTHONWARNINGS="ignore::DeprecationWarning"))
+    assert (out["hung"], out["wrong"]) == (0, 0)
+    assert out["modes"] == ["serial"]
 
 
 def test_two_cold_compiles_at_once(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 
 from numba_kd import _math, _runtime, _signatures, _validate
@@ -35,7 +34,7 @@ def _per_block(n_rows: int, elements: int) -> int:
     """Rows per work item of a kernel over ``n_rows`` rows that reads ``elements`` elements."""
     if elements <= SERIAL_MAX_ELEMENTS:
         return n_rows  # the serial build: one block, one scratch allocation
-    return _kernels().rows_per_block(n_rows, numba.get_num_threads())
+    return _kernels().rows_per_block(n_rows, _runtime.num_threads())
 
 
 _KERNELS: list[Any] = []
@@ -71,9 +70,9 @@ def run_cpu_kernel(op: str, elements: int, **arguments: Any) -> Any:
         return _runtime.compile_despite_a_broken_cache(lambda: dispatcher.compile(signature), _kernels())
 
     compiled = _signatures.cached_kernel(key, build)
-    if mode == _runtime.LOCKED and not serial:
-        return _runtime.locked(compiled)(*args)
-    return compiled(*args)
+    if serial:
+        return compiled(*args)
+    return _runtime.launch_parallel(compiled, args)
 
 
 def _general_rows(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows) -> None:
