@@ -225,25 +225,27 @@ DISK_CACHE = _disk_cache_available()
 
 
 def _from_the_disk_cache(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised while numba read its on-disk cache."""
+    """Whether ``exc`` was raised while numba (or numba-cuda) read its on-disk cache."""
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("numba/core/caching.py"):
+        filename = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if filename.endswith(("numba/core/caching.py", "numba/cuda/core/caching.py")):
             return True
         tb = tb.tb_next
     return False
 
 
-def compile_despite_a_broken_cache(compile_: Callable[[], Any], module: Any) -> Any:
+def compile_despite_a_broken_cache(compile_: Callable[[], Any], kernels: Any) -> Any:
     """``compile_()``; if numba's on-disk cache is unreadable (a truncated ``.nbc``, a
-    garbage ``.nbi``), turn off the disk cache of ``module``'s kernels, warn once
-    naming the cache directory, and compile again in memory."""
+    garbage ``.nbi``), turn off the disk cache of the dispatchers in ``kernels`` (a
+    module or namespace), warn once naming the cache directory, and compile again
+    in memory."""
     try:
         return compile_()
     except Exception as exc:
         if not _from_the_disk_cache(exc):
             raise
-        directories = sorted(_disable_disk_caches(module))
+        directories = sorted(_disable_disk_caches(kernels))
         warnings.warn(
             f"numba_kd: numba's cache in {', '.join(directories) or 'its cache directory'} is unreadable "
             f"({type(exc).__name__}: {exc}); this process compiles the kernels in memory. Delete the "
@@ -254,18 +256,18 @@ def compile_despite_a_broken_cache(compile_: Callable[[], Any], module: Any) -> 
         return compile_()
 
 
-def _disable_disk_caches(module: Any) -> set[str]:
-    """Turn off the on-disk cache of every numba dispatcher in ``module`` (and their
-    serial twins); returns the cache directories they used."""
+def _disable_disk_caches(kernels: Any) -> set[str]:
+    """Turn off the on-disk cache of every numba or numba-cuda dispatcher in ``kernels``
+    (and the serial twins); returns the cache directories they used."""
     from numba.core.caching import NullCache
-    from numba.core.dispatcher import Dispatcher
 
     directories = set()
-    dispatchers = [d for d in vars(module).values() if isinstance(d, Dispatcher)]
-    dispatchers += [d for d in _SERIAL_TWINS.values() if isinstance(d, Dispatcher)]
-    for dispatcher in dispatchers:
-        path = getattr(dispatcher._cache, "_cache_path", None)
+    for dispatcher in [*vars(kernels).values(), *_SERIAL_TWINS.values()]:
+        cache = getattr(dispatcher, "_cache", None)
+        if not hasattr(cache, "load_overload"):
+            continue
+        path = getattr(cache, "_cache_path", None)
         if path:
             directories.add(str(path))
-        dispatcher._cache = NullCache()
+        dispatcher._cache = NullCache()  # loads and saves nothing; numba-cuda's dispatchers take it too
     return directories

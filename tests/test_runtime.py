@@ -360,3 +360,47 @@ def test_a_corrupt_numba_cache_is_recompiled_with_one_warning(tmp_path, damage):
     assert second.stdout == first.stdout
     assert second.stderr.count("is unreadable") == 1, second.stderr
     assert str(files[0].parent) in second.stderr
+
+
+CORRUPT_CUDA_CACHE = """
+import json, os, warnings
+import numba, numpy as np
+from numba import cuda
+from numba_kd import _runtime
+from numba_kd.cuda import backend
+
+kernels = backend.kernels_for(np.dtype(np.float32))
+cache = kernels.scale_rows._cache
+os.makedirs(cache._cache_path, exist_ok=True)
+with open(cache._cache_file._index_path, "wb") as f:
+    f.write(b"garbage\\n")
+if not cuda.is_available():
+    # The cache key holds the device's compute capability; without a GPU, pretend one.
+    kernels.scale_rows.targetctx.codegen().magic_tuple = lambda: ("nvptx64-nvidia-cuda", (9, 0), "")
+vector = numba.float32[::1]
+signature = (vector, vector, numba.float32, numba.float32, vector, vector, vector)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = _runtime.compile_despite_a_broken_cache(
+        lambda: kernels.scale_rows._cache.load_overload(signature, kernels.scale_rows.targetctx), kernels
+    )
+print(json.dumps({
+    "loaded": loaded is not None,
+    "warnings": [str(w.message) for w in caught],
+    "directory": cache._cache_path,
+    "caches": sorted({type(d._cache).__name__ for d in vars(kernels).values()}),
+}))
+"""
+
+
+def test_a_corrupt_cuda_cache_turns_the_cuda_disk_cache_off(tmp_path):
+    """The CUDA kernels' cache is read through the same guard as the CPU kernels': a
+    garbage .nbi gives one warning naming its directory, and every CUDA kernel of
+    that dtype drops its disk cache.  (Compiling in memory afterwards needs a GPU:
+    tests/cuda/test_cuda_cache.py does that on a real device.)"""
+    pytest.importorskip("numba.cuda")
+    out = _run(CORRUPT_CUDA_CACHE, _env(NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_ENABLE_CUDASIM=None))
+    assert out["loaded"] is False
+    assert len(out["warnings"]) == 1
+    assert "is unreadable" in out["warnings"][0] and out["directory"] in out["warnings"][0]
+    assert out["caches"] == ["NullCache"]

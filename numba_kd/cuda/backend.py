@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from numba_kd import _arrays, _options, _signatures, _validate
+from numba_kd import _arrays, _options, _runtime, _signatures, _validate
 from numba_kd.cuda.kernels import BLOCK_THREADS, DeviceLossParams, make_kernels
 
 # The simulator runs every CUDA thread as a Python thread: keep launches tiny.
@@ -155,7 +155,10 @@ def _launch(op: str, dtype: np.dtype, griddim, blockdim, stream, **arguments: An
     def build():
         if simulating():
             return dispatcher
-        return dispatcher.compile(_signatures.types_of(dispatcher.py_func, args, host=False))
+        signature = _signatures.types_of(dispatcher.py_func, args, host=False)
+        return _runtime.compile_despite_a_broken_cache(
+            lambda: dispatcher.compile(signature), kernels_for(dtype)
+        )
 
     kernel = _signatures.cached_kernel(key, build)
     if simulating():
