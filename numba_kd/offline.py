@@ -623,16 +623,7 @@ def soft_labels(
     arrays, out_path, distiller = plan.arrays, plan.out_path, plan.distiller
     n_rows, n_classes, in_dtype = plan.n_rows, plan.n_classes, plan.in_dtype
     rows_per_chunk, out_dtype = plan.rows_per_chunk, plan.out_dtype
-    attrs = {
-        "teachers": [str(Path(t).resolve()) for t in teachers],
-        "weights": distiller.weights.tolist(),
-        "temperature": distiller.temperature,
-        "combine": combine,
-        "eps": float(eps),
-        "dtype": out_dtype.name,
-        "chunk_rows": rows_per_chunk,
-        "shape": [n_rows, n_classes],
-    }
+    attrs = _settings(plan, teachers, combine, eps)
     # Everything from here on may leave a temporary output behind: on any error or
     # interruption (KeyboardInterrupt too) a .npy one is removed, a Zarr one kept.
     result = None
@@ -696,6 +687,20 @@ def soft_labels(
     return Summary(n_rows - start_row, time.perf_counter() - bar.start, rows_per_s, gb_per_s)
 
 
+def _settings(plan: SoftLabelPlan, teachers: Sequence[str | os.PathLike], combine: str, eps: float) -> dict:
+    """The settings a soft-label output is marked with (and a resume must match)."""
+    return {
+        "teachers": [str(Path(t).resolve()) for t in teachers],
+        "weights": plan.distiller.weights.tolist(),
+        "temperature": plan.distiller.temperature,
+        "combine": combine,
+        "eps": float(eps),
+        "dtype": plan.out_dtype.name,
+        "chunk_rows": plan.rows_per_chunk,
+        "shape": [plan.n_rows, plan.n_classes],
+    }
+
+
 def _narrowed(block: np.ndarray, dtype: np.dtype, first_row: int) -> np.ndarray:
     """``block`` cast to the output dtype; a finite value that the cast would turn into
     an infinity (|x| above float16's 65504) is an error, not a silent inf."""
@@ -709,6 +714,12 @@ def _narrowed(block: np.ndarray, dtype: np.dtype, first_row: int) -> np.ndarray:
             f"range (largest {np.finfo(dtype).max:g}); write dtype='float32' (--dtype float32)"
         )
     return cast
+
+
+def _narrowed_block(block: np.ndarray, dtype: np.dtype, block_info: dict | None = None) -> np.ndarray:
+    """_narrowed for one block of a dask array (``block_info`` gives its first row)."""
+    first_row = block_info[0]["array-location"][0][0] if block_info else 0
+    return _narrowed(block, dtype, first_row)
 
 
 def _finish(result: Any, out_path: Path, overwrite: bool) -> None:
@@ -985,29 +996,41 @@ def _soft_labels_on_cluster(
         raise ValueError("resume works without a scheduler only")
     plan = plan_soft_labels(teachers, out, weights, temperature, combine, eps, chunk_rows, dtype, overwrite)
     distiller, out_path, rows = plan.distiller, plan.out_path, plan.rows_per_chunk
-    n_rows, n_classes, in_dtype = plan.n_rows, plan.n_classes, plan.in_dtype
+    n_rows, n_classes, in_dtype, out_dtype = plan.n_rows, plan.n_classes, plan.in_dtype, plan.out_dtype
+    attrs = _settings(plan, teachers, combine, eps)
     del plan
     arrays = [open_rows(t, rows) for t in teachers]
     if combine == "logits":
         result = distiller.combine_teachers(arrays)
     else:
         result = distiller.combine_via_probabilities(arrays, eps)
-    result = result.astype(np.dtype(dtype))
+    if result.dtype != out_dtype:
+        result = result.map_blocks(_narrowed_block, out_dtype, dtype=out_dtype)
     partial = _partial_path(out_path)
     start = time.perf_counter()
-    with _client(scheduler) as client:
-        if is_zarr_path(out_path):
-            if partial.exists():
-                import shutil
-
-                shutil.rmtree(partial)
-            task = da.to_zarr(result, str(partial), compute=False)
-        else:
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, n_classes))
+    # As in soft_labels: the output is created marked and with its blocks reserved,
+    # and whatever stops the run removes it (a cluster run cannot be resumed).
+    try:
+        target = _create_output(out_path, (n_rows, n_classes), out_dtype, rows, attrs)
+        if not is_zarr_path(out_path):
+            target.flush()
+            del target
             target = _NpyRows(str(partial.resolve()))
-            task = da.store(result, target, lock=False, compute=False)
-        _run_on_cluster(client, task, progress)
-    _finish(None, out_path, overwrite)
+        with _client(scheduler) as client:
+            _run_on_cluster(client, da.store(result, target, lock=False, compute=False), progress)
+        if is_zarr_path(out_path):
+            target.attrs["numba_kd"] = {**target.attrs["numba_kd"], "completed_rows": n_rows}
+        _finish(None, out_path, overwrite)
+    except BaseException:
+        target = None
+        try:
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial)
+            else:
+                partial.unlink(missing_ok=True)
+        except OSError:
+            pass  # report the error that stopped the run
+        raise
     seconds = time.perf_counter() - start
     rate = n_rows / max(seconds, 1e-9)
     gb = rate * n_classes * np.dtype(in_dtype).itemsize * len(teachers) / 1e9

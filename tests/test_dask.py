@@ -169,3 +169,61 @@ def test_kernels_on_a_worker_use_at_most_its_threads(client):
         return numba.get_num_threads()
 
     assert client.gather(client.map(threads_in_a_block, range(4))) == [1, 1, 1, 1]
+
+
+def _save_teachers(tmp_path, teachers) -> list[str]:
+    paths = []
+    for k, t in enumerate(teachers):
+        np.save(tmp_path / f"t{k}.npy", t)
+        paths.append(str(tmp_path / f"t{k}.npy"))
+    return paths
+
+
+@pytest.mark.parametrize("out", ["soft.npy", "soft.zarr"])
+def test_cluster_soft_labels_are_marked_and_complete(client, batch, tmp_path, out):
+    """A cluster run writes the same marked output as a local run, and leaves no partial."""
+    from numba_kd import offline
+
+    paths = _save_teachers(tmp_path, batch[1])
+    address = client.scheduler.address
+    offline.soft_labels(
+        paths, tmp_path / out, weights=WEIGHTS, temperature=2.0, chunk_rows=128, scheduler=address
+    )
+    offline.soft_labels(paths, tmp_path / f"local-{out}", weights=WEIGHTS, temperature=2.0, chunk_rows=128)
+    if out.endswith(".npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / out), np.load(tmp_path / f"local-{out}"))
+    else:
+        got, local = zarr.open_array(str(tmp_path / out)), zarr.open_array(str(tmp_path / f"local-{out}"))
+        np.testing.assert_array_equal(got[:], local[:])
+        settings = dict(got.attrs["numba_kd"])
+        assert settings["completed_rows"] == B
+        assert {k: v for k, v in settings.items() if k != "teachers"} == {
+            k: v for k, v in local.attrs["numba_kd"].items() if k != "teachers"
+        }
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+@pytest.mark.parametrize("out", ["soft.npy", "soft.zarr"])
+def test_cluster_float16_overflow_is_an_error_and_leaves_nothing(client, batch, tmp_path, out):
+    """Teacher logits beyond float16's range: the cluster run refuses, as the local one
+    does, names the first row, and removes its temporary output."""
+    from numba_kd import offline
+
+    teachers = [t.copy() for t in batch[1]]
+    for t in teachers:
+        t[300, 5] = 1e5
+    paths = _save_teachers(tmp_path, teachers)
+    address = client.scheduler.address
+    with pytest.raises(ValueError, match="from row 300 on exceed the float16 range"):
+        offline.soft_labels(paths, tmp_path / out, chunk_rows=128, dtype="float16", scheduler=address)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("soft")) == []
+
+
+def test_cluster_run_refuses_a_partial_it_did_not_write(client, batch, tmp_path):
+    from numba_kd import offline
+
+    paths = _save_teachers(tmp_path, batch[1])
+    (tmp_path / "soft.npy.partial").write_text("user data")
+    with pytest.raises(ValueError, match="is not a temporary output of numba-kd"):
+        offline.soft_labels(paths, tmp_path / "soft.npy", overwrite=True, scheduler=client.scheduler.address)
+    assert (tmp_path / "soft.npy.partial").read_text() == "user data"
