@@ -2,7 +2,8 @@
 
 For `.npy` and Zarr outputs, fresh, over an existing output with --overwrite, and
 continued with --resume, the CLI is killed with SIGKILL or SIGINT at a random
-moment of its run, 50 times in all.  After each kill OUT is absent, or the old
+moment of its run, 50 times in all (400 more with --runslow).  After each kill
+OUT is absent, or the old
 complete output, or the new complete one; after --resume it equals an
 uninterrupted run bit for bit, and a rerun with --overwrite succeeds whatever
 the kill left behind.
@@ -25,7 +26,8 @@ from numba_kd import offline
 zarr = pytest.importorskip("zarr")
 
 ROWS, CLASSES = 3000, 1000
-KILLS_PER_CASE = 5
+# Kills per (scenario, signal): 10 cases x 5 in CI, x 40 more with --runslow.
+KILLS = [5, pytest.param(40, marks=pytest.mark.slow, id="slow")]
 SCENARIOS = ["npy fresh", "zarr fresh", "npy overwrite", "zarr overwrite", "zarr resume"]
 
 
@@ -79,14 +81,15 @@ def _signal_at_a_random_moment(run, partial, rng, attempt, suffix) -> bool:
     return writing
 
 
+@pytest.mark.parametrize("kills", KILLS)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_killed_cli_loses_nothing(teachers, tmp_path, scenario, sig):
+def test_killed_cli_loses_nothing(teachers, tmp_path, scenario, sig, kills):
     paths, expected = teachers
     suffix = ".zarr" if scenario.startswith("zarr") else ".npy"
-    rng = np.random.default_rng(zlib.crc32(f"{scenario} {sig.name}".encode()))
+    rng = np.random.default_rng(zlib.crc32(f"{scenario} {sig.name} {kills}".encode()))
     outcomes = []
-    for attempt in range(KILLS_PER_CASE):
+    for attempt in range(kills):
         out = tmp_path / f"out{attempt}{suffix}"
         flags = []
         if scenario.endswith("overwrite"):

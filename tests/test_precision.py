@@ -230,9 +230,9 @@ def test_float32_error_bound(option):
 
 
 DET_ROWS, DET_CLASSES = 1000, 257  # 63 blocks of 16 rows: the parallel loop splits
-NON_DEFAULT_OPTIONS = {
-    "jsd": {"divergence": "jsd", "beta": 0.3},
-    "entropy": {"teacher_weighting": "entropy"},
+# Option combinations and result forms that the registry (one row per option) has no
+# row for.
+COMBINED_OPTIONS = {
     "none": {"reduction": "none"},
     "probs+reverse_kl+confidence+sum+ignore": {
         "combine": "probs",
@@ -270,14 +270,16 @@ def _max_difference(a, b) -> float:
 
 
 def _all_results(d, student, teachers, labels) -> dict:
+    """Every row of registry.OPERATIONS (every operation, each loss option its own row),
+    then loss_and_grad's loss and the COMBINED_OPTIONS on ``d``."""
+    ignored = labels.copy()
+    ignored[::8] = registry.IGNORE_INDEX  # as registry.Case.arrays(ignored=True)
     out = {
-        "distillation_loss": d.distillation_loss(student, teachers, labels, ALPHA),
-        "loss_and_grad": d.loss_and_grad(student, teachers, labels, ALPHA),
-        "combine_teachers": d.combine_teachers(teachers),
-        "combine_via_probabilities": d.combine_via_probabilities(teachers),
-        "combine_via_probabilities(eps=0)": d.combine_via_probabilities(teachers, eps=0),
+        name: op.numba_kd(student, teachers, ignored if op.ignored else labels, d.weights)
+        for name, op in registry.OPERATIONS.items()
     }
-    for name, options in NON_DEFAULT_OPTIONS.items():
+    out["loss_and_grad (loss and gradient)"] = d.loss_and_grad(student, teachers, labels, ALPHA)
+    for name, options in COMBINED_OPTIONS.items():
         if name.endswith("ignore"):
             options = {**options, "ignore_index": int(labels[0])}
         out[f"distillation_loss[{name}]"] = d.distillation_loss(student, teachers, labels, ALPHA, **options)
