@@ -349,9 +349,13 @@ def _check_partial(out_path: Path, overwrite: bool, shape: tuple[int, int], dtyp
 def _partial_kind(
     partial: Path, out_path: Path, shape: tuple[int, int], dtype: np.dtype
 ) -> tuple[bool, bool]:
-    """(marked by this tool, an array of this shape and dtype) for an existing OUT.partial."""
+    """(ours to replace, an array of this shape and dtype) for an existing OUT.partial:
+    a Zarr array this tool marked, or an empty directory or file, which holds nothing
+    to lose (what a run killed while it created its output leaves)."""
     if partial.is_symlink():
         return False, False
+    if _holds_nothing(partial):
+        return True, False
     try:
         if is_zarr_path(out_path):
             if not partial.is_dir():
@@ -366,6 +370,18 @@ def _partial_kind(
     except (OSError, EOFError, ValueError, KeyError):
         return False, False
     return marked, tuple(arr.shape) == tuple(shape) and np.dtype(arr.dtype) == dtype
+
+
+def _holds_nothing(path: Path) -> bool:
+    """Whether ``path`` is an empty directory or an empty regular file (not a link)."""
+    try:
+        if path.is_symlink():
+            return False
+        if path.is_dir():
+            return next(path.iterdir(), None) is None
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _reserve(path: Path, n_bytes: int) -> None:
@@ -387,13 +403,15 @@ def _reserve(path: Path, n_bytes: int) -> None:
 
 
 def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_rows: int, attrs: dict):
-    """A new output array under its temporary name (checked by _check_output_path:
-    nothing there but a Zarr array an earlier run of this tool left)."""
+    """A new output array under its temporary name, replacing what _check_partial
+    allowed to be replaced there."""
     partial = _partial_path(path)
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    elif partial.exists():
+        partial.unlink()
     if is_zarr_path(path):
         zarr = _zarr()
-        if partial.exists():
-            shutil.rmtree(partial)
         return zarr.create_array(
             str(partial), shape=shape, chunks=(chunk_rows, shape[1]), dtype=dtype, fill_value=0,
             attributes={"numba_kd": {**attrs, "completed_rows": 0}},
@@ -628,7 +646,7 @@ def soft_labels(
     # interruption (KeyboardInterrupt too) a .npy one is removed, a Zarr one kept.
     result = None
     try:
-        if resume:
+        if resume and not _holds_nothing(_partial_path(out_path)):
             result, start_row = _resumed_output(out_path, attrs)
         else:
             result, start_row = (

@@ -343,6 +343,27 @@ def test_a_partial_the_tool_left_is_replaced(data):
     assert not offline._partial_path(out).exists()
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+@pytest.mark.parametrize("left", ["empty directory", "empty file"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_empty_partial_is_replaced(data, suffix, left, resume):
+    """A run killed while it created its output leaves an empty OUT.partial (the
+    directory before zarr.json is written, or the file before its header): it holds
+    nothing, so a rerun replaces it without --overwrite, and --resume starts afresh."""
+    if resume and suffix == ".npy":
+        pytest.skip("--resume needs a Zarr output")
+    out = data["dir"] / f"soft{suffix}"
+    partial = offline._partial_path(out)
+    if left == "empty directory":
+        partial.mkdir()
+    else:
+        partial.touch()
+    offline.soft_labels(data["paths"], out, resume=resume)
+    expected = kd.EnsembleDistiller([1.0, 1.0, 1.0], 1.0).combine_teachers(data["teachers"])
+    np.testing.assert_array_equal(_read(out), expected)
+    assert not partial.exists()
+
+
 def test_an_interrupted_npy_run_removes_its_partial(data):
     out = data["dir"] / "soft.npy"
     with pytest.raises(Interrupt):
