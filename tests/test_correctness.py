@@ -9,6 +9,7 @@ import reference as ref
 from helpers import assert_array_close, assert_loss_close, logit_scale, make_batch
 
 import numba_kd as kd
+from numba_kd import registry
 
 ROWS = [1, 3, 64, 1000]
 CLASSES = [1, 2, 10, 1000, 32000]
@@ -18,33 +19,32 @@ DTYPES = [np.float32, np.float64]
 TEACHER_COUNTS = [1, 2, 5]
 
 
-def weights_for(n_teachers: int) -> np.ndarray:
-    return np.arange(1.0, n_teachers + 1.0)
+# The registry's rows with default options: every public operation.  (Each loss
+# option's row is checked against the reference, torch and jax at one shape in
+# tests/test_registry.py, and over random shapes by the fuzz test.)
+DEFAULT_ROWS = [name for name in registry.OPERATIONS if "[" not in name]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("n_teachers", TEACHER_COUNTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}xC{s[1]}")
-class TestAgainstReference:
-    def test_combine_teachers(self, rng, shape, n_teachers, dtype):
-        _, teachers, _ = make_batch(rng, n_teachers, *shape, dtype)
-        d = kd.EnsembleDistiller(weights_for(n_teachers), temperature=2.0)
-        expected = ref.combine_teachers(teachers, d.weights)
-        assert_array_close(d.combine_teachers(teachers), expected, dtype)
-
-    @pytest.mark.parametrize("eps", [1e-10, 0.0])
-    def test_combine_via_probabilities(self, rng, shape, n_teachers, dtype, eps):
-        _, teachers, _ = make_batch(rng, n_teachers, *shape, dtype)
-        d = kd.EnsembleDistiller(weights_for(n_teachers), temperature=2.0)
-        expected = ref.combine_via_probabilities(teachers, d.weights, 2.0, eps)
-        assert_array_close(d.combine_via_probabilities(teachers, eps=eps), expected, dtype)
-
-    def test_distillation_loss(self, rng, shape, n_teachers, dtype):
-        student, teachers, labels = make_batch(rng, n_teachers, *shape, dtype)
-        d = kd.EnsembleDistiller(weights_for(n_teachers), temperature=2.0)
-        loss = d.distillation_loss(student, teachers, labels, 0.7)
-        expected = ref.distillation_loss(student, teachers, labels, d.weights, 2.0, 0.7)
-        assert_loss_close(loss, expected, dtype, logit_scale(student, *teachers))
+@pytest.mark.parametrize("name", DEFAULT_ROWS)
+def test_against_reference(name, shape, n_teachers, dtype):
+    op = registry.OPERATIONS[name]
+    case = registry.Case(
+        n_teachers, *shape, np.dtype(dtype).name, seed=shape[0] * 100_003 + shape[1] + n_teachers
+    )
+    student, teachers, labels, weights = case.arrays()
+    got = op.numba_kd(student, teachers, labels, weights)
+    expected = op.numpy(student, teachers, labels, weights)
+    if op.scalar:
+        assert_loss_close(got, expected, dtype, logit_scale(student, *teachers))
+    elif name.startswith("loss_and_grad"):
+        assert got.dtype == np.dtype(dtype) and got.shape == expected.shape
+        allowed = registry.tolerance(dtype).grad * max(1.0, float(np.max(np.abs(expected))))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=allowed)
+    else:
+        assert_array_close(got, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
