@@ -545,7 +545,8 @@ def rows_from_json(path: str) -> tuple[dict[str, str], list[Row]]:
 def run(args) -> int:
     """Run ``numba-kd bench``: print the table row by row, then the compile latency.
 
-    With ``from_json`` it only prints the table of a saved run. Otherwise it
+    With ``from_json`` it only prints the table of a saved run, and with
+    ``plot`` draws that run's chart. Otherwise it
     measures (``quick``: small shapes and 3 rounds), prints each row as it is
     measured, then the compile latency (unless ``no_latency``), and writes the
     JSON file and the plot when asked for.
@@ -572,6 +573,8 @@ def run(args) -> int:
     if args.from_json:
         _, rows = rows_from_json(args.from_json)
         print(format_table(rows))
+        if args.plot:
+            plot(rows, args.plot)
         return 0
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rounds = 3 if args.quick else args.repeats

@@ -138,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shapes", metavar="BxC,...", help="e.g. 8192x1000,512x32000 (default: all three)")
     b.add_argument("--no-peers", action="store_true", help="time numba_kd and the roofline only")
     b.add_argument("--no-latency", action="store_true", help="skip the compile-latency subprocesses")
-    b.add_argument("--from-json", metavar="PATH", help="print the table of a saved --json run and exit")
+    b.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="print the table of a saved --json run (and with --plot, draw it) and exit",
+    )
     b.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="logits dtype")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")

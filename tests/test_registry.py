@@ -80,3 +80,16 @@ def test_bench_times_the_peers_in_the_same_rounds():
         assert ("torch.compile" in r.peer_ms) == torch_available()
         assert ("jax.jit" in r.peer_ms) == jax_available()
         assert all(ms > 0 for ms in r.peer_ms.values())
+
+
+def test_bench_redraws_a_stored_run(tmp_path, capsys):
+    """The README's table and plot both come from the stored JSON run."""
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from numba_kd import cli
+
+    stored = Path(__file__).resolve().parent.parent / "docs" / "bench.json"
+    assert cli.main(["bench", "--from-json", str(stored), "--plot", str(tmp_path / "plot.png")]) == 0
+    assert "| distillation_loss | 8192 x 1000 |" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
