@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from numba_kd import registry
@@ -35,3 +39,24 @@ def assert_array_close(actual: np.ndarray, expected: np.ndarray, dtype) -> None:
 def make_batch(rng, n_teachers: int, rows: int, classes: int, dtype, spread: float = 3.0):
     """Student, teacher list and labels with teachers that broadly agree (registry.synthetic_batch)."""
     return registry.synthetic_batch(rng, n_teachers, rows, classes, dtype, spread)
+
+
+def check_recompiles_a_damaged_cache(code: str, cache_dir, pattern: str, damage: str):
+    """Run ``code`` in a fresh interpreter with NUMBA_CACHE_DIR=cache_dir, damage the
+    cache files named ``pattern`` + .nbi ("garbage index") or .nbc ("truncated data"),
+    run it again, and check that the second run prints the same, with one warning
+    that the cache is unreadable.  Returns the damaged files and the second run's stderr."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    run = [sys.executable, "-c", code]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    suffix = ".nbi" if damage == "garbage index" else ".nbc"
+    files = sorted(cache_dir.rglob(f"{pattern}{suffix}"))
+    assert files, sorted(p.name for p in cache_dir.rglob("*"))
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(b"garbage\n" if suffix == ".nbi" else data[: len(data) // 3])
+    second = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert second.stderr.count("is unreadable") == 1, second.stderr
+    return files, second.stderr

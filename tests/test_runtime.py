@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import check_recompiles_a_damaged_cache
 
 import numba_kd
 
@@ -346,20 +347,10 @@ def test_a_corrupt_numba_cache_is_recompiled_with_one_warning(tmp_path, damage):
     """A garbage .nbi or a truncated .nbc in numba's cache once made every later call fail
     (ValueError, UnpicklingError): now the kernels compile in memory, with one warning
     that names the cache directory, and give the same result."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
-    run = [sys.executable, "-c", CORRUPT_CACHE_CALL]
-    first = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
-    suffix = ".nbi" if damage == "garbage index" else ".nbc"
-    files = sorted((tmp_path / "cache").rglob(f"*general_rows_serial-*{suffix}"))
-    assert files, sorted(p.name for p in (tmp_path / "cache").rglob("*"))
-    for path in files:
-        data = path.read_bytes()
-        path.write_bytes(b"garbage\n" if suffix == ".nbi" else data[: len(data) // 3])
-    second = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout == first.stdout
-    assert second.stderr.count("is unreadable") == 1, second.stderr
-    assert str(files[0].parent) in second.stderr
+    files, stderr = check_recompiles_a_damaged_cache(
+        CORRUPT_CACHE_CALL, tmp_path / "cache", "*general_rows_serial-*", damage
+    )
+    assert str(files[0].parent) in stderr
 
 
 CORRUPT_CUDA_CACHE = """

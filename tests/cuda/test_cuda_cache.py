@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numba
 import pytest
+from helpers import check_recompiles_a_damaged_cache
 
 if numba.config.ENABLE_CUDASIM:
     pytest.skip("the CUDA simulator compiles nothing and caches nothing", allow_module_level=True)
@@ -29,16 +26,4 @@ print(repr(float(loss)))
 
 @pytest.mark.parametrize("damage", ["garbage index", "truncated data"])
 def test_a_corrupt_cuda_cache_is_recompiled_with_one_warning(tmp_path, damage):
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
-    run = [sys.executable, "-c", DEVICE_LOSS]
-    first = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
-    suffix = ".nbi" if damage == "garbage index" else ".nbc"
-    files = sorted((tmp_path / "cache").rglob(f"*make_kernels*{suffix}"))
-    assert files, sorted(p.name for p in (tmp_path / "cache").rglob("*"))
-    for path in files:
-        data = path.read_bytes()
-        path.write_bytes(b"garbage\n" if suffix == ".nbi" else data[: len(data) // 3])
-    second = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout == first.stdout
-    assert second.stderr.count("is unreadable") == 1, second.stderr
+    check_recompiles_a_damaged_cache(DEVICE_LOSS, tmp_path / "cache", "*make_kernels*", damage)
