@@ -21,8 +21,9 @@ forking thread is the one that started the layer and no other thread has
 launched kernels; otherwise it prints
 "Unable to join threads to shut down before fork()" and the child can hang
 forever at its first parallel launch.  So a child forked after another
-thread started the layer or launched kernels runs serial builds too, whatever
-the layer.
+thread started the layer, asked it for its thread count or launched kernels
+runs serial builds too, whatever the layer, and never calls into numba's
+threading layer, whose start-up locks another thread may have held at the fork.
 
 Kernels are cached on disk (``cache=True``) when numba finds a writable place
 (next to the source, then the user-wide cache directory, or ``NUMBA_CACHE_DIR``);
@@ -165,8 +166,15 @@ def launch_mode() -> str:
 
 def num_threads() -> int:
     """The number of threads numba's parallel kernels use in this thread, starting the
-    threading layer through :func:`launch_mode` (which notes who started it)."""
-    launch_mode()
+    threading layer through :func:`launch_mode`; 1 where the kernels run serially.
+
+    ``numba.get_num_threads`` takes numba's layer-start locks on every call: the
+    thread is noted as a user of the layer first, so that a fork while it holds
+    them gives a child that runs serially and never asks for them (it would wait
+    for the copies, locked forever)."""
+    if launch_mode() == SERIAL:
+        return 1
+    _layer_users.add(threading.get_ident())
     return numba.get_num_threads()
 
 

@@ -155,6 +155,49 @@ FORK_WHILE_BUSY = textwrap.dedent(
     """
 )
 
+FORK_WHILE_ANOTHER_THREAD_STARTS_THE_LAYER = textwrap.dedent(
+    """
+    import json, os, signal, threading, time
+    import numpy as np
+    import numba_kd
+    from numba.np.ufunc import parallel
+    from numba_kd import _runtime
+
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(128, 300)).astype(np.float32)
+    t = [rng.normal(size=(128, 300)).astype(np.float32)]
+    y = rng.integers(0, 300, size=128)
+    d = numba_kd.EnsembleDistiller([1.0], 2.0)
+    expected = d.distillation_loss(s, t, y, 0.5)
+    holding, release = threading.Event(), threading.Event()
+
+    def asks_for_its_threads():
+        # What a thread inside numba.get_num_threads looks like at the fork: it holds
+        # numba's layer-start lock.
+        _runtime.num_threads()
+        with parallel._backend_init_thread_lock:
+            holding.set()
+            release.wait()
+
+    thread = threading.Thread(target=asks_for_its_threads)
+    thread.start()
+    holding.wait()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if d.distillation_loss(s, t, y, 0.5) == expected else 3)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    release.set()
+    thread.join()
+    exit_code = None if done[0] == 0 else os.waitstatus_to_exitcode(done[1])
+    print(json.dumps({"hung": done[0] == 0, "exit": exit_code}))
+    """
+)
+
 ONE_LOSS = textwrap.dedent(
     """
     import json
@@ -259,6 +302,19 @@ def test_forks_while_other_threads_run_kernels(layer):
     out = _run(code, _env(NUMBA_THREADING_LAYER=layer, PYTHONWARNINGS="ignore::DeprecationWarning"))
     assert (out["hung"], out["wrong"]) == (0, 0)
     assert out["modes"] == ["serial"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_while_another_thread_holds_numbas_layer_lock():
+    """numba.get_num_threads takes numba's layer-start locks on every call; a child
+    forked while another thread held one would wait for its copy forever.  Such a
+    child runs serially and never asks for them."""
+    from numba.np.ufunc import parallel
+
+    if not hasattr(parallel, "_backend_init_thread_lock"):
+        pytest.skip("this numba has no _backend_init_thread_lock")
+    out = _run(FORK_WHILE_ANOTHER_THREAD_STARTS_THE_LAYER, _env(PYTHONWARNINGS="ignore::DeprecationWarning"))
+    assert out == {"hung": False, "exit": 0}
 
 
 def test_two_cold_compiles_at_once(tmp_path):
