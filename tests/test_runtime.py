@@ -104,9 +104,27 @@ FORK = WORKLOAD + textwrap.dedent(
     """
 )
 
-FORK_WHILE_BUSY = textwrap.dedent(
+# Waits for a forked child; one that is still running after 60 s counts as hung.
+CHILD_EXIT_CODE = textwrap.dedent(
     """
-    import json, os, signal, sys, threading, time
+    import os, signal, time
+
+    def child_exit_code(pid, seconds=60):
+        # The child's exit code, or None (after killing it) if it runs past ``seconds``.
+        deadline = time.monotonic() + seconds
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+            time.sleep(0.005)
+        return os.waitstatus_to_exitcode(done[1])
+    """
+)
+
+FORK_WHILE_BUSY = CHILD_EXIT_CODE + textwrap.dedent(
+    """
+    import json, threading
     import numpy as np
     import numba_kd
     from numba_kd import _runtime
@@ -128,7 +146,7 @@ FORK_WHILE_BUSY = textwrap.dedent(
     for th in threads:
         th.start()
     hung, wrong, modes = 0, 0, set()
-    for _ in range(int(sys.argv[1])):
+    for _ in range(200):
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -137,14 +155,10 @@ FORK_WHILE_BUSY = textwrap.dedent(
             os.write(write, _runtime.launch_mode().encode())
             os._exit(0 if ok else 3)
         os.close(write)
-        deadline = time.monotonic() + 60
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if done[0] == 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        code = child_exit_code(pid)
+        if code is None:
             hung += 1
-        elif os.waitstatus_to_exitcode(done[1]) != 0:
+        elif code != 0:
             wrong += 1
         modes.add(os.read(read, 16).decode())
         os.close(read)
@@ -155,9 +169,9 @@ FORK_WHILE_BUSY = textwrap.dedent(
     """
 )
 
-FORK_WHILE_ANOTHER_THREAD_STARTS_THE_LAYER = textwrap.dedent(
+FORK_WHILE_ANOTHER_THREAD_STARTS_THE_LAYER = CHILD_EXIT_CODE + textwrap.dedent(
     """
-    import json, os, signal, threading, time
+    import json, threading
     import numpy as np
     import numba_kd
     from numba.np.ufunc import parallel
@@ -185,16 +199,10 @@ FORK_WHILE_ANOTHER_THREAD_STARTS_THE_LAYER = textwrap.dedent(
     pid = os.fork()
     if pid == 0:
         os._exit(0 if d.distillation_loss(s, t, y, 0.5) == expected else 3)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    code = child_exit_code(pid)
     release.set()
     thread.join()
-    exit_code = None if done[0] == 0 else os.waitstatus_to_exitcode(done[1])
-    print(json.dumps({"hung": done[0] == 0, "exit": exit_code}))
+    print(json.dumps({"hung": code is None, "exit": code}))
     """
 )
 
@@ -298,8 +306,9 @@ def test_forks_while_other_threads_run_kernels(layer):
     parallel launch), because it runs serial builds."""
     if layer is None and not _tbb_loadable():
         pytest.skip("numba cannot load the tbb threading layer here")
-    code = FORK_WHILE_BUSY.replace("int(sys.argv[1])", "200")
-    out = _run(code, _env(NUMBA_THREADING_LAYER=layer, PYTHONWARNINGS="ignore::DeprecationWarning"))
+    # Python warns that forking a process with threads may deadlock: that is the point.
+    env = _env(NUMBA_THREADING_LAYER=layer, PYTHONWARNINGS="ignore::DeprecationWarning")
+    out = _run(FORK_WHILE_BUSY, env)
     assert (out["hung"], out["wrong"]) == (0, 0)
     assert out["modes"] == ["serial"]
 
