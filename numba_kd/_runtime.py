@@ -92,11 +92,13 @@ def _layer_started() -> bool:
     return bool(getattr(parallel, "_is_initialized", True))
 
 
-# The threads that started numba's threading layer or launched parallel kernels
-# through numba_kd (_SOMEONE_ELSE: the layer was started outside numba_kd), and
-# whether, at the last fork, any of them was not the forking thread.
+# The threads that started numba's threading layer, asked it for its thread count
+# or launched parallel kernels through numba_kd (_SOMEONE_ELSE: the layer was
+# started outside numba_kd); whether, at the fork under way, any of them is not
+# the forking thread; and whether this process was forked so.
 _SOMEONE_ELSE = -1
 _layer_users: set[int] = set()
+_others_use_the_layer = False
 _forked_with_other_layer_users = False
 
 
@@ -115,7 +117,6 @@ def _after_fork_in_child() -> None:
     _launch_lock = threading.Lock()
 
 
-_others_use_the_layer = False
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 

@@ -384,6 +384,14 @@ def _holds_nothing(path: Path) -> bool:
         return False
 
 
+def _remove(path: Path) -> None:
+    """Delete ``path``: a directory with its contents, a file or a link (nothing if absent)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _reserve(path: Path, n_bytes: int) -> None:
     """Allocate the file's blocks now, so that a full disk fails here with ENOSPC
     instead of with SIGBUS while the memory map is written."""
@@ -406,10 +414,7 @@ def _create_output(path: Path, shape: tuple[int, int], dtype: np.dtype, chunk_ro
     """A new output array under its temporary name, replacing what _check_partial
     allowed to be replaced there."""
     partial = _partial_path(path)
-    if partial.is_dir():
-        shutil.rmtree(partial)
-    elif partial.exists():
-        partial.unlink()
+    _remove(partial)
     if is_zarr_path(path):
         zarr = _zarr()
         return zarr.create_array(
@@ -1042,10 +1047,7 @@ def _soft_labels_on_cluster(
     except BaseException:
         target = None
         try:
-            if partial.is_dir() and not partial.is_symlink():
-                shutil.rmtree(partial)
-            else:
-                partial.unlink(missing_ok=True)
+            _remove(partial)
         except OSError:
             pass  # report the error that stopped the run
         raise
