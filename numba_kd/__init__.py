@@ -7,8 +7,9 @@ numba's on-disk cache) on its first call.
 from numba_kd import _runtime
 from numba_kd._options import LossComponents
 from numba_kd.distiller import DistillationLoss, EnsembleDistiller
+from numba_kd.sparse import TopK
 
-__all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "__version__"]
+__all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "TopK", "__version__"]
 
 __version__ = "0.1.0"
 

@@ -10,12 +10,13 @@ one-teacher case of the same path.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from numba_kd import _arrays, _targets, _validate
-from numba_kd._options import LossComponents, LossOptions
+from numba_kd import _arrays, _math, _targets, _validate, sparse
+from numba_kd._options import LossComponents, LossOptions, SparseTeachers
 
 
 class Placement(NamedTuple):
@@ -61,6 +62,8 @@ def loss(
     """
     single = weights is None
     a = _validate.check_alpha(alpha)
+    if isinstance(teachers, sparse.TopK):
+        return _topk_loss(weights, temperature, student, teachers, labels, a, options, placement, want_grad)
     if _is_default(placement):
         layout = _arrays.host_layout(student, teachers, labels)
         if layout is not None and (layout, 0 if single else len(weights)) in _PLAIN_LAYOUTS:
@@ -97,6 +100,53 @@ def loss(
 
 
 _HERE = Placement()
+
+
+def _topk_loss(weights, temperature, student, top, labels, alpha, options, placement, want_grad):
+    """``loss`` against sparse top-k teachers (``top``, a TopK)."""
+    n_teachers = top.num_teachers
+    if weights is None and n_teachers != 1:
+        raise ValueError(f"DistillationLoss takes one teacher; this TopK holds {n_teachers}")
+    if weights is not None and n_teachers != len(weights):
+        raise ValueError("Number of teachers must match number of weights")
+    if n_teachers > 1 and options.combine != "probs":
+        raise ValueError(
+            'TopK teachers combine as a probability mixture: pass combine="probs" (logits of '
+            "different top-k supports cannot be averaged)"
+        )
+    if options.teacher_weighting != "static":
+        raise ValueError(
+            f"teacher_weighting={options.teacher_weighting!r} is not available for TopK teachers: "
+            'use "static"'
+        )
+    if options.divergence == "reverse_kl" and top.tail == "renormalize":
+        raise ValueError(
+            'divergence="reverse_kl" is undefined for tail="renormalize": the target is 0 outside the '
+            'teachers\' supports, where the student is not; use tail="bucket" or "uniform"'
+        )
+    if _arrays.has_dask_array([student, labels]):
+        raise TypeError("TopK teachers take NumPy student logits and labels, not dask arrays")
+    backend = _targets.backend_for([student, labels], placement.device, placement.stream)
+    if backend.target != "cpu":
+        raise ValueError("TopK teachers run on the CPU: pass NumPy student logits and labels")
+    s = _validate.logits(backend, student, "student", (2, 3))
+    lead = tuple(int(n) for n in s.shape[:-1])
+    n_rows, n_classes = math.prod(lead), int(s.shape[-1])
+    if n_rows == 0:
+        raise ValueError("student logits must have at least one row: the mean over rows is undefined")
+    y = _validate.asarray(backend, labels, "labels")
+    if tuple(y.shape) != lead:
+        raise ValueError(f"labels must have shape {lead} for student logits of shape {tuple(s.shape)}")
+    s = s.reshape(n_rows, n_classes)
+    y = backend.labels(y.reshape(n_rows), n_rows, n_classes, options.ignore_index)
+    if options.check_finite:
+        _validate.refuse_nonfinite(backend, [("student", s)], _ignored(y, options))
+    dtype = np.dtype(np.float64) if s.dtype == np.float64 else np.dtype(np.float32)
+    indices, logprobs = sparse.rows_for(top, lead, n_classes, dtype, options.check_finite)
+    params = _math.TopKParams(_math.TAILS.index(top.tail), top.temperature / temperature)
+    t = SparseTeachers(indices, logprobs, params)
+    w = _SINGLE_TEACHER_WEIGHT if weights is None else weights
+    return _evaluate(backend, student, (s, t, y, lead), w, temperature, alpha, options, placement, want_grad)
 
 
 def _is_default(placement: Placement) -> bool:

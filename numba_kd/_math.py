@@ -29,6 +29,9 @@ WEIGHTINGS = ("static", "confidence", "entropy")
 COMBINE_LOGITS, COMBINE_PROBS = 0, 1
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
+# Tail rules of sparse top-k teachers (numba_kd.sparse.TopK).
+TAILS = ("renormalize", "bucket", "uniform")
+RENORMALIZE, BUCKET, UNIFORM = 0, 1, 2
 
 
 class LossParams(NamedTuple):
@@ -482,3 +485,78 @@ def _tiny_like(like):
     if like == types.float32:
         return lambda like: np.float32(1e-30)
     return lambda like: 1e-300
+
+
+# ---------------------------------------------------------------------------
+# Sparse top-k teachers.  A teacher row stores n of the C classes with their
+# log-probabilities l at temperature T_g; tau = T_g / T re-tempers them.  The
+# missing mass m = 1 - sum exp(l) is a pseudo-class ("bucket"), C - n equal
+# classes ("uniform") or dropped ("renormalize").
+
+
+class TopKParams(NamedTuple):
+    """The sparse teachers' scalars, as the top-k row kernels take them."""
+
+    tail: int
+    #: tau = T_g / T: stored log-probabilities are multiplied by it.
+    retemper: float
+
+
+@njit(inline="always")
+def topk_missing_mass(mass, n_stored, n_classes):
+    """m = 1 - sum exp(l), clamped at 0; 0 where the support holds every class."""
+    if n_stored >= n_classes:
+        return 0.0
+    return max(0.0, 1.0 - mass)
+
+
+@njit(inline="always")
+def topk_tail_log(tail, missing, n_out, tau):
+    """log of the re-tempered missing mass, before normalization: tau log m for
+    "bucket", log((C - n) (m / (C - n))^tau) for "uniform" (n_out = C - n), -inf
+    for "renormalize" or where nothing is missing."""
+    if tail == RENORMALIZE or not missing > 0.0 or n_out == 0:
+        return NEG_INF
+    log_m = math.log(missing)
+    if tail == BUCKET:
+        return tau * log_m
+    log_n = math.log(n_out)
+    return tau * (log_m - log_n) + log_n
+
+
+@njit(inline="always")
+def class_divergence(divergence, p, q, log_p, log_q, beta):
+    """One class's term of the divergence between target p and student q, and
+    dD/dq - 1 for reverse KL or dD/dq for the JSD (log q - log p, or (1 - beta)
+    log(q / m)); 0 for forward KL, whose gradient needs no such factor.  A class
+    where both are 0 adds nothing."""
+    if not (p > 0.0 or q > 0.0):
+        return 0.0, 0.0
+    if divergence == FORWARD_KL:
+        return kl_term(p, log_p - log_q), 0.0
+    if divergence == REVERSE_KL:
+        return kl_term(q, log_q - log_p), log_q - log_p
+    beta_p = beta * p
+    rest_q = (1.0 - beta) * q
+    lp_lm, lq_lm = jsd_log_ratios(
+        log_q - log_p, math.log(beta), math.log1p(-beta), jsd_mixture_ratio(beta_p, rest_q), 1.0
+    )
+    return jsd_term(p, q, lp_lm, lq_lm, beta, 1.0 - beta), (1.0 - beta) * lq_lm
+
+
+@njit(inline="always")
+def uniform_forward_kl_outside(p_out, n_out, b_out, log_sb):
+    """sum over the n_out classes outside U of p_out (log p_out - log q_j), with
+    log q_j = b_j - log S_b and b_out = sum of those b_j."""
+    if not p_out > 0.0:
+        return 0.0
+    return p_out * (n_out * (math.log(p_out) + log_sb) - b_out)
+
+
+@njit(inline="always")
+def uniform_reverse_kl_outside(q_out, e_out, s_b, log_sb, p_out):
+    """sum over the classes outside U of q_j (log q_j - log p_out), with q_out =
+    sum q_j and e_out = sum exp(b_j) b_j (b relative to the row max, S_b its sum)."""
+    if not q_out > 0.0:
+        return 0.0
+    return e_out / s_b - q_out * (log_sb + math.log(p_out))

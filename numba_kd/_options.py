@@ -85,6 +85,16 @@ def compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:
     return np.dtype(np.float64)
 
 
+class SparseTeachers(NamedTuple):
+    """Sparse top-k teachers as the host kernels read them (numba_kd.sparse.rows_for)."""
+
+    #: [K, N, k] int64 class indices, -1 for no entry.
+    indices: Any
+    #: [K, N, k] log-probabilities, float32 or float64.
+    logprobs: Any
+    params: _math.TopKParams
+
+
 class LossComponents(NamedTuple):
     """A loss with its soft (divergence) and hard (cross-entropy) parts: loss = soft + hard."""
 

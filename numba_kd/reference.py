@@ -792,3 +792,378 @@ def general_grad(
     if reduction == "mean":
         grad /= max(int(valid.sum()), 1)
     return grad
+
+
+# ---------------------------------------------------------------------------
+# Sparse top-k teachers (numba_kd.sparse.TopK).  Dense float64 statements of
+# the tail rules: each teacher's distribution is materialized over all C classes.
+
+TOPK_TAILS = ("renormalize", "bucket", "uniform")
+
+
+def topk_teacher_distributions(
+    indices, logprobs, n_classes: int, tail: str, topk_temperature: float, temperature: float
+):
+    """Each teacher's distribution over the C classes, from its stored top-k entries.
+
+    The stored log-probabilities l (at temperature T_g) are re-tempered to the
+    loss temperature T: teacher weights over the support are proportional to
+    exp(l T_g / T).  The missing mass m = 1 - sum exp(l) (0 where the support
+    holds every class, clamped at 0) is, under "bucket", one pseudo-class of
+    log-probability log m and, under "uniform", C - n classes of log(m / (C - n))
+    each (n the support's size); both are re-tempered like the stored entries.
+    "renormalize" drops it.
+
+    Parameters
+    ----------
+    indices : array_like of int, shape [K, N, k]
+        Class indices; -1 marks an unused entry.
+    logprobs : array_like of float, shape [K, N, k]
+        The log-probabilities at the indices.
+    n_classes : int
+        C.
+    tail : {"renormalize", "bucket", "uniform"}
+        The tail rule.
+    topk_temperature : float
+        T_g, the temperature of the stored log-probabilities.
+    temperature : float
+        T, the loss temperature.
+
+    Returns
+    -------
+    dense : numpy.ndarray of float64, shape [K, N, C]
+        p_k over the classes ("uniform": including the spread missing mass).
+    tail_mass : numpy.ndarray of float64, shape [K, N]
+        "bucket": the probability of the tail pseudo-class; otherwise 0.
+    support : numpy.ndarray of bool, shape [K, N, C]
+        The classes each teacher stored.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> idx, lp = np.array([[[0]]]), np.log([[[0.75]]])
+    >>> dense, tail_mass, _ = reference.topk_teacher_distributions(idx, lp, 3, "uniform", 1.0, 1.0)
+    >>> dense.round(6)
+    array([[[0.75 , 0.125, 0.125]]])
+    >>> reference.topk_teacher_distributions(idx, lp, 3, "bucket", 1.0, 1.0)[1]
+    array([[0.25]])
+    """
+    if tail not in TOPK_TAILS:
+        raise ValueError(tail)
+    idx = np.asarray(indices)
+    lp = np.asarray(logprobs, dtype=np.float64)
+    n_teachers, n_rows, _ = idx.shape
+    tau = topk_temperature / temperature
+    valid = idx >= 0
+    support = np.zeros((n_teachers, n_rows, n_classes), dtype=bool)
+    t_i, r_i, e_i = np.nonzero(valid)
+    support[t_i, r_i, idx[t_i, r_i, e_i]] = True
+    n_stored = valid.sum(axis=-1)
+    n_out = n_classes - n_stored
+    mass = np.where(valid, np.exp(np.where(valid, lp, 0.0)), 0.0).sum(axis=-1)
+    missing = np.where(n_out == 0, 0.0, np.clip(1.0 - mass, 0.0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_missing = np.log(missing)
+        if tail == "bucket":
+            log_tail = tau * log_missing
+        elif tail == "uniform":
+            # C - n classes of (m / (C - n))^tau each.
+            log_tail = np.where(n_out > 0, tau * (log_missing - np.log(n_out)) + np.log(n_out), -np.inf)
+        else:
+            log_tail = np.full(missing.shape, -np.inf)
+    x = np.where(valid, tau * lp, -np.inf)
+    log_norm = np.logaddexp(logsumexp(x), log_tail)
+    dense = np.zeros((n_teachers, n_rows, n_classes))
+    tail_mass = np.zeros((n_teachers, n_rows))
+    if tail == "uniform":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(n_out > 0, np.exp(log_tail - log_norm) / n_out, 0.0)
+        dense += per_class[:, :, None]
+    elif tail == "bucket":
+        tail_mass = np.exp(log_tail - log_norm)
+    dense[t_i, r_i, idx[t_i, r_i, e_i]] = np.exp(x - log_norm[:, :, None])[t_i, r_i, e_i]
+    return dense, tail_mass, support
+
+
+def _topk_collapsed(student, indices, logprobs, weights, temperature, tail, topk_temperature):
+    """(P, Q, in_union, log_q): target and student over the "collapsed" classes.
+
+    Columns 0..C-1 are the classes, column C the tail bucket.  Under "bucket",
+    classes outside the union U of the (positively weighted) teachers' supports
+    are 0 in P and Q, and column C holds p_tail and q_tail = sum over them of q;
+    otherwise column C is 0.
+    """
+    s = np.asarray(student, dtype=np.float64)
+    n_rows, n_classes = s.shape
+    w = normalized_weights(weights)
+    dense, tail_mass, support = topk_teacher_distributions(
+        indices, logprobs, n_classes, tail, topk_temperature, temperature
+    )
+    p = np.einsum("k,knc->nc", w, dense)
+    p_tail = w @ tail_mass
+    union = np.any(support[w > 0], axis=0)
+    log_q = log_softmax(s / temperature)
+    q = np.exp(log_q)
+    P = np.zeros((n_rows, n_classes + 1))
+    Q = np.zeros((n_rows, n_classes + 1))
+    if tail == "bucket":
+        P[:, :n_classes] = np.where(union, p, 0.0)
+        P[:, n_classes] = p_tail
+        Q[:, :n_classes] = np.where(union, q, 0.0)
+        Q[:, n_classes] = np.where(union, 0.0, q).sum(axis=-1)
+    else:
+        P[:, :n_classes] = p
+        Q[:, :n_classes] = q
+    return P, Q, union, log_q
+
+
+def _xlogy_ratio(a, b):
+    """a log(a / b) with 0 log(0 / b) = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0)
+
+
+def topk_rows(
+    student,
+    indices,
+    logprobs,
+    labels,
+    weights,
+    temperature: float,
+    tail: str,
+    topk_temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int | None = None,
+):
+    """Per-row divergence and cross-entropy of the loss against sparse top-k teachers.
+
+    The target is the mixture p = sum_k w_k p_k of ``topk_teacher_distributions``.
+    "renormalize": p over the union U of the supports, against the student's
+    full-vocabulary q = softmax(s / T). "bucket": p and q collapsed to U plus one
+    tail class (p_tail, q_tail = the student's probability outside U).
+    "uniform": both over all C classes. The divergences are those of
+    ``divergence_rows`` over these classes; reverse KL is undefined for
+    "renormalize" (p is 0 where q is not).
+
+    Parameters
+    ----------
+    student : array_like of float, shape [N, C]
+        The student's logits.
+    indices : array_like of int, shape [K, N, k]
+        The teachers' stored classes, as in ``topk_teacher_distributions``.
+    logprobs : array_like of float, shape [K, N, k]
+        Their log-probabilities.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The loss temperature T.
+    tail : {"renormalize", "bucket", "uniform"}
+        The tail rule.
+    topk_temperature : float, default 1.0
+        T_g, the temperature of the stored log-probabilities.
+    divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
+        The divergence.
+    beta : float, default 0.5
+        The JSD weight.
+    ignore_index : int or None, default None
+        The label of ignored rows.
+
+    Returns
+    -------
+    divergence, cross_entropy : numpy.ndarray of float64, shape [N]
+        0 on ignored rows.
+    valid : numpy.ndarray of bool, shape [N]
+        False for the ignored rows.
+
+    Raises
+    ------
+    ValueError
+        An unknown tail or divergence, or reverse KL with "renormalize".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> s = np.array([[1.0, 0.0, 0.0]])
+    >>> idx, lp = np.array([[[0]]]), np.log([[[0.75]]])
+    >>> d, ce, _ = reference.topk_rows(s, idx, lp, [0], [1.0], 1.0, "bucket")
+    >>> print(f"{d[0]:.6f} {ce[0]:.6f}")
+    0.065823 0.551445
+    """
+    if divergence == "reverse_kl" and tail == "renormalize":
+        raise ValueError("reverse_kl is undefined for tail='renormalize'")
+    P, Q, _, _ = _topk_collapsed(student, indices, logprobs, weights, temperature, tail, topk_temperature)
+    if divergence == "forward_kl":
+        d = _xlogy_ratio(P, Q).sum(axis=-1)
+    elif divergence == "reverse_kl":
+        d = _xlogy_ratio(Q, P).sum(axis=-1)
+    elif divergence == "jsd":
+        M = beta * P + (1.0 - beta) * Q
+        d = beta * _xlogy_ratio(P, M).sum(axis=-1) + (1.0 - beta) * _xlogy_ratio(Q, M).sum(axis=-1)
+    else:
+        raise ValueError(divergence)
+    s = np.asarray(student, dtype=np.float64)
+    y = np.asarray(labels)
+    valid = _valid_rows(y, ignore_index)
+    safe_y = np.where(valid, y, 0)
+    ce = -np.take_along_axis(log_softmax(s), safe_y[:, None], axis=-1)[:, 0]
+    return np.where(valid, d, 0.0), np.where(valid, ce, 0.0), valid
+
+
+def topk_loss(
+    student,
+    indices,
+    logprobs,
+    labels,
+    weights,
+    temperature: float,
+    alpha: float,
+    reduction: str = "mean",
+    **options,
+):
+    """``alpha T^2 D + (1 - alpha) CE`` against sparse top-k teachers, reduced as
+    ``general_loss`` reduces.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [N, C]
+        The student's logits.
+    indices : array_like of int, shape [K, N, k]
+        The teachers' stored classes; -1 marks an unused entry.
+    logprobs : array_like of float, shape [K, N, k]
+        Their log-probabilities.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The loss temperature T.
+    alpha : float
+        Weight of the soft term, in [0, 1].
+    reduction : {"mean", "sum", "none"}, default "mean"
+        Over rows, as in ``general_loss``.
+    **options
+        tail (required), topk_temperature, divergence, beta and ignore_index,
+        as for ``topk_rows``.
+
+    Returns
+    -------
+    loss, soft, hard : numpy.float64, or numpy.ndarray of float64 [N] with "none"
+        soft + hard, alpha T^2 D and (1 - alpha) CE.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> s = np.array([[1.0, 0.0, 0.0]])
+    >>> idx, lp = np.array([[[0]]]), np.log([[[0.75]]])
+    >>> loss, soft, hard = reference.topk_loss(s, idx, lp, [0], [1.0], 1.0, 0.5, tail="bucket")
+    >>> print(f"{loss:.6f}")
+    0.308634
+    """
+    d, ce, valid = topk_rows(student, indices, logprobs, labels, weights, temperature, **options)
+    soft = alpha * temperature**2 * d
+    hard = (1.0 - alpha) * ce
+    if reduction == "none":
+        return soft + hard, soft, hard
+    n = max(int(valid.sum()), 1) if reduction == "mean" else 1
+    return soft.sum() / n + hard.sum() / n, soft.sum() / n, hard.sum() / n
+
+
+def topk_grad(
+    student,
+    indices,
+    logprobs,
+    labels,
+    weights,
+    temperature: float,
+    alpha: float,
+    reduction: str = "mean",
+    **options,
+) -> np.ndarray:
+    """The gradient of ``topk_loss`` with respect to the student logits.
+
+    Over the collapsed classes c of ``topk_rows`` (a class, or the tail bucket
+    that holds the classes outside U), with G_c = dD/dQ_c (-P/Q for forward KL,
+    log(Q/P) + 1 for reverse KL, (1 - beta) log(Q/M) for the JSD):
+    dD/ds_j = q_j (G_c(j) - sum_c Q_c G_c) / T, c(j) the class that holds j.
+
+    Parameters
+    ----------
+    student : array_like of float, shape [N, C]
+        The student's logits.
+    indices : array_like of int, shape [K, N, k]
+        The teachers' stored classes; -1 marks an unused entry.
+    logprobs : array_like of float, shape [K, N, k]
+        Their log-probabilities.
+    labels : array_like of int, shape [N]
+        Class indices in [0, C), or ignore_index.
+    weights : array_like of float, shape [K]
+        One weight per teacher, normalized here to sum 1.
+    temperature : float
+        The loss temperature T.
+    alpha : float
+        Weight of the soft term, in [0, 1].
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" divides by the rows not ignored (at least 1); any
+        other value leaves the per-row gradients.
+    **options
+        tail (required), topk_temperature, divergence, beta and ignore_index,
+        as for ``topk_rows``.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N, C]
+        d loss / d student; 0 on ignored rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> s = np.array([[1.0, 0.0, 0.0]])
+    >>> idx, lp = np.array([[[0]]]), np.log([[[0.75]]])
+    >>> reference.topk_grad(s, idx, lp, [0], [1.0], 1.0, 1.0, tail="bucket").round(6)
+    array([[-0.173883,  0.086942,  0.086942]])
+    """
+    tail = options["tail"]
+    divergence = options.get("divergence", "forward_kl")
+    beta = options.get("beta", 0.5)
+    ignore_index = options.get("ignore_index")
+    if divergence == "reverse_kl" and tail == "renormalize":
+        raise ValueError("reverse_kl is undefined for tail='renormalize'")
+    P, Q, union, log_q = _topk_collapsed(
+        student, indices, logprobs, weights, temperature, tail, options.get("topk_temperature", 1.0)
+    )
+    n_classes = log_q.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if divergence == "forward_kl":
+            G = np.where(P > 0, -P / Q, 0.0)
+        elif divergence == "reverse_kl":
+            G = np.log(Q) - np.log(P) + 1.0
+        elif divergence == "jsd":
+            G = (1.0 - beta) * (np.log(Q) - np.log(beta * P + (1.0 - beta) * Q))
+        else:
+            raise ValueError(divergence)
+        G = np.where(Q > 0, G, 0.0)
+    if tail == "bucket":
+        g_class = np.where(union, G[:, :n_classes], G[:, n_classes : n_classes + 1])
+    else:
+        g_class = G[:, :n_classes]
+    q = np.exp(log_q)
+    mean_g = np.sum(Q * G, axis=-1, keepdims=True)
+    dd_ds = q * (g_class - mean_g) / temperature
+    s = np.asarray(student, dtype=np.float64)
+    y = np.asarray(labels)
+    valid = _valid_rows(y, ignore_index)
+    r = np.exp(log_softmax(s))
+    onehot = np.zeros_like(s)
+    np.put_along_axis(onehot, np.where(valid, y, 0)[:, None], 1.0, axis=-1)
+    grad = alpha * temperature**2 * dd_ds + (1.0 - alpha) * (r - onehot)
+    grad[~valid] = 0.0
+    if reduction == "mean":
+        grad /= max(int(valid.sum()), 1)
+    return grad

@@ -16,7 +16,7 @@ import numpy as np
 
 from numba_kd import _math, _runtime, _signatures, _validate
 from numba_kd._arrays import check_output, flatten_arrays, host_has_nonfinite, is_device_array
-from numba_kd._options import NO_IGNORE, LossOptions, compute_dtype
+from numba_kd._options import NO_IGNORE, LossOptions, SparseTeachers, compute_dtype
 
 Teachers = tuple[Any, ...] | Any
 
@@ -85,6 +85,16 @@ def _general_rows(student, teachers, weights, labels, params, compute, grad, d_r
     )  # fmt: skip
 
 
+def _topk_rows(student, top, weights, labels, params, compute, grad, d_rows, ce_rows) -> None:
+    """The sparse-teacher loss kernel over these rows (top: SparseTeachers)."""
+    elements = student.size + top.indices.size
+    run_cpu_kernel(
+        "topk_rows", elements, student=student, top=(top.indices, top.logprobs), weights=weights,
+        labels=labels, params=params, sparse=top.params, per_block=_per_block(student.shape[0], elements),
+        compute=_EMPTY[np.dtype(compute)], grad=grad, d_rows=d_rows, ce_rows=ce_rows,
+    )  # fmt: skip
+
+
 def _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows) -> None:
     """Compute the rows whose float32 results are NaN or infinite again in float64.
 
@@ -93,15 +103,22 @@ def _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_r
     come out NaN again.  The other rows keep their results, bit for bit.
     """
     rows = np.flatnonzero(~(np.isfinite(d_rows) & np.isfinite(ce_rows)))
-    if isinstance(teachers, tuple):
+    if isinstance(teachers, SparseTeachers):
+        sub_teachers = teachers._replace(
+            indices=teachers.indices[:, rows], logprobs=teachers.logprobs[:, rows]
+        )
+        kernel = _topk_rows
+    elif isinstance(teachers, tuple):
         sub_teachers = tuple(t[rows] for t in teachers)
+        kernel = _general_rows
     else:
         sub_teachers = teachers[:, rows]
+        kernel = _general_rows
     sub_grad = np.empty((len(rows), student.shape[1]) if params.want_grad else (0, 0), dtype=student.dtype)
     sub_d = np.empty(len(rows))
     sub_ce = np.empty(len(rows))
     sub_student, sub_labels = student[rows], labels[rows]
-    _general_rows(sub_student, sub_teachers, weights, sub_labels, params, np.float64, sub_grad, sub_d, sub_ce)
+    kernel(sub_student, sub_teachers, weights, sub_labels, params, np.float64, sub_grad, sub_d, sub_ce)
     d_rows[rows] = sub_d
     ce_rows[rows] = sub_ce
     if params.want_grad:
@@ -214,23 +231,29 @@ class HostBackend:
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
         compute = compute_dtype(dtype, temperature)
-        _general_rows(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows)
+        kernel = _topk_rows if isinstance(teachers, SparseTeachers) else _general_rows
+        kernel(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows)
         soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
         # Any NaN or infinite row makes a part non-finite (0 * inf is NaN too).
         if compute == np.float32 and not (math.isfinite(soft) and math.isfinite(hard)):
             _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows)
             soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
-        if options.reduction == "none":
-            soft = (alpha * temperature * temperature * d_rows).astype(dtype)
-            hard = ((1.0 - alpha) * ce_rows).astype(dtype)
-        loss = soft + hard
-        return loss, soft, hard, grad if want_grad else None
+        return _reduced(options, dtype, alpha, temperature, d_rows, ce_rows, soft, hard, grad, want_grad)
 
     def wrap(self, out: np.ndarray, like: object) -> np.ndarray:
         return out
 
 
 HOST = HostBackend()
+
+
+def _reduced(options, dtype, alpha, temperature, d_rows, ce_rows, soft, hard, grad, want_grad):
+    """(loss, soft, hard, grad) as HostBackend.loss returns them."""
+    if options.reduction == "none":
+        soft = (alpha * temperature * temperature * d_rows).astype(dtype)
+        hard = ((1.0 - alpha) * ce_rows).astype(dtype)
+    loss = soft + hard
+    return loss, soft, hard, grad if want_grad else None
 
 
 def _to_host(x: object) -> np.ndarray:

@@ -27,6 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from numba_kd._math import (
+    BUCKET,
     COMBINE_LOGITS,
     COMBINE_PROBS,
     CONFIDENCE,
@@ -36,7 +37,9 @@ from numba_kd._math import (
     NEG_INF,
     REVERSE_KL,
     STATIC,
+    UNIFORM,
     as_type_of,
+    class_divergence,
     confidence_log_weight,
     cross_entropy,
     distillation_terms,
@@ -59,6 +62,10 @@ from numba_kd._math import (
     online_lse_step,
     reverse_kl_grad,
     tiny_like,
+    topk_missing_mass,
+    topk_tail_log,
+    uniform_forward_kl_outside,
+    uniform_reverse_kl_outside,
     weighted_log_prob,
 )
 from numba_kd._runtime import DISK_CACHE
@@ -724,3 +731,346 @@ def combine_probabilities(teachers, weights, params, eps, per_block, out):
             else:
                 for j in range(n_classes):
                     row[j] = t_out * ell[j]
+
+
+# ---------------------------------------------------------------------------
+# Sparse top-k teachers: each row's K k stored entries are merged into the
+# target on the union U of the supports (a few hundred classes at most), so no
+# dense teacher row exists.  The student row is swept for its statistics, and
+# once more where the gradient is written.
+
+
+@row_function
+def _topk_target(top, weights, i, n_classes, sparse, acc, outside, touched):
+    """Merge row i's top-k entries into acc (the target on U, minus p_out for
+    "uniform"), set outside[j] = 0 for j in U and list U in touched.
+
+    Returns (n_u, p_tail, p_out, bad): the size of U, the bucket's target mass,
+    the "uniform" mass of each class outside U, and whether a stored
+    log-probability is NaN (the row is then NaN).
+    """
+    indices, logprobs = top
+    tau = sparse.retemper
+    n_u = 0
+    p_tail = 0.0
+    p_out = 0.0
+    bad = False
+    for k in range(weights.shape[0]):
+        w = weights[k]
+        if not w > 0.0:
+            continue
+        idx = indices[k, i]
+        lp = logprobs[k, i]
+        # The re-tempered entries' log-sum-exp and the stored mass.
+        m = NEG_INF
+        s = 0.0
+        mass = 0.0
+        n_stored = 0
+        for e in range(idx.shape[0]):
+            if idx[e] < 0:
+                continue
+            x = np.float64(lp[e])
+            bad = bad or x != x
+            mass += math.exp(x)
+            m, s = online_lse_step(m, s, tau * x, 1.0)
+            n_stored += 1
+        n_out = n_classes - n_stored
+        missing = topk_missing_mass(mass, n_stored, n_classes)
+        log_tail = topk_tail_log(sparse.tail, missing, n_out, tau)
+        log_norm = logaddexp(lse_from_stats(m, s) if n_stored > 0 else NEG_INF, log_tail)
+        tail_share = math.exp(log_tail - log_norm) if log_tail > NEG_INF else 0.0
+        per_class = 0.0
+        if sparse.tail == BUCKET:
+            p_tail += w * tail_share
+        elif sparse.tail == UNIFORM and n_out > 0:
+            per_class = tail_share / n_out
+            p_out += w * per_class
+        for e in range(idx.shape[0]):
+            j = idx[e]
+            if j < 0:
+                continue
+            if outside[j] != 0.0:
+                outside[j] = 0.0
+                touched[n_u] = j
+                n_u += 1
+            acc[j] += w * (math.exp(tau * np.float64(lp[e]) - log_norm) - per_class)
+    return n_u, p_tail, p_out, bad
+
+
+@row_function
+def _topk_student_stats(s, inv_t, outside, qt):
+    """The student's sweep: qt_j = exp(b_j), b = (s - max s) / T; returns
+    (max s, S_b, S_s, Q_out, B_out, E_out): S_b = sum exp(b), S_s = sum exp(s - max s),
+    and over the classes outside U (outside_j = 1) Q_out = sum exp(b), B_out = sum b,
+    E_out = sum exp(b) b."""
+    like = qt[0]
+    n = s.shape[0]
+    m_s = _max(s)
+    shift = as_type_of(m_s, like)
+    scale = as_type_of(inv_t, like)
+    zero = as_type_of(0.0, like)
+    s_b = 0.0
+    s_s = 0.0
+    q_out = 0.0
+    b_out = 0.0
+    e_out = 0.0
+    for start in range(0, n, CHUNK):
+        x = s[start : start + CHUNK]
+        o = outside[start : start + CHUNK]
+        q_row = qt[start : start + CHUNK]
+        p_b = zero
+        p_s = zero
+        p_q = zero
+        p_bo = zero
+        p_e = zero
+        for j in range(x.shape[0]):
+            d = x[j] - shift
+            b = d * scale
+            q = exp_like(b, like)
+            q_row[j] = q
+            p_b += q
+            p_s += exp_like(d, like)
+            ob = o[j] * b
+            p_q += o[j] * q
+            p_bo += ob
+            p_e += q * ob
+        s_b += p_b
+        s_s += p_s
+        q_out += p_q
+        b_out += p_bo
+        e_out += p_e
+    return np.float64(m_s), s_b, s_s, q_out, b_out, e_out
+
+
+@row_function
+def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta):
+    """ "uniform" JSD over the classes outside U, where the target is p_out: returns
+    (sum of the class terms, sum of q_j (1 - beta) log(q_j / m_j))."""
+    like = qt[0]
+    n = qt.shape[0]
+    b1_c = as_type_of(1.0 - beta, like)
+    bp = as_type_of(beta * p_out, like)
+    lp = as_type_of(math.log(p_out) if p_out > 0.0 else NEG_INF, like)
+    inv = as_type_of(inv_sb, like)
+    zero = as_type_of(0.0, like)
+    d_sum = 0.0
+    qh_sum = 0.0
+    for start in range(0, n, CHUNK):
+        q_row = qt[start : start + CHUNK]
+        o = outside[start : start + CHUNK]
+        p_d = zero
+        p_qh = zero
+        for j in range(q_row.shape[0]):
+            q = q_row[j] * inv
+            m = bp + b1_c * q
+            log_m = log_like(m, like)
+            a = bp * (lp - log_m) if bp > zero else zero
+            h = log_like(q, like) - log_m if q > zero else zero
+            p_d += o[j] * (a + b1_c * q * h)
+            p_qh += o[j] * (b1_c * q * h)
+        d_sum += p_d
+        qh_sum += p_qh
+    return d_sum, qh_sum
+
+
+@row_function
+def _topk_grad_sweep(s, y, qt, outside, stats, constants, params, out):
+    """out = c_soft dD/ds + c_hard dCE/ds outside U: soft (q_j (a + c b_j) + e) with
+    the constants (a, c, e) of the tail rule, or for the "uniform" JSD the per-class
+    (1 - beta) q_j (log(q_j / m_j) - qh); the caller then writes the entries in U."""
+    m_s, s_b, log_ss, p_out, qh = stats
+    a, c, e, per_class_jsd = constants
+    like = qt[0]
+    n = s.shape[0]
+    inv_t = 1.0 / params.temperature
+    shift = as_type_of(m_s, like)
+    scale = as_type_of(inv_t, like)
+    soft = as_type_of(params.c_soft * inv_t, like)
+    hard = as_type_of(params.c_hard, like)
+    inv_sb = as_type_of(1.0 / s_b, like)
+    shift_s = as_type_of(log_ss, like)
+    if per_class_jsd:
+        b1_c = as_type_of(1.0 - params.beta, like)
+        bp = as_type_of(params.beta * p_out, like)
+        qh_c = as_type_of(qh, like)
+        zero = as_type_of(0.0, like)
+        for j in range(n):
+            q = qt[j] * inv_sb
+            h = log_like(q, like) - log_like(bp + b1_c * q, like) if q > zero else zero
+            out[j] = soft * jsd_grad(q, h, b1_c, qh_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+    else:
+        a_c = as_type_of(a, like)
+        c_c = as_type_of(c, like)
+        e_c = as_type_of(e, like)
+        for j in range(n):
+            b = (s[j] - shift) * scale
+            q = qt[j] * inv_sb
+            out[j] = soft * (q * (a_c + c_c * b) + e_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+    out[y] -= hard
+
+
+@njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
+@reads("student", "top", "weights", "labels")
+def topk_rows(student, top, weights, labels, params, sparse, per_block, compute, grad, d_rows, ce_rows):
+    """The loss against sparse top-k teachers, per row: the divergence into d_rows,
+    CE into ce_rows and, with params.want_grad, c_soft dD/ds + c_hard dCE/ds into grad.
+
+    ``top`` is (indices [K, N, k] int64, -1 for no entry; logprobs [K, N, k]);
+    ``weights`` are normalized.  Per row: the entries are merged into the target
+    on U (float64, libm); the student's sweep (in ``compute``'s precision) gives
+    its statistics, over all classes and over those outside U; the terms of the
+    classes in U are float64; a "uniform" JSD sweeps the classes outside U; the
+    gradient sweep writes the row.  Ignored rows get 0, rows with a NaN get NaN.
+    """
+    n_rows, n_classes = student.shape
+    n_entries = top[0].shape[0] * top[0].shape[2]
+    inv_t = 1.0 / params.temperature
+    divergence = params.divergence
+    tail = sparse.tail
+    beta = params.beta
+    for block in prange(_n_blocks(n_rows, per_block)):
+        acc = np.zeros(n_classes)
+        scratch = _scratch_buffer(2, n_classes, compute.dtype)
+        outside = _scratch_row(scratch, 0, n_classes, n_classes)
+        qt = _scratch_row(scratch, 1, n_classes, n_classes)
+        outside[:] = 1.0
+        touched = np.empty(n_entries, np.int64)
+        for i in _block_rows(block, n_rows, per_block):
+            y = labels[i]
+            if y == params.ignore_index:
+                d_rows[i] = 0.0
+                ce_rows[i] = 0.0
+                if params.want_grad:
+                    grad[i, :] = 0.0
+                continue
+            s = student[i]
+            n_u, p_tail, p_out, bad = _topk_target(top, weights, i, n_classes, sparse, acc, outside, touched)
+            if bad or nonfinite_probe(s) != 0.0:
+                for u in range(n_u):
+                    acc[touched[u]] = 0.0
+                    outside[touched[u]] = 1.0
+                d_rows[i] = math.nan
+                ce_rows[i] = math.nan
+                if params.want_grad:
+                    grad[i, :] = math.nan
+                continue
+            m_s, s_b, s_s, q_sum_out, b_out, e_out = _topk_student_stats(s, inv_t, outside, qt)
+            log_sb = math.log(s_b)
+            n_out = n_classes - n_u
+            q_out = q_sum_out / s_b
+            # The classes of U, in float64.
+            d = 0.0
+            qh = 0.0
+            for u in range(n_u):
+                j = touched[u]
+                p = acc[j] + p_out
+                log_q = (np.float64(s[j]) - m_s) * inv_t - log_sb
+                term, h = class_divergence(
+                    divergence, p, math.exp(log_q), log_or_minus_inf(p, NEG_INF), log_q, beta
+                )
+                d += term
+                qh += math.exp(log_q) * h
+            # The classes outside U, and the gradient's constants there: there
+            # dD/db_j = q_j (a + c b_j) + e, or the "uniform" JSD's per-class form.
+            h_out = 0.0
+            per_class_jsd = False
+            if tail == BUCKET:
+                log_qo = log_or_minus_inf(q_out, NEG_INF)
+                log_pt = log_or_minus_inf(p_tail, NEG_INF)
+                term, h_out = class_divergence(divergence, p_tail, q_out, log_pt, log_qo, beta)
+                d += term
+                qh += q_out * h_out
+            elif tail == UNIFORM and divergence == FORWARD_KL:
+                d += uniform_forward_kl_outside(p_out, n_out, b_out, log_sb)
+            elif tail == UNIFORM and divergence == REVERSE_KL:
+                d += uniform_reverse_kl_outside(q_out, e_out, s_b, log_sb, p_out)
+            elif tail == UNIFORM:
+                d_o, qh_o = _topk_jsd_outside(qt, outside, 1.0 / s_b, p_out, beta)
+                d += d_o
+                qh += qh_o
+                per_class_jsd = True
+            elif divergence == JSD:  # renormalize: p = 0 outside U, so log(q / m) = -log(1 - beta)
+                h_out = -(1.0 - beta) * math.log1p(-beta)
+                d += q_out * h_out
+                qh += q_out * h_out
+            d = nonnegative(d)
+            a, c, e = 1.0, 0.0, 0.0
+            if divergence == FORWARD_KL:
+                if tail == BUCKET:
+                    a = 1.0 - p_tail / q_out if q_out > 0.0 else 1.0
+                elif tail == UNIFORM:
+                    e = -p_out
+            elif divergence == REVERSE_KL:
+                if tail == BUCKET:
+                    a = h_out - d
+                else:  # uniform: q_j (b_j - log S_b - log p_out - D)
+                    a = -log_sb - log_or_minus_inf(p_out, NEG_INF) - d
+                    c = 1.0
+            else:
+                a = h_out - qh
+            log_ss = math.log(s_s)
+            ce_rows[i] = cross_entropy(m_s, np.float64(s[y]), log_ss)
+            # A float32 row whose gradient constants leave the float32 range (a tail
+            # below about 1e-38 of the row) is marked for the float64 kernel.
+            like = qt[0]
+            wide = (
+                np.float64(as_type_of(a, like))
+                + np.float64(as_type_of(c, like))
+                + np.float64(as_type_of(e, like))
+            )
+            d_rows[i] = d if math.isfinite(wide) or not math.isfinite(a + c + e) else math.nan
+            if params.want_grad:
+                row = grad[i]
+                stats = (m_s, s_b, log_ss, p_out, qh)
+                _topk_grad_sweep(s, y, qt, outside, stats, (a, c, e, per_class_jsd), params, row)
+                soft = params.c_soft * inv_t
+                for u in range(n_u):
+                    j = touched[u]
+                    p = acc[j] + p_out
+                    log_q = (np.float64(s[j]) - m_s) * inv_t - log_sb
+                    q = math.exp(log_q)
+                    if divergence == FORWARD_KL:
+                        g = forward_kl_grad(p, q)
+                    else:
+                        _, h = class_divergence(divergence, p, q, log_or_minus_inf(p, NEG_INF), log_q, beta)
+                        g = q * (h - (d if divergence == REVERSE_KL else qh))
+                    r = math.exp((np.float64(s[j]) - m_s) - log_ss)
+                    row[j] = soft * g + params.c_hard * (r - (1.0 if j == y else 0.0))
+            for u in range(n_u):
+                j = touched[u]
+                acc[j] = 0.0
+                outside[j] = 1.0
+
+
+@njit(nogil=True, cache=DISK_CACHE)
+def topk_first_problem(indices, logprobs, n_classes, tolerance, check_finite):
+    """The first invalid entry of sparse teachers, as (code, teacher, row, value);
+    code 0: none.  1: an index outside [0, n_classes) other than -1; 2: a class
+    stored twice in a row; 3: a log-probability above tolerance; 4: a row's
+    probabilities summing above 1 + tolerance; 5 (with check_finite): a NaN."""
+    seen = np.full(n_classes, -1, np.int64)
+    n_teachers, n_rows, k = indices.shape
+    for t in range(n_teachers):
+        for i in range(n_rows):
+            stamp = t * n_rows + i
+            mass = 0.0
+            for e in range(k):
+                j = indices[t, i, e]
+                if j == -1:
+                    continue
+                if j < 0 or j >= n_classes:
+                    return 1, t, i, float(j)
+                if seen[j] == stamp:
+                    return 2, t, i, float(j)
+                seen[j] = stamp
+                x = np.float64(logprobs[t, i, e])
+                if x != x:
+                    if check_finite:
+                        return 5, t, i, x
+                    continue
+                if x > tolerance:
+                    return 3, t, i, x
+                mass += math.exp(x)
+            if mass > 1.0 + tolerance:
+                return 4, t, i, mass
+    return 0, 0, 0, 0.0
