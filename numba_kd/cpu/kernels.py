@@ -798,22 +798,25 @@ def _topk_target(top, weights, i, n_classes, sparse, acc, outside, touched):
 
 
 @row_function
-def _topk_student_stats(s, inv_t, outside, qt):
+def _topk_student_stats(s, inv_t, outside, qt, logit_sums):
     """The student's sweep: qt_j = exp(b_j), b = (s - max s) / T; returns
     (max s, S_b, S_s, Q_out, B_out, E_out): S_b = sum exp(b), S_s = sum exp(s - max s),
-    and over the classes outside U (outside_j = 1) Q_out = sum exp(b), B_out = sum b,
-    E_out = sum exp(b) b."""
+    and over the classes outside U (outside_j = 1) Q_out = sum exp(b) and, with
+    ``logit_sums`` ("uniform"), B_out = sum b and E_out = sum exp(b) b (else 0).
+    At T = 1, S_s is S_b: the loops compute one exponential per class."""
     like = qt[0]
     n = s.shape[0]
     m_s = _max(s)
     shift = as_type_of(m_s, like)
     scale = as_type_of(inv_t, like)
     zero = as_type_of(0.0, like)
+    unit = inv_t == 1.0
     s_b = 0.0
     s_s = 0.0
     q_out = 0.0
     b_out = 0.0
     e_out = 0.0
+    # Separate loops for each case, so that none computes what is not asked for.
     for start in range(0, n, CHUNK):
         x = s[start : start + CHUNK]
         o = outside[start : start + CHUNK]
@@ -823,17 +826,44 @@ def _topk_student_stats(s, inv_t, outside, qt):
         p_q = zero
         p_bo = zero
         p_e = zero
-        for j in range(x.shape[0]):
-            d = x[j] - shift
-            b = d * scale
-            q = exp_like(b, like)
-            q_row[j] = q
-            p_b += q
-            p_s += exp_like(d, like)
-            ob = o[j] * b
-            p_q += o[j] * q
-            p_bo += ob
-            p_e += q * ob
+        if logit_sums and unit:
+            for j in range(x.shape[0]):
+                b = x[j] - shift
+                q = exp_like(b, like)
+                q_row[j] = q
+                p_b += q
+                ob = o[j] * b
+                p_q += o[j] * q
+                p_bo += ob
+                p_e += q * ob
+            p_s = p_b
+        elif logit_sums:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                b = d * scale
+                q = exp_like(b, like)
+                q_row[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                ob = o[j] * b
+                p_q += o[j] * q
+                p_bo += ob
+                p_e += q * ob
+        elif unit:
+            for j in range(x.shape[0]):
+                q = exp_like(x[j] - shift, like)
+                q_row[j] = q
+                p_b += q
+                p_q += o[j] * q
+            p_s = p_b
+        else:
+            for j in range(x.shape[0]):
+                d = x[j] - shift
+                q = exp_like(d * scale, like)
+                q_row[j] = q
+                p_b += q
+                p_s += exp_like(d, like)
+                p_q += o[j] * q
         s_b += p_b
         s_s += p_s
         q_out += p_q
@@ -843,9 +873,10 @@ def _topk_student_stats(s, inv_t, outside, qt):
 
 
 @row_function
-def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta):
-    """ "uniform" JSD over the classes outside U, where the target is p_out: returns
-    (sum of the class terms, sum of q_j (1 - beta) log(q_j / m_j))."""
+def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta, aux):
+    """The "uniform" JSD over the classes outside U, where the target is p_out:
+    returns (sum of the class terms, sum of q_j (1 - beta) log(q_j / m_j)), with
+    (1 - beta) log(q_j / m_j) into aux for the gradient sweep."""
     like = qt[0]
     n = qt.shape[0]
     b1_c = as_type_of(1.0 - beta, like)
@@ -858,6 +889,7 @@ def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta):
     for start in range(0, n, CHUNK):
         q_row = qt[start : start + CHUNK]
         o = outside[start : start + CHUNK]
+        h_row = aux[start : start + CHUNK]
         p_d = zero
         p_qh = zero
         for j in range(q_row.shape[0]):
@@ -865,20 +897,23 @@ def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta):
             m = bp + b1_c * q
             log_m = log_like(m, like)
             a = bp * (lp - log_m) if bp > zero else zero
-            h = log_like(q, like) - log_m if q > zero else zero
-            p_d += o[j] * (a + b1_c * q * h)
-            p_qh += o[j] * (b1_c * q * h)
+            h = b1_c * (log_like(q, like) - log_m) if q > zero else zero
+            h_row[j] = h
+            p_d += o[j] * (a + q * h)
+            p_qh += o[j] * (q * h)
         d_sum += p_d
         qh_sum += p_qh
     return d_sum, qh_sum
 
 
 @row_function
-def _topk_grad_sweep(s, y, qt, outside, stats, constants, params, out):
+def _topk_grad_sweep(s, y, rows, stats, constants, params, out):
     """out = c_soft dD/ds + c_hard dCE/ds outside U: soft (q_j (a + c b_j) + e) with
     the constants (a, c, e) of the tail rule, or for the "uniform" JSD the per-class
-    (1 - beta) q_j (log(q_j / m_j) - qh); the caller then writes the entries in U."""
-    m_s, s_b, log_ss, p_out, qh = stats
+    q_j (h_j - qh) with h_j = (1 - beta) log(q_j / m_j) from aux (rows = (qt, aux));
+    the caller then writes the entries in U."""
+    qt, aux = rows
+    m_s, s_b, log_ss, qh = stats
     a, c, e, per_class_jsd = constants
     like = qt[0]
     n = s.shape[0]
@@ -890,22 +925,29 @@ def _topk_grad_sweep(s, y, qt, outside, stats, constants, params, out):
     inv_sb = as_type_of(1.0 / s_b, like)
     shift_s = as_type_of(log_ss, like)
     if per_class_jsd:
-        b1_c = as_type_of(1.0 - params.beta, like)
-        bp = as_type_of(params.beta * p_out, like)
+        one = as_type_of(1.0, like)
         qh_c = as_type_of(qh, like)
-        zero = as_type_of(0.0, like)
         for j in range(n):
             q = qt[j] * inv_sb
-            h = log_like(q, like) - log_like(bp + b1_c * q, like) if q > zero else zero
-            out[j] = soft * jsd_grad(q, h, b1_c, qh_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+            out[j] = soft * jsd_grad(q, aux[j], one, qh_c) + hard * exp_like((s[j] - shift) - shift_s, like)
     else:
         a_c = as_type_of(a, like)
         c_c = as_type_of(c, like)
         e_c = as_type_of(e, like)
-        for j in range(n):
-            b = (s[j] - shift) * scale
-            q = qt[j] * inv_sb
-            out[j] = soft * (q * (a_c + c_c * b) + e_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+        if c != 0.0:
+            for j in range(n):
+                b = (s[j] - shift) * scale
+                q = qt[j] * inv_sb
+                out[j] = soft * (q * (a_c + c_c * b) + e_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+        elif inv_t == 1.0:
+            # At T = 1 softmax(s) is q: the row needs no exponential and no s.
+            for j in range(n):
+                q = qt[j] * inv_sb
+                out[j] = soft * (q * a_c + e_c) + hard * q
+        else:
+            for j in range(n):
+                q = qt[j] * inv_sb
+                out[j] = soft * (q * a_c + e_c) + hard * exp_like((s[j] - shift) - shift_s, like)
     out[y] -= hard
 
 
@@ -930,9 +972,11 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
     beta = params.beta
     for block in prange(_n_blocks(n_rows, per_block)):
         acc = np.zeros(n_classes)
-        scratch = _scratch_buffer(2, n_classes, compute.dtype)
+        scratch = _scratch_buffer(3, n_classes, compute.dtype)
         outside = _scratch_row(scratch, 0, n_classes, n_classes)
         qt = _scratch_row(scratch, 1, n_classes, n_classes)
+        per_class = tail == UNIFORM and divergence == JSD
+        aux = _scratch_row(scratch, 2, n_classes, n_classes if per_class else 1)  # JSD's h outside U
         outside[:] = 1.0
         touched = np.empty(n_entries, np.int64)
         for i in _block_rows(block, n_rows, per_block):
@@ -954,7 +998,9 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                 if params.want_grad:
                     grad[i, :] = math.nan
                 continue
-            m_s, s_b, s_s, q_sum_out, b_out, e_out = _topk_student_stats(s, inv_t, outside, qt)
+            m_s, s_b, s_s, q_sum_out, b_out, e_out = _topk_student_stats(
+                s, inv_t, outside, qt, tail == UNIFORM
+            )
             log_sb = math.log(s_b)
             n_out = n_classes - n_u
             q_out = q_sum_out / s_b
@@ -985,7 +1031,7 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
             elif tail == UNIFORM and divergence == REVERSE_KL:
                 d += uniform_reverse_kl_outside(q_out, e_out, s_b, log_sb, p_out)
             elif tail == UNIFORM:
-                d_o, qh_o = _topk_jsd_outside(qt, outside, 1.0 / s_b, p_out, beta)
+                d_o, qh_o = _topk_jsd_outside(qt, outside, 1.0 / s_b, p_out, beta, aux)
                 d += d_o
                 qh += qh_o
                 per_class_jsd = True
@@ -1021,8 +1067,8 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
             d_rows[i] = d if math.isfinite(wide) or not math.isfinite(a + c + e) else math.nan
             if params.want_grad:
                 row = grad[i]
-                stats = (m_s, s_b, log_ss, p_out, qh)
-                _topk_grad_sweep(s, y, qt, outside, stats, (a, c, e, per_class_jsd), params, row)
+                stats = (m_s, s_b, log_ss, qh)
+                _topk_grad_sweep(s, y, (qt, aux), stats, (a, c, e, per_class_jsd), params, row)
                 soft = params.c_soft * inv_t
                 for u in range(n_u):
                     j = touched[u]
