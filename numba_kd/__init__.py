@@ -7,9 +7,9 @@ numba's on-disk cache) on its first call.
 from numba_kd import _runtime
 from numba_kd._options import LossComponents
 from numba_kd.distiller import DistillationLoss, EnsembleDistiller
-from numba_kd.sparse import TopK
+from numba_kd.sparse import TopK, read_topk
 
-__all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "TopK", "__version__"]
+__all__ = ["DistillationLoss", "EnsembleDistiller", "LossComponents", "TopK", "__version__", "read_topk"]
 
 __version__ = "0.1.0"
 

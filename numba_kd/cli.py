@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--operations", metavar="NAMES", help="comma-separated rows (default: every row)")
     b.add_argument("--shapes", metavar="BxC,...", help="e.g. 8192x1000,512x32000 (default: all three)")
     b.add_argument("--no-peers", action="store_true", help="time numba_kd and the roofline only")
+    b.add_argument(
+        "--sparse",
+        action="store_true",
+        help="the sparse top-k rows instead: N=1024, C=128000, K=2, k=64 (--quick: N=256, C=32000)",
+    )
     b.add_argument("--no-latency", action="store_true", help="skip the compile-latency subprocesses")
     b.add_argument(
         "--from-json",
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     b.set_defaults(func=_bench)
     _add_offline_commands(sub)
+    _add_topk_command(sub)
     return parser
 
 
@@ -169,8 +175,7 @@ def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--combine",
         choices=["logits", "probs"],
-        default="logits",
-        help="logits: weighted logit average; probs: T log of the weighted probability average",
+        help="logits (the default): weighted logit average; probs: T log of the weighted probability average",
     )
     p.add_argument(
         "--chunk-rows",
@@ -222,7 +227,21 @@ def _add_offline_commands(sub) -> None:
         ),
     )
     loss.add_argument("student", metavar="STUDENT", help="student logits: .npy or .zarr, [N, C]")
-    loss.add_argument("teachers", nargs="+", metavar="TEACHER", help="teacher logits: .npy or .zarr, [N, C]")
+    loss.add_argument(
+        "teachers", nargs="*", metavar="TEACHER", help="teacher logits: .npy or .zarr, [N, C] (or --topk)"
+    )
+    loss.add_argument(
+        "--topk",
+        metavar="FILE",
+        help="the teachers' top-k Parquet file (numba-kd topk) instead of TEACHER arrays; they mix as "
+        "probabilities",
+    )
+    loss.add_argument(
+        "--tail",
+        choices=["renormalize", "bucket", "uniform"],
+        default="bucket",
+        help="with --topk: what the teachers' unstored probability becomes",
+    )
     loss.add_argument("--labels", required=True, help="integer labels: .npy or .zarr, [N]")
     loss.add_argument(
         "--alpha", type=float, required=True, help="weight of the soft (distillation) term, in [0, 1]"
@@ -230,6 +249,57 @@ def _add_offline_commands(sub) -> None:
     _add_ensemble_options(loss)
     loss.add_argument("--json", action="store_true", help="print one JSON object: loss, soft, hard, rows")
     loss.set_defaults(func=_loss)
+
+
+def _add_topk_command(sub) -> None:
+    t = sub.add_parser(
+        "topk",
+        formatter_class=_HelpFormatter,
+        help="store each teacher's top-k log-probabilities per row in a Parquet file",
+        description=(
+            "For each row of K teachers' logits (each a .npy file or a Zarr array, [N, C]), store each "
+            "teacher's k most probable classes at --temperature and their log-probabilities in OUT, a "
+            "Parquet file that numba_kd.read_topk reads as a TopK. OUT is written under a temporary name "
+            "in its directory and renamed when complete."
+        ),
+    )
+    t.add_argument("teachers", nargs="+", metavar="TEACHER", help="teacher logits: .npy or .zarr, [N, C]")
+    t.add_argument("--k", type=int, required=True, help="entries per row and teacher, 1 <= k <= C")
+    t.add_argument("--out", required=True, metavar="OUT", help="the Parquet file")
+    t.add_argument(
+        "--temperature", type=float, default=1.0, help="T_g: log-probabilities of softmax(t / T_g)"
+    )
+    t.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="log-probability dtype")
+    t.add_argument(
+        "--names", metavar="N1,N2,...", help="teacher names for the metadata (default: file names)"
+    )
+    t.add_argument(
+        "--chunk-rows",
+        type=int,
+        metavar="N",
+        help="rows per step and row group (default: ~256 MB of input)",
+    )
+    t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    t.set_defaults(func=_topk)
+
+
+def _topk(args: argparse.Namespace) -> int:
+    from numba_kd import offline
+
+    try:
+        names = None if args.names is None else args.names.split(",")
+        summary = offline.topk(
+            args.teachers, args.out, args.k, temperature=args.temperature, dtype=args.dtype, names=names,
+            chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=not args.no_progress,
+        )  # fmt: skip
+    except (TypeError, ValueError, ImportError, OSError) as exc:
+        return _fail(exc)
+    print(
+        f"wrote {args.out}: {summary.rows} rows in {summary.seconds:.2f} s "
+        f"({summary.rows_per_second:,.0f} rows/s, {summary.gb_per_second:.2f} GB/s of input)"
+    )
+    return 0
 
 
 def _fail(exc: Exception) -> int:
@@ -242,8 +312,9 @@ def _soft_labels(args: argparse.Namespace) -> int:
 
     try:
         options = dict(
-            weights=args.weights, temperature=args.temperature, combine=args.combine, eps=args.eps,
-            chunk_rows=args.chunk_rows, dtype=args.dtype, resume=args.resume, overwrite=args.overwrite,
+            weights=args.weights, temperature=args.temperature, combine=args.combine or "logits",
+            eps=args.eps, chunk_rows=args.chunk_rows, dtype=args.dtype, resume=args.resume,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
         )  # fmt: skip
         summary = offline.soft_labels(args.teachers, args.out, scheduler=args.scheduler, **options)
@@ -260,9 +331,14 @@ def _loss(args: argparse.Namespace) -> int:
     from numba_kd import offline
 
     try:
+        if args.topk is not None:
+            result = _topk_loss(args)
+            return _print_loss(result, args.json)
+        if not args.teachers:
+            raise ValueError("give TEACHER arrays or --topk FILE")
         options = dict(
-            alpha=args.alpha, weights=args.weights, temperature=args.temperature, combine=args.combine,
-            chunk_rows=args.chunk_rows,
+            alpha=args.alpha, weights=args.weights, temperature=args.temperature,
+            combine=args.combine or "logits", chunk_rows=args.chunk_rows,
         )  # fmt: skip
         result = offline.dataset_loss(
             args.student, args.teachers, args.labels, progress=not args.no_progress,
@@ -270,7 +346,27 @@ def _loss(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (TypeError, ValueError, ImportError, OSError) as exc:
         return _fail(exc)
-    if args.json:
+    return _print_loss(result, args.json)
+
+
+def _topk_loss(args: argparse.Namespace) -> dict:
+    from numba_kd import offline
+
+    if args.teachers:
+        raise ValueError("give TEACHER arrays or --topk FILE, not both")
+    if args.combine == "logits":
+        raise ValueError("--topk teachers mix as probabilities: --combine logits does not apply")
+    if args.scheduler is not None:
+        raise ValueError("--topk runs locally: --scheduler does not apply")
+    return offline.dataset_topk_loss(
+        args.student, args.topk, args.labels, alpha=args.alpha, weights=args.weights,
+        temperature=args.temperature, tail=args.tail, chunk_rows=args.chunk_rows,
+        progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def _print_loss(result: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result))
     else:
         print(

@@ -18,6 +18,7 @@ import errno
 import json
 import mmap
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from numba_kd import _validate
+from numba_kd import __version__, _validate, reference, sparse
 from numba_kd.distiller import EnsembleDistiller
 
 # Input bytes per chunk when --chunk-rows is not given.
@@ -1089,3 +1090,265 @@ def _dataset_loss_on_cluster(
     with _client(scheduler) as client:
         loss_value, soft, hard = _run_on_cluster(client, list(parts), progress)
     return {"loss": float(loss_value), "soft": float(soft), "hard": float(hard), "rows": n_rows}
+
+
+# ---------------------------------------------------------------- top-k teachers
+
+TOPK_DTYPES = ("float16", "float32")
+
+
+def topk(
+    teachers: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    dtype: str = "float16",
+    names: Sequence[str] | None = None,
+    chunk_rows: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Summary:
+    """Store each teacher's top-k log-probabilities per row in a Parquet file.
+
+    For every row, each teacher's k most probable classes at ``temperature``
+    (in decreasing order) and their log-probabilities log softmax(t / T_g), computed
+    in float64. ``numba_kd.read_topk`` reads the file back as a ``TopK``.
+
+    The file has, per teacher t, two fixed-size-list columns of k entries,
+    ``teacher{t}_indices`` (int32) and ``teacher{t}_logprobs`` (``dtype``), one
+    row group per chunk of rows, and the schema metadata ``numba_kd.topk``: a
+    JSON object with the number of classes, k, the temperature, the teacher
+    names and the package version. It is written under a hidden temporary
+    name in OUT's directory, created exclusively (nothing existing is touched),
+    and renamed to OUT when complete: an interrupted run never leaves a
+    half-written OUT, and an existing OUT is replaced (with ``overwrite``) only
+    by a complete file. A run killed with SIGKILL leaves its temporary file
+    (``.OUT.*.partial``) behind.
+
+    Parameters
+    ----------
+    teachers : sequence of paths
+        K teacher logit arrays, each [N, C]: ``.npy`` files (read memory-mapped)
+        or Zarr arrays (paths ending in ``.zarr``).
+    out : path
+        The Parquet file.
+    k : int
+        Entries per row and teacher, 1 <= k <= C.
+    temperature : float, default 1.0
+        T_g: the log-probabilities are those of softmax(t / T_g).
+    dtype : {"float16", "float32"}, default "float16"
+        The log-probabilities' dtype.
+    names : sequence of str, optional
+        The teachers' names in the metadata; the file names without their
+        suffix by default.
+    chunk_rows : int, optional
+        Rows per step (one row group each); about 256 MB of input by default.
+    overwrite : bool, default False
+        Replace OUT if it exists.
+    progress : bool, default False
+        A progress bar on stderr (when it is a terminal).
+    on_chunk : callable, optional
+        Called with the number of rows done after each row group is written.
+
+    Returns
+    -------
+    Summary
+        Rows written, seconds, rows per second and GB of logits read per second.
+
+    Raises
+    ------
+    ValueError
+        Inputs that do not exist or differ in shape, a k outside [1, C], a bad
+        temperature or dtype, names that do not match the teachers, non-finite
+        logits (naming the teacher and the row), or an OUT that exists without
+        ``overwrite`` or is one of the inputs.
+    ImportError
+        Without pyarrow, or a Zarr path without zarr.
+    """
+    import pyarrow as pa
+
+    pq = sparse.parquet_module()
+    if len(teachers) == 0:
+        raise ValueError("Must have at least one teacher")
+    arrays = [open_input(path, f"teachers[{i}]") for i, path in enumerate(teachers)]
+    n_rows, n_classes, in_dtype = _check_logits(arrays, [f"teachers[{i}]" for i in range(len(arrays))])
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_classes:
+        raise ValueError(f"k must be an int in [1, {n_classes}] (the number of classes), got {k!r}")
+    k = int(k)
+    t = _validate.real(temperature, "temperature")
+    if not (t > 0.0 and np.isfinite(t) and np.isfinite(1.0 / t)):
+        raise ValueError(f"temperature must be positive and finite with a finite 1/T, got {t}")
+    if dtype not in TOPK_DTYPES:
+        raise ValueError(f"dtype must be one of {TOPK_DTYPES}, got {dtype!r}")
+    if names is None:
+        names = [Path(str(path).rstrip("/")).stem for path in teachers]
+    names = [str(name) for name in names]
+    if len(names) != len(arrays):
+        raise ValueError(f"names: {len(names)} names for {len(arrays)} teachers")
+    out_path = Path(out)
+    if is_zarr_path(out_path):
+        raise ValueError(f"out: {out_path} names a Zarr array; the top-k output is a Parquet file")
+    _check_output_path(out_path, teachers, overwrite)
+    rows_per_step = chunk_rows_for(len(arrays), n_classes, np.dtype(in_dtype).itemsize, chunk_rows)
+    columns = sparse.parquet_columns(len(arrays))
+    info = {
+        "format": sparse.PARQUET_FORMAT, "num_classes": n_classes, "k": k, "temperature": t,
+        "num_teachers": len(arrays), "teachers": names, "logprob_dtype": dtype, "numba_kd": __version__,
+    }  # fmt: skip
+    fields = []
+    for index_name, logprob_name in columns:
+        fields.append(pa.field(index_name, pa.list_(pa.int32(), k), nullable=False))
+        fields.append(
+            pa.field(logprob_name, pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), k), nullable=False)
+        )
+    schema = pa.schema(fields, metadata={sparse.PARQUET_KEY: json.dumps(info).encode()})
+    partial = _exclusive_file(out_path)
+    bar = Progress(n_rows, len(arrays) * n_classes * np.dtype(in_dtype).itemsize, progress, "topk")
+    try:
+        with pq.ParquetWriter(partial, schema) as writer:
+            for start in range(0, n_rows, rows_per_step):
+                stop = min(n_rows, start + rows_per_step)
+                batch = []
+                for teacher, arr in enumerate(arrays):
+                    indices, logprobs = _top_k_rows(np.asarray(arr[start:stop]), k, t, teacher, start)
+                    batch.append(pa.FixedSizeListArray.from_arrays(pa.array(indices.ravel()), k))
+                    batch.append(
+                        pa.FixedSizeListArray.from_arrays(pa.array(logprobs.astype(dtype).ravel()), k)
+                    )
+                    _release(arr)
+                writer.write_table(pa.Table.from_arrays(batch, schema=schema))
+                bar.update(stop - start)
+                if on_chunk is not None:
+                    on_chunk(stop)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, out_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    rows_per_second, gb_per_second = bar.rates()
+    return Summary(n_rows, time.perf_counter() - bar.start, rows_per_second, gb_per_second)
+
+
+def dataset_topk_loss(
+    student: str | os.PathLike,
+    topk_file: str | os.PathLike,
+    labels: str | os.PathLike,
+    *,
+    alpha: float,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    divergence: str = "forward_kl",
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """The distillation loss of a student over a dataset against top-k teachers on disk.
+
+    Streams row chunks of the student and labels and the same rows of the
+    Parquet file (``numba-kd topk``); the teachers mix as probabilities, as
+    for any TopK. Per chunk the parts are summed, then divided once by the
+    number of rows.
+
+    Parameters
+    ----------
+    student : path
+        The student's logits, [N, C]: ``.npy`` or Zarr.
+    topk_file : path
+        The teachers' top-k Parquet file, N rows of C classes.
+    labels : path
+        Integer labels, [N].
+    alpha : float
+        Weight of the soft term, in [0, 1].
+    weights : sequence of float, optional
+        One weight per teacher; equal weights by default.
+    temperature : float, default 1.0
+        The loss temperature T (the file's T_g is re-tempered to it).
+    tail : {"renormalize", "bucket", "uniform"}, default "bucket"
+        The tail rule.
+    divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
+        The divergence.
+    chunk_rows : int, optional
+        Rows per step; by default about 256 MB of student logits.
+    progress : bool, default False
+        Show a progress bar on stderr when it is a terminal.
+
+    Returns
+    -------
+    dict
+        ``{"loss": float, "soft": float, "hard": float, "rows": int}``.
+
+    Raises
+    ------
+    ValueError
+        A student and a file that differ in rows or classes, labels outside
+        [0, C), invalid stored entries, or an option the TopK loss refuses.
+    ImportError
+        Without pyarrow.
+    """
+    s = open_input(student, "student")
+    n_rows, n_classes, _ = _check_logits([s], ["student"])
+    file_rows, info = sparse.topk_file_info(topk_file)
+    if file_rows != n_rows or info["num_classes"] != n_classes:
+        raise ValueError(
+            f"topk_file: {file_rows} rows of {info['num_classes']} classes; the student has "
+            f"{n_rows} rows of {n_classes}"
+        )
+    if n_rows == 0:
+        raise ValueError("student logits must have at least one row: the mean over rows is undefined")
+    y = _read_labels(labels, n_rows)
+    distiller = _ensemble(weights, info["num_teachers"], temperature)
+    rows_per_chunk = chunk_rows_for(1, n_classes, np.dtype(s.dtype).itemsize, chunk_rows)
+    inputs = _buffers([s, y], min(rows_per_chunk, n_rows))
+    bar = Progress(n_rows, n_classes * np.dtype(s.dtype).itemsize, progress, "loss")
+    soft_total = 0.0
+    hard_total = 0.0
+    for start, top in sparse.iter_topk(topk_file, rows_per_chunk, tail):
+        stop = start + top.lead_shape[0]
+        block_s, block_y = _read_rows([s, y], start, stop, inputs)
+        parts = distiller.distillation_loss(
+            block_s, top, block_y, alpha, reduction="sum", combine="probs", divergence=divergence,
+            return_components=True,
+        )  # fmt: skip
+        soft_total += parts.soft
+        hard_total += parts.hard
+        _release(s, y)
+        bar.update(stop - start)
+    bar.close()
+    soft, hard = soft_total / n_rows, hard_total / n_rows
+    return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}
+
+
+def _exclusive_file(out_path: Path) -> Path:
+    """A new empty file ``.OUT.<random>.partial`` next to OUT, created exclusively
+    (never an existing file) with the permissions the umask gives new files."""
+    while True:
+        path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.partial")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+
+
+def _top_k_rows(block: np.ndarray, k: int, temperature: float, teacher: int, first_row: int):
+    """(indices int32 [n, k], log-probabilities float64 [n, k]) of the k most probable
+    classes of each row of softmax(block / T), in decreasing order."""
+    scaled = block.astype(np.float64) / temperature
+    finite = np.isfinite(scaled).all(axis=1)
+    if not finite.all():
+        row = first_row + int(np.argmin(finite))
+        raise ValueError(f"teachers[{teacher}] row {row} holds NaN or infinite logits")
+    lse = reference.logsumexp(scaled)
+    if k < scaled.shape[1]:
+        candidates = np.argpartition(-scaled, k - 1, axis=1)[:, :k]
+    else:
+        candidates = np.broadcast_to(np.arange(k), scaled.shape).copy()
+    values = np.take_along_axis(scaled, candidates, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    indices = np.take_along_axis(candidates, order, axis=1).astype(np.int32)
+    return indices, np.take_along_axis(values, order, axis=1) - lse[:, None]

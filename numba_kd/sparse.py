@@ -10,8 +10,11 @@ probability the teachers did not store (the tail) enters the loss is the
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +23,7 @@ from numpy.typing import ArrayLike
 from numba_kd import _math, _validate
 from numba_kd._arrays import is_device_array
 
-__all__ = ["TAILS", "TopK"]
+__all__ = ["TAILS", "TopK", "iter_topk", "read_topk", "topk_file_info"]
 
 Tail = Literal["renormalize", "bucket", "uniform"]
 TAILS: tuple[str, ...] = _math.TAILS
@@ -48,6 +51,9 @@ class TopK:
     temperature : float, default 1.0
         T_g, the temperature at which the log-probabilities were taken. The
         loss re-tempers them to its own temperature T.
+    num_classes : int or None, default None
+        C, when known (``read_topk`` sets it from the file): a loss then
+        refuses a student with another number of classes.
 
     Raises
     ------
@@ -83,6 +89,7 @@ class TopK:
         logprobs: Sequence[ArrayLike] | ArrayLike,
         tail: Tail = "bucket",
         temperature: float = 1.0,
+        num_classes: int | None = None,
     ) -> None:
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(repr(t) for t in TAILS)}, got {tail!r}")
@@ -108,8 +115,15 @@ class TopK:
             raise ValueError(
                 f"indices must hold at least one entry per row (k >= 1), got shape {self._indices.shape}"
             )
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+                raise TypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+            num_classes = int(num_classes)
         self._tail = tail
         self._temperature = t
+        self._num_classes = num_classes
 
     @property
     def indices(self) -> np.ndarray:
@@ -130,6 +144,11 @@ class TopK:
     def temperature(self) -> float:
         """T_g, the temperature of the stored log-probabilities."""
         return self._temperature
+
+    @property
+    def num_classes(self) -> int | None:
+        """C, where it was given; None otherwise."""
+        return self._num_classes
 
     @property
     def num_teachers(self) -> int:
@@ -193,6 +212,8 @@ def rows_for(top: TopK, lead: tuple[int, ...], n_classes: int, dtype: np.dtype, 
     student's rows ``lead`` and classes ``n_classes``."""
     if top.lead_shape != tuple(lead):
         raise ValueError(f"TopK rows {top.lead_shape} do not match the student's leading shape {tuple(lead)}")
+    if top.num_classes is not None and top.num_classes != n_classes:
+        raise ValueError(f"TopK teachers have {top.num_classes} classes; the student has {n_classes}")
     n_rows = math.prod(lead)
     indices = np.ascontiguousarray(top.indices.reshape(top.num_teachers, n_rows, top.k), dtype=np.int64)
     logprobs = np.ascontiguousarray(top.logprobs.reshape(top.num_teachers, n_rows, top.k), dtype=dtype)
@@ -208,3 +229,167 @@ def rows_for(top: TopK, lead: tuple[int, ...], n_classes: int, dtype: np.dtype, 
         problem = _PROBLEMS[code].format(value=shown, n_classes=n_classes)
         raise ValueError(f"TopK teacher {teacher}, row {row_text}: {problem}")
     return indices, logprobs
+
+
+# ---------------------------------------------------------------- Parquet files
+
+#: The schema metadata key of numba-kd's top-k Parquet files.
+PARQUET_KEY = b"numba_kd.topk"
+PARQUET_FORMAT = 1
+
+
+def parquet_columns(n_teachers: int) -> list[tuple[str, str]]:
+    """(indices column, log-probabilities column) of each teacher in a top-k Parquet file."""
+    return [(f"teacher{t}_indices", f"teacher{t}_logprobs") for t in range(n_teachers)]
+
+
+def parquet_module():
+    """pyarrow.parquet, imported on first use (the optional "parquet" extra)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError('top-k Parquet files need pyarrow: pip install "numba_kd[parquet]"') from None
+    return pq
+
+
+def read_topk(
+    path: str | os.PathLike,
+    rows: slice | range | None = None,
+    tail: Tail = "bucket",
+) -> TopK:
+    """Read the top-k teachers of a Parquet file written by ``numba-kd topk``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The Parquet file.
+    rows : slice, range or None, default None
+        The rows to read (a contiguous run, step 1); None reads them all.
+    tail : {"renormalize", "bucket", "uniform"}, default "bucket"
+        The tail rule of the returned TopK.
+
+    Returns
+    -------
+    TopK
+        K teachers' [K, N, k] entries with the file's temperature and number
+        of classes. Each column is read without a copy where it is one
+        contiguous Arrow buffer (one row group); the K columns are then
+        stacked (K N k entries).
+
+    Raises
+    ------
+    ImportError
+        Without pyarrow.
+    ValueError
+        A file that does not exist, that is not a top-k file of numba-kd, or
+        rows outside the file.
+    """
+    parquet, info = _open_topk(path)
+    n_rows = parquet.metadata.num_rows
+    if rows is None:
+        start, stop = 0, n_rows
+    elif isinstance(rows, (slice, range)):
+        start, stop, step = (
+            rows.indices(n_rows) if isinstance(rows, slice) else (rows.start, rows.stop, rows.step)
+        )
+        if step != 1 or not 0 <= start <= stop <= n_rows:
+            raise ValueError(f"rows must be a contiguous run within the file's {n_rows} rows, got {rows}")
+    else:
+        raise TypeError(f"rows must be a slice, a range or None, got {type(rows).__name__}")
+    table = parquet.read().slice(start, stop - start)
+    return _topk_of(table, info, tail)
+
+
+def iter_topk(path: str | os.PathLike, batch_rows: int, tail: Tail = "bucket"):
+    """The rows of a top-k Parquet file as consecutive TopKs of up to ``batch_rows`` rows.
+
+    Reads one batch at a time, so memory is bounded by the batch, not the file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A Parquet file written by ``numba-kd topk``.
+    batch_rows : int
+        Rows per TopK, at least 1.
+    tail : {"renormalize", "bucket", "uniform"}, default "bucket"
+        The tail rule of the TopKs.
+
+    Yields
+    ------
+    start : int
+        The batch's first row.
+    top : TopK
+        Its entries.
+
+    Raises
+    ------
+    ImportError
+        Without pyarrow.
+    ValueError
+        A file that is not a top-k file of numba-kd.
+    """
+    parquet, info = _open_topk(path)
+    start = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        yield start, _topk_of(batch, info, tail)
+        start += batch.num_rows
+
+
+def topk_file_info(path: str | os.PathLike) -> tuple[int, dict]:
+    """(rows, metadata) of a top-k Parquet file: the metadata holds num_classes, k,
+    temperature, num_teachers, teachers (names) and the writing package's version."""
+    parquet, info = _open_topk(path)
+    return parquet.metadata.num_rows, info
+
+
+def _open_topk(path: str | os.PathLike):
+    pq = parquet_module()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"path: {p} is not a file")
+    try:
+        parquet = pq.ParquetFile(p)
+    except Exception as exc:  # pyarrow raises its own error types for a broken file
+        raise ValueError(f"path: {p} cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
+    return parquet, read_topk_metadata(parquet.schema_arrow.metadata, p)
+
+
+def _topk_of(table, info: dict, tail: Tail) -> TopK:
+    """A TopK of the columns of a pyarrow Table or RecordBatch."""
+    k = info["k"]
+    indices, logprobs = [], []
+    for index_name, logprob_name in parquet_columns(info["num_teachers"]):
+        indices.append(_column(table, index_name, k))
+        logprobs.append(_column(table, logprob_name, k))
+    return TopK(
+        np.stack(indices),
+        np.stack(logprobs),
+        tail=tail,
+        temperature=info["temperature"],
+        num_classes=info["num_classes"],
+    )
+
+
+def read_topk_metadata(metadata: dict | None, path: Path) -> dict:
+    """The numba-kd entry of a Parquet schema's metadata, checked."""
+    raw = (metadata or {}).get(PARQUET_KEY)
+    if raw is None:
+        raise ValueError(f"path: {path} is not a top-k file of numba-kd (no {PARQUET_KEY.decode()} metadata)")
+    info = json.loads(raw)
+    if info.get("format") != PARQUET_FORMAT:
+        raise ValueError(
+            f"path: {path} has top-k format {info.get('format')!r}; this version reads {PARQUET_FORMAT}"
+        )
+    return info
+
+
+def _column(table, name: str, k: int) -> np.ndarray:
+    """A fixed-size-list column as a [rows, k] array (no copy for one contiguous chunk)."""
+    column = table.column(name)
+    if not hasattr(column, "num_chunks"):  # a RecordBatch's column: one array
+        chunk = column
+    elif column.num_chunks == 0:
+        return np.empty((0, k))
+    else:
+        chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _lower_bounds() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
-    for extra in ("test", "demo", "dask"):
+    for extra in ("test", "demo", "dask", "parquet"):
         requirements += project["optional-dependencies"][extra]
     bounds = {}
     for requirement in requirements:
