@@ -7,7 +7,7 @@ track_*    % of the memory roofline (np.copyto of as many bytes, timed in the
 """
 
 from numba_kd.bench import paired_with_copy
-from numba_kd.registry import OPERATIONS, Case, relative_error
+from numba_kd.registry import OPERATIONS, SPARSE_OPERATIONS, SPARSE_SHAPE, Case, SparseCase, relative_error
 
 SHAPES = [(8192, 1000), (512, 32000)]
 
@@ -37,5 +37,41 @@ class Operations:
 
     def track_max_relative_error(self, operation, n_teachers, shape, dtype):
         return relative_error(self.op.numba_kd(*self.args), self.op.numpy(*self.args))
+
+    track_max_relative_error.unit = "relative"
+
+
+class SparseOperations:
+    """The sparse top-k rows (registry.SPARSE_OPERATIONS) at SPARSE_SHAPE: N = 1024,
+    C = 128000, K = 2 teachers, k = 64; the error on the first 32 rows."""
+
+    params = (list(SPARSE_OPERATIONS), ["float32"])
+    param_names = ["operation", "dtype"]  # noqa: RUF012
+    timeout = 600
+
+    def setup(self, operation, dtype):
+        self.op = SPARSE_OPERATIONS[operation]
+        n_rows, n_classes, n_teachers, k = SPARSE_SHAPE
+        self.case = SparseCase(n_teachers, n_rows, n_classes, k, dtype)
+        self.args = self.case.arrays()
+        self.op.numba_kd(*self.args)
+
+    def time_call(self, operation, dtype):
+        self.op.numba_kd(*self.args)
+
+    def peakmem_call(self, operation, dtype):
+        self.op.numba_kd(*self.args)
+
+    def track_roofline_percent(self, operation, dtype):
+        call = lambda: self.op.numba_kd(*self.args)  # noqa: E731
+        n_bytes = self.op.arrays_moved(self.case.n_teachers) * self.case.rows * self.case.classes * 4
+        return 100.0 * paired_with_copy(call, n_bytes, 5)[2]
+
+    track_roofline_percent.unit = "%"
+
+    def track_max_relative_error(self, operation, dtype):
+        student, (indices, logprobs), labels, weights = self.args
+        head = (student[:32], (indices[:, :32], logprobs[:, :32]), labels[:32], weights)
+        return relative_error(self.op.numba_kd(*head), self.op.numpy(*head))
 
     track_max_relative_error.unit = "relative"

@@ -29,7 +29,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from numba_kd.registry import OPERATIONS, Case, Operation, jax_available, relative_error, torch_available
+from numba_kd.registry import (
+    OPERATIONS,
+    SPARSE_OPERATIONS,
+    SPARSE_SHAPE,
+    Case,
+    Operation,
+    SparseCase,
+    jax_available,
+    relative_error,
+    torch_available,
+)
 
 SHAPES = [(8192, 1000), (512, 32000), (64, 128000)]
 QUICK_SHAPES = [(1024, 1000), (64, 32000)]
@@ -311,6 +321,84 @@ def measure(
     return rows
 
 
+# The sparse rows' error is measured on the first rows: their float64 reference
+# materializes each teacher's distribution over all C classes.
+SPARSE_ERROR_ROWS = 32
+
+
+def measure_sparse(
+    case: SparseCase,
+    rounds: int,
+    peers: bool = True,
+    operations: list[str] | None = None,
+    progress: Callable[[Row], None] | None = None,
+) -> list[Row]:
+    """Measure the sparse top-k rows (``registry.SPARSE_OPERATIONS``) on one SparseCase.
+
+    As ``measure``, with torch and torch.compile as the peers (the NumPy
+    reference is not timed: it builds dense [K, N, C] float64 teachers). The
+    error is that of the first SPARSE_ERROR_ROWS rows against the reference.
+
+    Parameters
+    ----------
+    case : SparseCase
+        The shape, number of teachers, k and dtype.
+    rounds : int
+        The number of timing rounds, at least 1.
+    peers : bool, default True
+        Time torch and torch.compile too, where installed.
+    operations : list of str, optional
+        Names of ``registry.SPARSE_OPERATIONS`` rows; all of them by default.
+    progress : callable, optional
+        Called with each Row as soon as it is measured.
+
+    Returns
+    -------
+    list of Row
+        One per operation.
+    """
+    import numba
+
+    if torch_available():
+        import torch
+
+        torch.set_num_threads(numba.get_num_threads())
+    args = case.arrays()
+    student, (indices, logprobs), labels, weights = args
+    head = SPARSE_ERROR_ROWS
+    head_args = (student[:head], (indices[:, :head], logprobs[:, :head]), labels[:head], weights)
+    rows = []
+    for name in operations or list(SPARSE_OPERATIONS):
+        op = SPARSE_OPERATIONS[name]
+        error = relative_error(op.numba_kd(*head_args), op.numpy(*head_args))
+        calls = {"numba_kd": lambda op=op: op.numba_kd(*args)}
+        if peers and torch_available():
+            calls["torch"] = lambda op=op: op.torch(*args)
+            calls["torch.compile"] = op.torch_compile(*args)
+        n_bytes = op.arrays_moved(case.n_teachers) * case.rows * case.classes * np.dtype(case.dtype).itemsize
+        timings = interleaved(calls, n_bytes, rounds)
+        mine = timings.pop("numba_kd")
+        rows.append(
+            Row(
+                operation=name,
+                rows=case.rows,
+                classes=case.classes,
+                n_teachers=case.n_teachers,
+                dtype=case.dtype,
+                numba_kd_ms=mine.median * 1e3,
+                gb_per_s=n_bytes / mine.median / 1e9,
+                roofline_pct=100.0 * mine.roofline,
+                copy_gb_per_s=n_bytes / mine.copy_median / 1e9,
+                max_rel_error=error,
+                peer_ms={k: t.median * 1e3 for k, t in timings.items()},
+                peer_roofline_pct={k: 100.0 * t.roofline for k, t in timings.items()},
+            )
+        )
+        if progress is not None:
+            progress(rows[-1])
+    return rows
+
+
 def _first_call_seconds(cache_dir: str, operation: str) -> float:
     code = (
         "import time\n"
@@ -542,6 +630,63 @@ def rows_from_json(path: str) -> tuple[dict[str, str], list[Row]]:
     return data["machine"], [Row(**row) for row in data["rows"]]
 
 
+def print_header(dtype: str, rounds: int, what: str) -> dict[str, str]:
+    """Print the run's machine, load and method lines.
+
+    Parameters
+    ----------
+    dtype : str
+        The logits' dtype.
+    rounds : int
+        The number of timing rounds.
+    what : str
+        What the rows measure, e.g. ``"K=4"``.
+
+    Returns
+    -------
+    dict of str to str
+        ``machine()``, read before the run.
+    """
+    info = machine()
+    print(
+        f"# numba_kd bench: {info['cpu']}, {info['cores']} cores, {info['numba_threads']} numba threads, "
+        f"Python {info['python']}, NumPy {info['numpy']}, numba {info['numba']}, "
+        f"torch {info.get('torch', '-')}, jax {info.get('jax', '-')}, {info['date']}, "
+        f"load {info['load_before']}"
+    )
+    print(
+        f"# {what}, {dtype}; medians of {rounds} interleaved rounds after warm-up "
+        f"(NumPy: {min(rounds, NUMPY_ROUNDS)}); peers at numba's thread count; x PEER = peer time / "
+        "numba_kd time"
+    )
+    return info
+
+
+def _run_sparse(args) -> int:
+    """``bench --sparse``: the sparse top-k rows at SPARSE_SHAPE (``--quick``: a small shape)."""
+    n_rows, n_classes, n_teachers, k = (256, 32000, 2, 64) if args.quick else SPARSE_SHAPE
+    rounds = 3 if args.quick else args.repeats
+    operations = None
+    if args.operations:
+        operations = [name.strip() for name in args.operations.split(",")]
+        unknown = [name for name in operations if name not in SPARSE_OPERATIONS]
+        if unknown:
+            raise SystemExit(f"unknown sparse operations {unknown}; known: {', '.join(SPARSE_OPERATIONS)}")
+    info = print_header(args.dtype, rounds, f"sparse top-k teachers: K={n_teachers}, k={k}, forward KL")
+    print(TABLE_HEADER, flush=True)
+    case = SparseCase(n_teachers, n_rows, n_classes, k, args.dtype)
+    rows = measure_sparse(
+        case, rounds, peers=not args.no_peers, operations=operations,
+        progress=lambda row: print(format_row(row), flush=True),
+    )  # fmt: skip
+    info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# load average after: {info['load_after']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "rows": [asdict(r) for r in rows], "compile": {}}, f, indent=2)
+    return 0
+
+
 def run(args) -> int:
     """Run ``numba-kd bench``: print the table row by row, then the compile latency.
 
@@ -570,6 +715,8 @@ def run(args) -> int:
     ValueError
         A ``--shapes`` entry that is not of the form BxC.
     """
+    if getattr(args, "sparse", False):
+        return _run_sparse(args)
     if args.from_json:
         _, rows = rows_from_json(args.from_json)
         print(format_table(rows))
@@ -584,18 +731,7 @@ def run(args) -> int:
         unknown = [name for name in operations if name not in OPERATIONS]
         if unknown:
             raise SystemExit(f"unknown operations {unknown}; known: {', '.join(OPERATIONS)}")
-    info = machine()
-    print(
-        f"# numba_kd bench: {info['cpu']}, {info['cores']} cores, {info['numba_threads']} numba threads, "
-        f"Python {info['python']}, NumPy {info['numpy']}, numba {info['numba']}, "
-        f"torch {info.get('torch', '-')}, jax {info.get('jax', '-')}, {info['date']}, "
-        f"load {info['load_before']}"
-    )
-    print(
-        f"# K={N_TEACHERS}, {args.dtype}; medians of {rounds} interleaved rounds after warm-up "
-        f"(NumPy: {min(rounds, NUMPY_ROUNDS)}); peers at numba's thread count; x PEER = peer time / "
-        "numba_kd time"
-    )
+    info = print_header(args.dtype, rounds, f"K={N_TEACHERS}")
     if args.shapes:
         shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     print(TABLE_HEADER, flush=True)

@@ -857,3 +857,220 @@ def relative_error(result: Any, expected: Any) -> float:
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(float(np.max(np.abs(expected))), np.finfo(np.float64).tiny)
     return float(np.max(np.abs(result - expected)) / scale)
+
+
+# ---------------------------------------------------------------- sparse top-k teachers
+
+#: The benchmark shape of the sparse rows: N rows, C classes, K teachers, k entries each.
+SPARSE_SHAPE = (1024, 128000, 2, 64)
+#: The stored log-probabilities' temperature T_g of SparseCase (re-tempered to TEMPERATURE).
+SPARSE_STORED_TEMPERATURE = 1.0
+#: The share of each synthetic teacher row's probability that is stored.
+SPARSE_STORED_MASS = 0.9
+
+
+@dataclass(frozen=True)
+class SparseCase:
+    """Synthetic sparse top-k teachers and a student, for the sparse rows.
+
+    Each teacher row stores k distinct random classes with log-probabilities
+    of a random distribution holding SPARSE_STORED_MASS of the probability,
+    taken at SPARSE_STORED_TEMPERATURE; the student is ``3 N(0, 1)``, labels
+    uniform, weights 1, 2, ..., K.
+
+    Parameters
+    ----------
+    n_teachers : int
+        K.
+    rows : int
+        N.
+    classes : int
+        C.
+    k : int
+        Entries per row and teacher, k <= C.
+    dtype : {"float32", "float64"}, default "float32"
+        The student's and the log-probabilities' dtype.
+    seed : int, default 0
+        The seed of the random generator.
+    """
+
+    n_teachers: int
+    rows: int
+    classes: int
+    k: int
+    dtype: str = "float32"
+    seed: int = 0
+
+    def arrays(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+        """The arguments of a sparse operation.
+
+        Returns
+        -------
+        student : numpy.ndarray, shape [N, C]
+            The student's logits.
+        top : tuple of two numpy.ndarray, each [K, N, k]
+            (indices, int64; logprobs, in the Case's dtype).
+        labels : numpy.ndarray of int64, shape [N]
+            Class indices in [0, C).
+        weights : numpy.ndarray of float64, shape [K]
+            1, 2, ..., K (not normalized).
+        """
+        rng = np.random.default_rng(self.seed)
+        dtype = np.dtype(self.dtype)
+        student = (3.0 * rng.standard_normal((self.rows, self.classes), dtype=np.float32)).astype(dtype)
+        shape = (self.n_teachers, self.rows, self.k)
+        # Distinct classes per row: increasing offsets (random gaps) from a random start, modulo C.
+        gaps = rng.integers(1, max(self.classes // self.k, 1) + 1, size=shape)
+        offsets = np.cumsum(gaps, axis=-1) - gaps[..., :1]
+        indices = (rng.integers(0, self.classes, size=(*shape[:2], 1)) + offsets) % self.classes
+        raw = 2.0 * rng.standard_normal(shape)
+        logprobs = raw - reference.logsumexp(raw)[..., None] + math.log(SPARSE_STORED_MASS)
+        labels = rng.integers(0, self.classes, size=self.rows)
+        return student, (indices, logprobs.astype(dtype)), labels, np.arange(1.0, self.n_teachers + 1.0)
+
+
+def _top(tail):
+    import numba_kd as kd
+
+    def make(top):
+        return kd.TopK(top[0], top[1], tail=tail, temperature=SPARSE_STORED_TEMPERATURE)
+
+    return make
+
+
+def _kd_topk(tail, grad):
+    make = _top(tail)
+
+    def run(student, top, labels, weights):
+        distiller = _distiller(weights)
+        if grad:
+            return distiller.loss_and_grad(student, make(top), labels, ALPHA, combine="probs")[1]
+        return distiller.distillation_loss(student, make(top), labels, ALPHA, combine="probs")
+
+    return run
+
+
+def _np_topk(tail, grad):
+    def run(student, top, labels, weights):
+        args = (student, top[0], top[1], labels, weights, TEMPERATURE, ALPHA)
+        options = {"tail": tail, "topk_temperature": SPARSE_STORED_TEMPERATURE}
+        return reference.topk_grad(*args, **options) if grad else reference.topk_loss(*args, **options)[0]
+
+    return run
+
+
+def torch_topk_loss_function(tail: str, temperature: float = TEMPERATURE, alpha: float = ALPHA):
+    """The forward-KL loss against sparse top-k teachers, written in torch operations.
+
+    The peer of the sparse rows: the teachers' mixture is scattered into a dense
+    [N, C] target (the way a torch user would combine several teachers' sparse
+    supports), the student's log-probabilities come from ``log_softmax``.
+
+    Parameters
+    ----------
+    tail : {"renormalize", "bucket", "uniform"}
+        The tail rule (``numba_kd.TopK``).
+    temperature : float, default TEMPERATURE (2.0)
+        The loss temperature T; the stored entries are at SPARSE_STORED_TEMPERATURE.
+    alpha : float, default ALPHA (0.7)
+        Weight of the soft term.
+
+    Returns
+    -------
+    callable
+        ``loss(s, idx, lp, y, w)`` for student logits s [N, C], indices idx [K, N, k]
+        (int64, no -1 entries), log-probabilities lp [K, N, k], labels y [N] and
+        normalized weights w [K]: the mean loss, a 0-d tensor.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    tau = SPARSE_STORED_TEMPERATURE / temperature
+
+    def loss(s, idx, lp, y, w):
+        n_classes = s.shape[-1]
+        n_out = n_classes - idx.shape[-1]
+        x = tau * lp
+        missing = (1.0 - lp.exp().sum(-1)).clamp(min=0.0)
+        log_m = torch.log(missing)
+        if tail == "bucket":
+            log_tail = tau * log_m
+        elif tail == "uniform":
+            log_tail = tau * (log_m - math.log(n_out)) + math.log(n_out)
+        else:
+            log_tail = torch.full_like(log_m, -math.inf)
+        log_z = torch.logaddexp(torch.logsumexp(x, -1), log_tail)
+        share = torch.exp(log_tail - log_z)  # [K, N]
+        per_class = share / n_out if tail == "uniform" else torch.zeros_like(share)
+        p = (w[:, None] * per_class).sum(0)[:, None].expand(-1, n_classes).clone()
+        for k in range(idx.shape[0]):
+            p.scatter_add_(1, idx[k], w[k] * (torch.exp(x[k] - log_z[k, :, None]) - per_class[k, :, None]))
+        log_q = torch.log_softmax(s / temperature, -1)
+        d = torch.xlogy(p, p).sum(-1) - (p * log_q).sum(-1)
+        if tail == "bucket":
+            union = torch.zeros_like(s, dtype=torch.bool)
+            for k in range(idx.shape[0]):
+                union.scatter_(1, idx[k], True)
+            p_tail = (w[:, None] * share).sum(0)
+            q_tail = torch.where(union, 0.0, log_q.exp()).sum(-1)
+            d = d + torch.xlogy(p_tail, p_tail) - p_tail * torch.log(q_tail)
+        ce = F.cross_entropy(s, y, reduction="none")
+        return (alpha * temperature**2 * d + (1 - alpha) * ce).mean()
+
+    return loss
+
+
+def _as_torch_topk(student, top, labels, weights):
+    torch = _torch()
+    return (
+        torch.from_numpy(np.ascontiguousarray(student)),
+        torch.from_numpy(np.asarray(top[0], dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(top[1])),
+        torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+        torch.from_numpy(reference.normalized_weights(weights).astype(student.dtype)),
+    )
+
+
+def _torch_topk(tail, grad, compiled):
+    def run_once(fn, inputs):
+        if not grad:
+            return float(fn(*inputs))
+        s = inputs[0].detach().requires_grad_(True)
+        fn(s, *inputs[1:]).backward()
+        return s.grad.numpy()
+
+    if not compiled:
+        return lambda *args: run_once(torch_topk_loss_function(tail), _as_torch_topk(*args))
+
+    def build(*args):
+        torch = _compile_cache()
+        fn = torch.compile(torch_topk_loss_function(tail), dynamic=False)
+        inputs = _as_torch_topk(*args)
+        return lambda: run_once(fn, inputs)
+
+    return build
+
+
+def _sparse_operations() -> list[Operation]:
+    ops = []
+    for tail in reference.TOPK_TAILS:
+        for operation, moved, grad in (("distillation_loss", 1, False), ("loss_and_grad", 2, True)):
+            ops.append(
+                Operation(
+                    name=f"{operation}[topk_{tail}]",
+                    options={"tail": tail, "combine": "probs"},
+                    # The student, and the gradient; the K N k entries are not counted.
+                    arrays_moved=lambda k, moved=moved: moved,
+                    numba_kd=_kd_topk(tail, grad),
+                    numpy=_np_topk(tail, grad),
+                    torch=_torch_topk(tail, grad, compiled=False),
+                    torch_compile=_torch_topk(tail, grad, compiled=True),
+                    scalar=not grad,
+                )
+            )
+    return ops
+
+
+#: The sparse top-k rows: forward KL, every tail rule, loss and loss_and_grad. Their
+#: operations take a SparseCase's arrays, (student, (indices, logprobs), labels, weights).
+SPARSE_OPERATIONS: dict[str, Operation] = {op.name: op for op in _sparse_operations()}
