@@ -938,14 +938,24 @@ def _top(tail):
     return make
 
 
-def _kd_topk(tail, grad):
+def _kd_topk(tail, grad, reuse=False):
+    """numba_kd's sparse row; with ``reuse``, loss_and_grad writes into one gradient
+    array kept between calls (``out=``), as a training loop would."""
     make = _top(tail)
+    buffers: dict[tuple, np.ndarray] = {}
 
     def run(student, top, labels, weights):
         distiller = _distiller(weights)
-        if grad:
-            return distiller.loss_and_grad(student, make(top), labels, ALPHA, combine="probs")[1]
-        return distiller.distillation_loss(student, make(top), labels, ALPHA, combine="probs")
+        if not grad:
+            return distiller.distillation_loss(student, make(top), labels, ALPHA, combine="probs")
+        options: dict[str, Any] = {}
+        if reuse:
+            key = (student.shape, student.dtype.str)
+            if key not in buffers:
+                buffers.clear()
+                buffers[key] = np.empty_like(student)
+            options["out"] = buffers[key]
+        return distiller.loss_and_grad(student, make(top), labels, ALPHA, combine="probs", **options)[1]
 
     return run
 
@@ -1053,15 +1063,20 @@ def _torch_topk(tail, grad, compiled):
 
 def _sparse_operations() -> list[Operation]:
     ops = []
+    rows = (
+        ("distillation_loss", "", 1, False),
+        ("loss_and_grad", "", 2, True),
+        ("loss_and_grad", "+out", 2, True),
+    )
     for tail in reference.TOPK_TAILS:
-        for operation, moved, grad in (("distillation_loss", 1, False), ("loss_and_grad", 2, True)):
+        for operation, variant, moved, grad in rows:
             ops.append(
                 Operation(
-                    name=f"{operation}[topk_{tail}]",
+                    name=f"{operation}[topk_{tail}{variant}]",
                     options={"tail": tail, "combine": "probs"},
                     # The student, and the gradient; the K N k entries are not counted.
                     arrays_moved=lambda k, moved=moved: moved,
-                    numba_kd=_kd_topk(tail, grad),
+                    numba_kd=_kd_topk(tail, grad, reuse=bool(variant)),
                     numpy=_np_topk(tail, grad),
                     torch=_torch_topk(tail, grad, compiled=False),
                     torch_compile=_torch_topk(tail, grad, compiled=True),
@@ -1071,6 +1086,7 @@ def _sparse_operations() -> list[Operation]:
     return ops
 
 
-#: The sparse top-k rows: forward KL, every tail rule, loss and loss_and_grad. Their
+#: The sparse top-k rows: forward KL, every tail rule, loss and loss_and_grad (a new
+#: gradient array per call, and "+out": one reused through out=). Their
 #: operations take a SparseCase's arrays, (student, (indices, logprobs), labels, weights).
 SPARSE_OPERATIONS: dict[str, Operation] = {op.name: op for op in _sparse_operations()}
