@@ -114,10 +114,10 @@ def _topk_loss(weights, temperature, student, top, labels, alpha, options, place
             'TopK teachers combine as a probability mixture: pass combine="probs" (logits of '
             "different top-k supports cannot be averaged)"
         )
-    if options.teacher_weighting != "static":
+    if options.teacher_weighting == "confidence" and top.tail == "bucket":
         raise ValueError(
-            f"teacher_weighting={options.teacher_weighting!r} is not available for TopK teachers: "
-            'use "static"'
+            'teacher_weighting="confidence" is undefined for tail="bucket": a label that a teacher did '
+            'not store has no probability of its own in the bucket; use tail="uniform" or "renormalize"'
         )
     if options.divergence == "reverse_kl" and top.tail == "renormalize":
         raise ValueError(

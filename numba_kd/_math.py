@@ -560,3 +560,38 @@ def uniform_reverse_kl_outside(q_out, e_out, s_b, log_sb, p_out):
     if not q_out > 0.0:
         return 0.0
     return e_out / s_b - q_out * (log_sb + math.log(p_out))
+
+
+@njit(inline="always")
+def topk_log_norm(tail, lse_stored, missing, n_out, tau):
+    """(log Z, log t) of a teacher row re-tempered by tau: t the tail's re-tempered
+    mass (topk_tail_log) and Z = sum of the stored entries' exp(tau l) plus t."""
+    log_tail = topk_tail_log(tail, missing, n_out, tau)
+    return logaddexp(lse_stored, log_tail), log_tail
+
+
+@njit(inline="always")
+def topk_label_log_prob(tail, label_entry, log_norm, log_tail, n_out):
+    """log of a teacher's probability of the label: of its stored entry
+    (``label_entry`` = tau l_y, or NaN if the label is not stored), else of one
+    spread tail class ("uniform"), else -inf ("renormalize")."""
+    if label_entry == label_entry:
+        return label_entry - log_norm
+    if tail == UNIFORM and log_tail > NEG_INF:
+        return log_tail - math.log(n_out) - log_norm
+    return NEG_INF
+
+
+@njit(inline="always")
+def topk_entropy(tail, stored_sum, stored_moment, log_norm, log_tail, n_out):
+    """H of a teacher's re-tempered distribution: stored_sum = sum exp(x - log Z) and
+    stored_moment = sum exp(x - log Z) x over its stored entries (x = tau l), plus
+    the tail class ("bucket") or the n_out spread classes ("uniform")."""
+    h = log_norm * stored_sum - stored_moment
+    if log_tail > NEG_INF:
+        b = math.exp(log_tail - log_norm)
+        if tail == BUCKET:
+            h -= b * (log_tail - log_norm)
+        else:
+            h -= b * (log_tail - log_norm - math.log(n_out))
+    return h

@@ -886,23 +886,116 @@ def topk_teacher_distributions(
     return dense, tail_mass, support
 
 
-def _topk_collapsed(student, indices, logprobs, weights, temperature, tail, topk_temperature):
+def topk_row_weights(
+    indices,
+    logprobs,
+    labels,
+    weights,
+    n_classes: int,
+    temperature: float,
+    tail: str,
+    topk_temperature: float = 1.0,
+    teacher_weighting: str = "static",
+    ignore_index: int | None = None,
+) -> np.ndarray:
+    """Per-row teacher weights of sparse top-k teachers, normalized to sum 1.
+
+    "static": the weights. "confidence": w_k times teacher k's probability of
+    the label at temperature 1 under the tail rule (its stored entry, re-tempered
+    from T_g to 1; for a label it did not store, 0 under "renormalize" and its
+    share of the spread tail under "uniform"; undefined under "bucket"). Ignored
+    rows keep the static weights. "entropy": w_k exp(-H(p_k)) with p_k the
+    teacher's distribution at the loss temperature under the tail rule (the tail
+    class, or the spread classes, included). A row whose data-dependent weights
+    are all 0 keeps the static weights.
+
+    Parameters
+    ----------
+    indices : array_like of int, shape [K, N, k]
+        The stored classes; -1 marks an unused entry.
+    logprobs : array_like of float, shape [K, N, k]
+        Their log-probabilities at ``topk_temperature``.
+    labels : array_like of int, shape [N]
+        Class indices, or ignore_index.
+    weights : array_like of float, shape [K]
+        The static weights.
+    n_classes : int
+        C.
+    temperature : float
+        The loss temperature T.
+    tail : {"renormalize", "bucket", "uniform"}
+        The tail rule.
+    topk_temperature : float, default 1.0
+        T_g.
+    teacher_weighting : {"static", "confidence", "entropy"}, default "static"
+        The weighting.
+    ignore_index : int or None, default None
+        The label of ignored rows.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N, K]
+        Each row's weights.
+
+    Raises
+    ------
+    ValueError
+        An unknown weighting, or "confidence" with "bucket".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> idx = np.array([[[0]], [[1]]])
+    >>> lp = np.log([[[0.8]], [[0.5]]])
+    >>> reference.topk_row_weights(idx, lp, [0], [1.0, 1.0], 3, 1.0, "uniform", 1.0, "confidence").round(6)
+    array([[0.761905, 0.238095]])
+    """
+    w = normalized_weights(weights)
+    idx = np.asarray(indices)
+    n_rows = idx.shape[1]
+    static = np.broadcast_to(w, (n_rows, len(w))).copy()
+    if teacher_weighting == "static":
+        return static
+    if teacher_weighting == "confidence":
+        if tail == "bucket":
+            raise ValueError('teacher_weighting="confidence" is undefined for tail="bucket"')
+        dense, _, _ = topk_teacher_distributions(indices, logprobs, n_classes, tail, topk_temperature, 1.0)
+        y = np.asarray(labels)
+        valid = _valid_rows(y, ignore_index)
+        factor = np.take_along_axis(dense, np.where(valid, y, 0)[None, :, None], axis=-1)[..., 0].T
+        factor = np.where(valid[:, None], factor, 1.0)
+    elif teacher_weighting == "entropy":
+        dense, tail_mass, _ = topk_teacher_distributions(
+            indices, logprobs, n_classes, tail, topk_temperature, temperature
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = -np.where(dense > 0, dense * np.log(dense), 0.0).sum(-1)
+            entropy -= np.where(tail_mass > 0, tail_mass * np.log(tail_mass), 0.0)
+        factor = np.exp(-entropy).T
+    else:
+        raise ValueError(teacher_weighting)
+    raw = w * factor
+    total = raw.sum(axis=1, keepdims=True)
+    return np.where(total > 0, raw / np.where(total > 0, total, 1.0), static)
+
+
+def _topk_collapsed(student, indices, logprobs, row_weights, temperature, tail, topk_temperature):
     """(P, Q, in_union, log_q): target and student over the "collapsed" classes.
 
     Columns 0..C-1 are the classes, column C the tail bucket.  Under "bucket",
     classes outside the union U of the (positively weighted) teachers' supports
     are 0 in P and Q, and column C holds p_tail and q_tail = sum over them of q;
-    otherwise column C is 0.
+    otherwise column C is 0.  ``row_weights`` [N, K] sum to 1 per row.
     """
     s = np.asarray(student, dtype=np.float64)
     n_rows, n_classes = s.shape
-    w = normalized_weights(weights)
     dense, tail_mass, support = topk_teacher_distributions(
         indices, logprobs, n_classes, tail, topk_temperature, temperature
     )
-    p = np.einsum("k,knc->nc", w, dense)
-    p_tail = w @ tail_mass
-    union = np.any(support[w > 0], axis=0)
+    p = np.einsum("nk,knc->nc", row_weights, dense)
+    p_tail = (row_weights.T * tail_mass).sum(0)
+    union = np.any(support & (row_weights.T > 0)[:, :, None], axis=0)
     log_q = log_softmax(s / temperature)
     q = np.exp(log_q)
     P = np.zeros((n_rows, n_classes + 1))
@@ -936,6 +1029,7 @@ def topk_rows(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     ignore_index: int | None = None,
+    teacher_weighting: str = "static",
 ):
     """Per-row divergence and cross-entropy of the loss against sparse top-k teachers.
 
@@ -971,6 +1065,8 @@ def topk_rows(
         The JSD weight.
     ignore_index : int or None, default None
         The label of ignored rows.
+    teacher_weighting : {"static", "confidence", "entropy"}, default "static"
+        Per-row teacher weights, as in ``topk_row_weights``.
 
     Returns
     -------
@@ -996,7 +1092,12 @@ def topk_rows(
     """
     if divergence == "reverse_kl" and tail == "renormalize":
         raise ValueError("reverse_kl is undefined for tail='renormalize'")
-    P, Q, _, _ = _topk_collapsed(student, indices, logprobs, weights, temperature, tail, topk_temperature)
+    n_classes = np.shape(student)[-1]
+    row_w = topk_row_weights(
+        indices, logprobs, labels, weights, n_classes, temperature, tail, topk_temperature,
+        teacher_weighting, ignore_index,
+    )  # fmt: skip
+    P, Q, _, _ = _topk_collapsed(student, indices, logprobs, row_w, temperature, tail, topk_temperature)
     if divergence == "forward_kl":
         d = _xlogy_ratio(P, Q).sum(axis=-1)
     elif divergence == "reverse_kl":
@@ -1047,8 +1148,8 @@ def topk_loss(
     reduction : {"mean", "sum", "none"}, default "mean"
         Over rows, as in ``general_loss``.
     **options
-        tail (required), topk_temperature, divergence, beta and ignore_index,
-        as for ``topk_rows``.
+        tail (required), topk_temperature, divergence, beta, ignore_index and
+        teacher_weighting, as for ``topk_rows``.
 
     Returns
     -------
@@ -1112,8 +1213,8 @@ def topk_grad(
         "mean" divides by the rows not ignored (at least 1); any
         other value leaves the per-row gradients.
     **options
-        tail (required), topk_temperature, divergence, beta and ignore_index,
-        as for ``topk_rows``.
+        tail (required), topk_temperature, divergence, beta, ignore_index and
+        teacher_weighting, as for ``topk_rows``.
 
     Returns
     -------
@@ -1135,8 +1236,13 @@ def topk_grad(
     ignore_index = options.get("ignore_index")
     if divergence == "reverse_kl" and tail == "renormalize":
         raise ValueError("reverse_kl is undefined for tail='renormalize'")
+    topk_temperature = options.get("topk_temperature", 1.0)
+    row_w = topk_row_weights(
+        indices, logprobs, labels, weights, np.shape(student)[-1], temperature, tail, topk_temperature,
+        options.get("teacher_weighting", "static"), ignore_index,
+    )  # fmt: skip
     P, Q, union, log_q = _topk_collapsed(
-        student, indices, logprobs, weights, temperature, tail, options.get("topk_temperature", 1.0)
+        student, indices, logprobs, row_w, temperature, tail, topk_temperature
     )
     n_classes = log_q.shape[1]
     with np.errstate(divide="ignore", invalid="ignore"):

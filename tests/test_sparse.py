@@ -151,6 +151,46 @@ def test_kernel_against_reference(tail, divergence, shape, dtype):
     _check_against_reference(student, top, labels, weights, 2.0, 0.6, dtype, **options)
 
 
+WEIGHTED = [
+    (tail, weighting, divergence)
+    for tail in TAILS
+    for weighting in ("confidence", "entropy")
+    for divergence in ("forward_kl", "jsd")
+    if not (weighting == "confidence" and tail == "bucket")
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("tail", "weighting", "divergence"), WEIGHTED)
+def test_teacher_weighting_against_reference(tail, weighting, divergence, dtype):
+    n_rows, n_classes, n_teachers, k = 23, 60, 3, 6
+    rng = np.random.default_rng(len(tail) * 31 + len(weighting))
+    _, indices, logprobs = _top_k(rng, n_teachers, n_rows, n_classes, k)
+    indices, logprobs = _with_padding(indices, logprobs, rng)
+    student = rng.normal(scale=2.0, size=(n_rows, n_classes)).astype(dtype)
+    labels = rng.integers(0, n_classes, n_rows)
+    labels[:8] = indices[0, :8, 0]  # some labels that teacher 0 stored
+    labels[3] = -100
+    top = kd.TopK(indices, logprobs.astype(dtype), tail=tail, temperature=0.7)
+    options = {"divergence": divergence, "teacher_weighting": weighting, "ignore_index": -100}
+    _check_against_reference(student, top, labels, [1.0, 2.0, 0.5], 2.0, 0.6, dtype, **options)
+
+
+def test_teacher_weighting_reference_by_hand():
+    """Confidence at temperature 1 and entropy at T, over the tail rule's distribution."""
+    idx = np.array([[[0]], [[1]]])
+    lp = np.log([[[0.8]], [[0.5]]])
+    # Label 0: teacher 0 stored it (0.8); teacher 1 did not: its spread tail gives 0.5 / 2 of C = 3.
+    w = R.topk_row_weights(idx, lp, [0], [1.0, 1.0], 3, 2.0, "uniform", 1.0, "confidence")
+    np.testing.assert_allclose(w, [[0.8 / 1.05, 0.25 / 1.05]])
+    w = R.topk_row_weights(idx, lp, [0], [1.0, 1.0], 3, 2.0, "renormalize", 1.0, "confidence")
+    np.testing.assert_allclose(w, [[1.0, 0.0]])
+    # Entropy at T = T_g of the bucket distributions (0.8, 0.2) and (0.5, 0.5).
+    h = [-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)), np.log(2.0)]
+    w = R.topk_row_weights(idx, lp, [0], [1.0, 1.0], 3, 1.0, "bucket", 1.0, "entropy")
+    np.testing.assert_allclose(w, [np.exp(-np.array(h)) / np.exp(-np.array(h)).sum()])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("tail", TAILS)
 def test_kernel_full_support_equals_dense_probability_combine(rng, tail, dtype):
@@ -345,8 +385,10 @@ def test_bad_arguments():
     distiller = kd.EnsembleDistiller([1.0, 1.0], temperature=1.0)
     with pytest.raises(ValueError, match='pass combine="probs"'):
         distiller.distillation_loss(student, top, labels, 0.5)
-    with pytest.raises(ValueError, match="teacher_weighting='entropy' is not available"):
-        distiller.distillation_loss(student, top, labels, 0.5, combine="probs", teacher_weighting="entropy")
+    with pytest.raises(ValueError, match='"confidence" is undefined for tail="bucket"'):
+        distiller.distillation_loss(
+            student, top, labels, 0.5, combine="probs", teacher_weighting="confidence"
+        )
     with pytest.raises(ValueError, match='undefined for tail="renormalize"'):
         distiller.distillation_loss(
             student,

@@ -62,8 +62,10 @@ from numba_kd._math import (
     online_lse_step,
     reverse_kl_grad,
     tiny_like,
+    topk_entropy,
+    topk_label_log_prob,
+    topk_log_norm,
     topk_missing_mass,
-    topk_tail_log,
     uniform_forward_kl_outside,
     uniform_reverse_kl_outside,
     weighted_log_prob,
@@ -741,43 +743,108 @@ def combine_probabilities(teachers, weights, params, eps, per_block, out):
 
 
 @row_function
-def _topk_target(top, weights, i, n_classes, sparse, acc, outside, touched):
+def _topk_teacher(idx, lp, tau, n_classes, tail):
+    """One teacher row's (log Z, log t, n_out, NaN seen) at re-tempering tau
+    (topk_log_norm)."""
+    m = NEG_INF
+    s = 0.0
+    mass = 0.0
+    n_stored = 0
+    bad = False
+    for e in range(idx.shape[0]):
+        if idx[e] < 0:
+            continue
+        x = np.float64(lp[e])
+        bad = bad or x != x
+        mass += math.exp(x)
+        m, s = online_lse_step(m, s, tau * x, 1.0)
+        n_stored += 1
+    n_out = n_classes - n_stored
+    missing = topk_missing_mass(mass, n_stored, n_classes)
+    log_norm, log_tail = topk_log_norm(
+        tail, lse_from_stats(m, s) if n_stored > 0 else NEG_INF, missing, n_out, tau
+    )
+    return log_norm, log_tail, n_out, bad
+
+
+@row_function
+def _topk_log_weight(idx, lp, y, params, sparse, n_classes, log_norm, log_tail, n_out):
+    """log of a teacher's data-dependent weight factor: its probability of the label
+    at temperature 1 (confidence) or exp(-H) of its distribution at T (entropy)."""
+    tau = sparse.retemper
+    if params.weighting == CONFIDENCE:
+        tau_1 = tau * params.temperature  # T_g / 1
+        log_norm_1, log_tail_1, _, _ = _topk_teacher(idx, lp, tau_1, n_classes, sparse.tail)
+        label_entry = math.nan
+        for e in range(idx.shape[0]):
+            if idx[e] == y:
+                label_entry = tau_1 * np.float64(lp[e])
+        return topk_label_log_prob(sparse.tail, label_entry, log_norm_1, log_tail_1, n_out)
+    stored_sum = 0.0
+    stored_moment = 0.0
+    for e in range(idx.shape[0]):
+        if idx[e] < 0:
+            continue
+        x = tau * np.float64(lp[e])
+        p = math.exp(x - log_norm)
+        stored_sum += p
+        stored_moment += p * x
+    return -topk_entropy(sparse.tail, stored_sum, stored_moment, log_norm, log_tail, n_out)
+
+
+@row_function
+def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside, touched):
     """Merge row i's top-k entries into acc (the target on U, minus p_out for
     "uniform"), set outside[j] = 0 for j in U and list U in touched.
 
-    Returns (n_u, p_tail, p_out, bad): the size of U, the bucket's target mass,
-    the "uniform" mass of each class outside U, and whether a stored
-    log-probability is NaN (the row is then NaN).
+    First each teacher's normalizer and (for a data-dependent weighting) its row
+    weight, kept as logarithms and normalized from the largest; a row where no
+    teacher's weight is positive keeps the static weights.  Then the entries of
+    the teachers with positive row weight.  ``teacher_state`` holds two [K]
+    float64 rows (log Z, row weights).  Returns (n_u, p_tail, p_out, bad): the
+    size of U, the bucket's target mass, the "uniform" mass of each class
+    outside U, and whether a stored log-probability is NaN (the row is then NaN).
     """
     indices, logprobs = top
+    log_norms, row_w = teacher_state
+    n_classes = outside.shape[0]
     tau = sparse.retemper
+    n_teachers = weights.shape[0]
+    bad = False
+    top_w = NEG_INF
+    for k in range(n_teachers):
+        row_w[k] = NEG_INF
+        if not weights[k] > 0.0:
+            continue
+        idx = indices[k, i]
+        lp = logprobs[k, i]
+        log_norm, log_tail, n_out, nan_seen = _topk_teacher(idx, lp, tau, n_classes, sparse.tail)
+        bad = bad or nan_seen
+        log_norms[k] = log_norm
+        lw = math.log(weights[k])
+        if params.weighting != STATIC:
+            lw += _topk_log_weight(idx, lp, y, params, sparse, n_classes, log_norm, log_tail, n_out)
+        row_w[k] = lw
+        top_w = max(top_w, lw)
+    static = not top_w > NEG_INF
+    total = 0.0
+    for k in range(n_teachers):
+        if static:
+            row_w[k] = weights[k]
+        else:
+            row_w[k] = math.exp(row_w[k] - top_w) if row_w[k] > NEG_INF else 0.0
+        total += row_w[k]
     n_u = 0
     p_tail = 0.0
     p_out = 0.0
-    bad = False
-    for k in range(weights.shape[0]):
-        w = weights[k]
+    for k in range(n_teachers):
+        w = row_w[k] / total
         if not w > 0.0:
             continue
         idx = indices[k, i]
         lp = logprobs[k, i]
-        # The re-tempered entries' log-sum-exp and the stored mass.
-        m = NEG_INF
-        s = 0.0
-        mass = 0.0
-        n_stored = 0
-        for e in range(idx.shape[0]):
-            if idx[e] < 0:
-                continue
-            x = np.float64(lp[e])
-            bad = bad or x != x
-            mass += math.exp(x)
-            m, s = online_lse_step(m, s, tau * x, 1.0)
-            n_stored += 1
-        n_out = n_classes - n_stored
-        missing = topk_missing_mass(mass, n_stored, n_classes)
-        log_tail = topk_tail_log(sparse.tail, missing, n_out, tau)
-        log_norm = logaddexp(lse_from_stats(m, s) if n_stored > 0 else NEG_INF, log_tail)
+        log_norm = log_norms[k]
+        _, log_tail, n_out, _ = _topk_teacher(idx, lp, tau, n_classes, sparse.tail)
         tail_share = math.exp(log_tail - log_norm) if log_tail > NEG_INF else 0.0
         per_class = 0.0
         if sparse.tail == BUCKET:
@@ -979,6 +1046,7 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
         aux = _scratch_row(scratch, 2, n_classes, n_classes if per_class else 1)  # JSD's h outside U
         outside[:] = 1.0
         touched = np.empty(n_entries, np.int64)
+        teacher_state = (np.empty(top[0].shape[0]), np.empty(top[0].shape[0]))
         for i in _block_rows(block, n_rows, per_block):
             y = labels[i]
             if y == params.ignore_index:
@@ -988,7 +1056,9 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                     grad[i, :] = 0.0
                 continue
             s = student[i]
-            n_u, p_tail, p_out, bad = _topk_target(top, weights, i, n_classes, sparse, acc, outside, touched)
+            n_u, p_tail, p_out, bad = _topk_target(
+                top, weights, i, y, params, sparse, teacher_state, acc, outside, touched
+            )
             if bad or nonfinite_probe(s) != 0.0:
                 for u in range(n_u):
                     acc[touched[u]] = 0.0
