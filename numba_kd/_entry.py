@@ -142,7 +142,7 @@ def _topk_loss(weights, temperature, student, top, labels, alpha, options, place
     if options.check_finite:
         _validate.refuse_nonfinite(backend, [("student", s)], _ignored(y, options))
     dtype = np.dtype(np.float64) if s.dtype == np.float64 else np.dtype(np.float32)
-    indices, logprobs = sparse.rows_for(top, lead, n_classes, dtype, options.check_finite)
+    indices, logprobs = sparse.rows_for(top, lead, n_classes, dtype, y, options)
     params = _math.TopKParams(_math.TAILS.index(top.tail), top.temperature / temperature)
     t = SparseTeachers(indices, logprobs, params)
     w = _SINGLE_TEACHER_WEIGHT if weights is None else weights

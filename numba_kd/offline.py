@@ -1224,7 +1224,7 @@ def topk(
                     on_chunk(stop)
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(partial, out_path)
+        _install(partial, out_path, overwrite)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -1321,6 +1321,29 @@ def dataset_topk_loss(
     bar.close()
     soft, hard = soft_total / n_rows, hard_total / n_rows
     return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}
+
+
+def _install(partial: Path, out_path: Path, overwrite: bool) -> None:
+    """Rename the complete file to OUT. Without ``overwrite`` a hard link puts it
+    there only if OUT still does not exist (a file that appeared during the run is
+    kept); where the file system has no hard links, a rename after a last check."""
+    if overwrite:
+        os.replace(partial, out_path)
+        return
+    try:
+        os.link(partial, out_path)
+    except FileExistsError:
+        raise ValueError(
+            f"out: {out_path} appeared while the run wrote its output; it was kept and the output dropped"
+        ) from None
+    except OSError:
+        if out_path.exists() or out_path.is_symlink():
+            raise ValueError(
+                f"out: {out_path} appeared while the run wrote its output; it was kept"
+            ) from None
+        os.replace(partial, out_path)
+        return
+    partial.unlink()
 
 
 def _exclusive_file(out_path: Path) -> Path:

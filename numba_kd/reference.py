@@ -873,7 +873,15 @@ def topk_teacher_distributions(
         else:
             log_tail = np.full(missing.shape, -np.inf)
     x = np.where(valid, tau * lp, -np.inf)
-    log_norm = np.logaddexp(logsumexp(x), log_tail)
+    top = np.max(x, axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A row with no stored probability: its stored part is exp(-inf) = 0.
+        lse_stored = np.where(
+            np.isfinite(top[..., 0]),
+            top[..., 0] + np.log(np.exp(x - np.where(np.isfinite(top), top, 0.0)).sum(-1)),
+            -np.inf,
+        )
+    log_norm = np.logaddexp(lse_stored, log_tail)
     dense = np.zeros((n_teachers, n_rows, n_classes))
     tail_mass = np.zeros((n_teachers, n_rows))
     if tail == "uniform":
@@ -981,12 +989,14 @@ def topk_row_weights(
 
 
 def _topk_collapsed(student, indices, logprobs, row_weights, temperature, tail, topk_temperature):
-    """(P, Q, in_union, log_q): target and student over the "collapsed" classes.
+    """(P, log P, Q, log Q, in_union): target and student over the "collapsed" classes.
 
     Columns 0..C-1 are the classes, column C the tail bucket.  Under "bucket",
     classes outside the union U of the (positively weighted) teachers' supports
     are 0 in P and Q, and column C holds p_tail and q_tail = sum over them of q;
-    otherwise column C is 0.  ``row_weights`` [N, K] sum to 1 per row.
+    otherwise column C is 0.  log Q of a class is the student's log-softmax, so
+    that it stays finite where q underflows.  ``row_weights`` [N, K] sum to 1
+    per row.
     """
     s = np.asarray(student, dtype=np.float64)
     n_rows, n_classes = s.shape
@@ -1000,21 +1010,43 @@ def _topk_collapsed(student, indices, logprobs, row_weights, temperature, tail, 
     q = np.exp(log_q)
     P = np.zeros((n_rows, n_classes + 1))
     Q = np.zeros((n_rows, n_classes + 1))
+    log_Q = np.full((n_rows, n_classes + 1), -np.inf)
     if tail == "bucket":
         P[:, :n_classes] = np.where(union, p, 0.0)
         P[:, n_classes] = p_tail
         Q[:, :n_classes] = np.where(union, q, 0.0)
         Q[:, n_classes] = np.where(union, 0.0, q).sum(axis=-1)
+        log_Q[:, :n_classes] = np.where(union, log_q, -np.inf)
+        with np.errstate(divide="ignore"):
+            log_Q[:, n_classes] = np.log(Q[:, n_classes])
     else:
         P[:, :n_classes] = p
         Q[:, :n_classes] = q
-    return P, Q, union, log_q
+        log_Q[:, :n_classes] = log_q
+    with np.errstate(divide="ignore"):
+        log_P = np.log(P)
+    return P, log_P, Q, log_Q, union
 
 
-def _xlogy_ratio(a, b):
-    """a log(a / b) with 0 log(0 / b) = 0."""
+def _topk_divergence_terms(P, log_P, Q, log_Q, divergence, beta):
+    """(per-column terms of D, per-column Q dD/dQ): 0 log 0 = 0, and a column the
+    student gives nothing has no gradient term."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0)
+        if divergence == "forward_kl":
+            terms = np.where(P > 0, P * (log_P - log_Q), 0.0)
+            q_g = -P
+        elif divergence == "reverse_kl":
+            terms = np.where(Q > 0, Q * (log_Q - log_P), 0.0)
+            q_g = np.where(Q > 0, Q * (log_Q - log_P + 1.0), 0.0)
+        elif divergence == "jsd":
+            log_M = np.logaddexp(np.log(beta) + log_P, np.log1p(-beta) + log_Q)
+            terms = beta * np.where(P > 0, P * (log_P - log_M), 0.0) + (1.0 - beta) * np.where(
+                Q > 0, Q * (log_Q - log_M), 0.0
+            )
+            q_g = np.where(Q > 0, (1.0 - beta) * Q * (log_Q - log_M), 0.0)
+        else:
+            raise ValueError(divergence)
+    return terms, q_g
 
 
 def topk_rows(
@@ -1097,16 +1129,10 @@ def topk_rows(
         indices, logprobs, labels, weights, n_classes, temperature, tail, topk_temperature,
         teacher_weighting, ignore_index,
     )  # fmt: skip
-    P, Q, _, _ = _topk_collapsed(student, indices, logprobs, row_w, temperature, tail, topk_temperature)
-    if divergence == "forward_kl":
-        d = _xlogy_ratio(P, Q).sum(axis=-1)
-    elif divergence == "reverse_kl":
-        d = _xlogy_ratio(Q, P).sum(axis=-1)
-    elif divergence == "jsd":
-        M = beta * P + (1.0 - beta) * Q
-        d = beta * _xlogy_ratio(P, M).sum(axis=-1) + (1.0 - beta) * _xlogy_ratio(Q, M).sum(axis=-1)
-    else:
-        raise ValueError(divergence)
+    P, log_P, Q, log_Q, _ = _topk_collapsed(
+        student, indices, logprobs, row_w, temperature, tail, topk_temperature
+    )
+    d = _topk_divergence_terms(P, log_P, Q, log_Q, divergence, beta)[0].sum(axis=-1)
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)
     valid = _valid_rows(y, ignore_index)
@@ -1241,27 +1267,21 @@ def topk_grad(
         indices, logprobs, labels, weights, np.shape(student)[-1], temperature, tail, topk_temperature,
         options.get("teacher_weighting", "static"), ignore_index,
     )  # fmt: skip
-    P, Q, union, log_q = _topk_collapsed(
+    P, log_P, Q, log_Q, union = _topk_collapsed(
         student, indices, logprobs, row_w, temperature, tail, topk_temperature
     )
-    n_classes = log_q.shape[1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if divergence == "forward_kl":
-            G = np.where(P > 0, -P / Q, 0.0)
-        elif divergence == "reverse_kl":
-            G = np.log(Q) - np.log(P) + 1.0
-        elif divergence == "jsd":
-            G = (1.0 - beta) * (np.log(Q) - np.log(beta * P + (1.0 - beta) * Q))
-        else:
-            raise ValueError(divergence)
-        G = np.where(Q > 0, G, 0.0)
+    n_classes = P.shape[1] - 1
+    _, q_g = _topk_divergence_terms(P, log_P, Q, log_Q, divergence, beta)
+    q = np.exp(log_softmax(np.asarray(student, dtype=np.float64) / temperature))
+    mean_g = q_g.sum(axis=-1, keepdims=True)  # sum_c Q_c G_c
     if tail == "bucket":
-        g_class = np.where(union, G[:, :n_classes], G[:, n_classes : n_classes + 1])
+        # q_j G_c(j): the class's own term in U, q_j / q_tail of the bucket's outside U.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(Q[:, n_classes : n_classes + 1] > 0, q / Q[:, n_classes : n_classes + 1], 0.0)
+        own = np.where(union, q_g[:, :n_classes], share * q_g[:, n_classes : n_classes + 1])
     else:
-        g_class = G[:, :n_classes]
-    q = np.exp(log_q)
-    mean_g = np.sum(Q * G, axis=-1, keepdims=True)
-    dd_ds = q * (g_class - mean_g) / temperature
+        own = q_g[:, :n_classes]
+    dd_ds = (own - q * mean_g) / temperature
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)
     valid = _valid_rows(y, ignore_index)

@@ -204,24 +204,30 @@ _PROBLEMS = {
     3: "log-probability {value:.6g} above 0",
     4: "probabilities summing to {value:.6g}, above 1",
     5: "a NaN log-probability (check_finite=True)",
+    6: 'no stored probability, which tail="renormalize" cannot renormalize',
 }
 
 
-def rows_for(top: TopK, lead: tuple[int, ...], n_classes: int, dtype: np.dtype, check_finite: bool):
+def rows_for(
+    top: TopK, lead: tuple[int, ...], n_classes: int, dtype: np.dtype, labels: np.ndarray, options: Any
+):
     """(indices [K, N, k] int64, logprobs [K, N, k] of ``dtype``), checked against the
-    student's rows ``lead`` and classes ``n_classes``."""
+    student's rows ``lead`` and classes ``n_classes``; rows whose label is the
+    options' ignore_index are not checked, as the kernels do not read them."""
     if top.lead_shape != tuple(lead):
         raise ValueError(f"TopK rows {top.lead_shape} do not match the student's leading shape {tuple(lead)}")
     if top.num_classes is not None and top.num_classes != n_classes:
         raise ValueError(f"TopK teachers have {top.num_classes} classes; the student has {n_classes}")
     n_rows = math.prod(lead)
+    if top.indices.dtype.kind == "u" and top.indices.size and top.indices.max() > np.iinfo(np.int64).max:
+        raise ValueError("indices: a class index above the int64 range")
     indices = np.ascontiguousarray(top.indices.reshape(top.num_teachers, n_rows, top.k), dtype=np.int64)
     logprobs = np.ascontiguousarray(top.logprobs.reshape(top.num_teachers, n_rows, top.k), dtype=dtype)
     from numba_kd.cpu import kernels
 
-    code, teacher, row, value = kernels.topk_first_problem(
-        indices, logprobs, n_classes, ROUNDING_TOLERANCE, check_finite
-    )
+    checks = (n_classes, ROUNDING_TOLERANCE, bool(options.check_finite), top.tail == "renormalize",
+              options.ignore_code)  # fmt: skip
+    code, teacher, row, value = kernels.topk_first_problem(indices, logprobs, labels, checks)
     if code:
         where = np.unravel_index(row, lead) if len(lead) > 1 else (row,)
         row_text = ", ".join(str(int(i)) for i in where)
@@ -296,8 +302,17 @@ def read_topk(
             raise ValueError(f"rows must be a contiguous run within the file's {n_rows} rows, got {rows}")
     else:
         raise TypeError(f"rows must be a slice, a range or None, got {type(rows).__name__}")
-    table = parquet.read().slice(start, stop - start)
-    return _topk_of(table, info, tail)
+    # Only the row groups that hold the rows are read.
+    groups, first_row, offset = [], 0, 0
+    for group in range(parquet.metadata.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        if first_row < stop and first_row + size > start:
+            if not groups:
+                offset = first_row
+            groups.append(group)
+        first_row += size
+    table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+    return _topk_of(table.slice(start - offset, stop - start), info, tail)
 
 
 def iter_topk(path: str | os.PathLike, batch_rows: int, tail: Tail = "bucket"):
@@ -328,9 +343,11 @@ def iter_topk(path: str | os.PathLike, batch_rows: int, tail: Tail = "bucket"):
     ValueError
         A file that is not a top-k file of numba-kd.
     """
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be an int of at least 1, got {batch_rows!r}")
     parquet, info = _open_topk(path)
     start = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows):
+    for batch in parquet.iter_batches(batch_size=int(batch_rows)):
         yield start, _topk_of(batch, info, tail)
         start += batch.num_rows
 

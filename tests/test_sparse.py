@@ -406,3 +406,88 @@ def test_bad_arguments():
         distiller.distillation_loss(np.zeros((4, 8)), top, np.zeros(4, np.int64), 0.5, combine="probs")
     with pytest.raises(ValueError, match="labels must have shape"):
         distiller.distillation_loss(student, top, np.zeros(2, np.int64), 0.5, combine="probs")
+
+
+# --- edge cases ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_bucket_that_the_student_gives_nothing(divergence):
+    """U holds every class (two teachers' supports cover C = 3), or the student's
+    probability outside U underflows: the bucket adds no gradient of its own."""
+    distiller = kd.EnsembleDistiller([1.0, 1.0], temperature=1.0)
+    covering = kd.TopK(np.array([[[0, 1]], [[2, 1]]]), np.log([[[0.5, 0.3]], [[0.4, 0.3]]]), tail="bucket")
+    underflow = kd.TopK(np.array([[[0, 1]], [[1, 0]]]), np.log([[[0.5, 0.3]], [[0.4, 0.3]]]), tail="bucket")
+    cases = [
+        (np.array([[0.3, -0.2, 0.5]]), covering),
+        (np.array([[800.0, 790.0, 0.0, -5.0, 0.0]]), underflow),
+    ]
+    for student, top in cases:
+        _, grad = distiller.loss_and_grad(
+            student, top, np.array([0]), 0.7, combine="probs", divergence=divergence
+        )
+        expected = R.topk_grad(
+            student,
+            top.indices,
+            top.logprobs,
+            [0],
+            [1.0, 1.0],
+            1.0,
+            0.7,
+            tail="bucket",
+            divergence=divergence,
+        )
+        assert np.isfinite(grad).all()
+        np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-12)
+
+
+def test_rows_that_store_nothing():
+    """An all-padding row: the whole teacher in the tail for "bucket" and "uniform";
+    "renormalize" has nothing to renormalize and says so."""
+    idx = np.array([[[0, 1], [-1, -1]], [[2, 3], [1, -1]]])
+    lp = np.log(np.array([[[0.5, 0.2], [0.5, 0.5]], [[0.6, 0.1], [0.7, 0.5]]]))
+    student = np.array([[0.1, 0.2, -0.3, 0.0, 0.4], [1.0, -1.0, 0.5, 0.0, 0.2]])
+    labels = np.array([1, 2])
+    distiller = kd.EnsembleDistiller([1.0, 2.0], temperature=1.5)
+    for tail in ("bucket", "uniform"):
+        top = kd.TopK(idx, lp, tail=tail)
+        loss, grad = distiller.loss_and_grad(student, top, labels, 0.5, combine="probs")
+        kw = dict(tail=tail)
+        assert loss == pytest.approx(
+            R.topk_loss(student, idx, lp, labels, [1.0, 2.0], 1.5, 0.5, **kw)[0], rel=1e-12
+        )
+        np.testing.assert_allclose(
+            grad, R.topk_grad(student, idx, lp, labels, [1.0, 2.0], 1.5, 0.5, **kw), atol=1e-15
+        )
+    with pytest.raises(ValueError, match='teacher 0, row 1: no stored probability, which tail="renormalize"'):
+        distiller.distillation_loss(
+            student, kd.TopK(idx, lp, tail="renormalize"), labels, 0.5, combine="probs"
+        )
+    idx_zero = np.array([[[0, 1]], [[2, 3]]])
+    with np.errstate(divide="ignore"):
+        lp_zero = np.log(np.array([[[0.5, 0.2]], [[0.0, 0.0]]]))  # probabilities of exactly 0
+    with pytest.raises(ValueError, match="teacher 1, row 0: no stored probability"):
+        distiller.distillation_loss(
+            student[:1], kd.TopK(idx_zero, lp_zero, tail="renormalize"), labels[:1], 0.5, combine="probs"
+        )
+
+
+def test_ignored_rows_are_not_checked():
+    idx, lp = _valid()
+    lp[0, 1, 0] = np.nan
+    idx[1, 1, 0] = 99
+    distiller = kd.EnsembleDistiller([1.0, 1.0], temperature=1.0)
+    labels = np.array([0, -100, 2])
+    loss = distiller.distillation_loss(
+        np.zeros((3, 8)), kd.TopK(idx, lp), labels, 0.5, combine="probs", ignore_index=-100, check_finite=True
+    )
+    assert np.isfinite(loss)
+
+
+def test_float16_rounding_of_many_entries_is_accepted():
+    """k = C entries of a flat row, each rounded to float16: their sum may exceed 1
+    by more than one entry's rounding; the mass check allows each entry's."""
+    log_p = np.full((1, 2, 56), -np.log(56.0)).astype(np.float16)
+    assert np.exp(log_p.astype(np.float64)).sum(-1).max() > 1.0 + 2.0**-10
+    top = kd.TopK(np.tile(np.arange(56), (1, 2, 1)), log_p)
+    assert np.isfinite(kd.DistillationLoss(1.0, 0.5).forward(np.zeros((2, 56)), top, np.zeros(2, np.int64)))

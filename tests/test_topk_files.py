@@ -193,3 +193,39 @@ def test_a_killed_writer_leaves_the_old_output_whole(files, tmp_path):
     assert len(leftovers) == 1  # the killed run's temporary file; OUT never saw it
     offline.topk(teachers, out, 5, overwrite=True)
     assert kd.read_topk(out).k == 5
+
+
+APPEARING_OUTPUT = """
+import sys
+from pathlib import Path
+from numba_kd import offline
+
+def appear(rows):
+    if rows == 64:
+        Path(sys.argv[3]).write_bytes(b"written meanwhile")
+
+try:
+    offline.topk(sys.argv[1:3], sys.argv[3], 5, chunk_rows=64, on_chunk=appear)
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_an_output_that_appears_during_the_run_is_kept(files, tmp_path):
+    teachers, _, _ = files
+    out = tmp_path / "top.parquet"
+    run = subprocess.run(
+        [sys.executable, "-c", APPEARING_OUTPUT, *map(str, teachers), str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "appeared while the run wrote its output" in run.stdout, run.stderr
+    assert out.read_bytes() == b"written meanwhile"
+    assert not list(tmp_path.glob(".top.parquet.*"))
+
+
+def test_iter_topk_checks_batch_rows(files, tmp_path):
+    teachers, _, _ = files
+    out = tmp_path / "top.parquet"
+    offline.topk(teachers, out, 3)
+    with pytest.raises(ValueError, match="batch_rows must be an int of at least 1"):
+        next(iter_topk(out, 0))

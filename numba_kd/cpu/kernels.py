@@ -787,8 +787,9 @@ def _topk_log_weight(idx, lp, y, params, sparse, n_classes, log_norm, log_tail, 
             continue
         x = tau * np.float64(lp[e])
         p = math.exp(x - log_norm)
-        stored_sum += p
-        stored_moment += p * x
+        if p > 0.0:
+            stored_sum += p
+            stored_moment += p * x
     return -topk_entropy(sparse.tail, stored_sum, stored_moment, log_norm, log_tail, n_out)
 
 
@@ -1095,6 +1096,9 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                 log_pt = log_or_minus_inf(p_tail, NEG_INF)
                 term, h_out = class_divergence(divergence, p_tail, q_out, log_pt, log_qo, beta)
                 d += term
+                # A bucket the student gives nothing (U holds every class, or the rest
+                # underflowed) has no gradient of its own: q_j = 0 there.
+                h_out = h_out if q_out > 0.0 else 0.0
                 qh += q_out * h_out
             elif tail == UNIFORM and divergence == FORWARD_KL:
                 d += uniform_forward_kl_outside(p_out, n_out, b_out, log_sb)
@@ -1159,17 +1163,25 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
 
 
 @njit(nogil=True, cache=DISK_CACHE)
-def topk_first_problem(indices, logprobs, n_classes, tolerance, check_finite):
+def topk_first_problem(indices, logprobs, labels, checks):
     """The first invalid entry of sparse teachers, as (code, teacher, row, value);
-    code 0: none.  1: an index outside [0, n_classes) other than -1; 2: a class
-    stored twice in a row; 3: a log-probability above tolerance; 4: a row's
-    probabilities summing above 1 + tolerance; 5 (with check_finite): a NaN."""
+    code 0: none.  1: an index outside [0, C) other than -1; 2: a class stored
+    twice in a row; 3: a log-probability above the tolerance u; 4: a row's
+    probabilities summing above 1 + u (1 + sum p_j |l_j|), which allows each
+    stored l_j a relative rounding of u; 5 (with check_finite): a NaN; 6 (with
+    needs_mass): a row that stores no probability.  Rows whose label is
+    ignore_index are not read.  checks = (C, u, check_finite, needs_mass,
+    ignore_index)."""
+    n_classes, tolerance, check_finite, needs_mass, ignore_index = checks
     seen = np.full(n_classes, -1, np.int64)
     n_teachers, n_rows, k = indices.shape
     for t in range(n_teachers):
         for i in range(n_rows):
+            if labels[i] == ignore_index:
+                continue
             stamp = t * n_rows + i
             mass = 0.0
+            rounding = 1.0
             for e in range(k):
                 j = indices[t, i, e]
                 if j == -1:
@@ -1186,7 +1198,11 @@ def topk_first_problem(indices, logprobs, n_classes, tolerance, check_finite):
                     continue
                 if x > tolerance:
                     return 3, t, i, x
-                mass += math.exp(x)
-            if mass > 1.0 + tolerance:
+                p = math.exp(x)
+                mass += p
+                rounding += p * abs(x) if p > 0.0 else 0.0
+            if mass > 1.0 + tolerance * rounding:
                 return 4, t, i, mass
+            if needs_mass and not mass > 0.0:
+                return 6, t, i, mass
     return 0, 0, 0, 0.0
