@@ -801,13 +801,14 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
     First each teacher's normalizer and (for a data-dependent weighting) its row
     weight, kept as logarithms and normalized from the largest; a row where no
     teacher's weight is positive keeps the static weights.  Then the entries of
-    the teachers with positive row weight.  ``teacher_state`` holds two [K]
-    float64 rows (log Z, row weights).  Returns (n_u, p_tail, p_out, bad): the
-    size of U, the bucket's target mass, the "uniform" mass of each class
-    outside U, and whether a stored log-probability is NaN (the row is then NaN).
+    the teachers with positive row weight.  ``teacher_state`` holds four [K]
+    float64 rows, filled by the first pass: log Z, log t, C - n, row weights.
+    Returns (n_u, p_tail, p_out, bad): the size of U, the bucket's target mass,
+    the "uniform" mass of each class outside U, and whether a stored
+    log-probability is NaN (the row is then NaN).
     """
     indices, logprobs = top
-    log_norms, row_w = teacher_state
+    log_norms, log_tails, n_outs, row_w = teacher_state
     n_classes = outside.shape[0]
     tau = sparse.retemper
     n_teachers = weights.shape[0]
@@ -822,6 +823,8 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
         log_norm, log_tail, n_out, nan_seen = _topk_teacher(idx, lp, tau, n_classes, sparse.tail)
         bad = bad or nan_seen
         log_norms[k] = log_norm
+        log_tails[k] = log_tail
+        n_outs[k] = n_out
         lw = math.log(weights[k])
         if params.weighting != STATIC:
             lw += _topk_log_weight(idx, lp, y, params, sparse, n_classes, log_norm, log_tail, n_out)
@@ -845,7 +848,8 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
         idx = indices[k, i]
         lp = logprobs[k, i]
         log_norm = log_norms[k]
-        _, log_tail, n_out, _ = _topk_teacher(idx, lp, tau, n_classes, sparse.tail)
+        log_tail = log_tails[k]
+        n_out = n_outs[k]
         tail_share = math.exp(log_tail - log_norm) if log_tail > NEG_INF else 0.0
         per_class = 0.0
         if sparse.tail == BUCKET:
@@ -1047,7 +1051,9 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
         aux = _scratch_row(scratch, 2, n_classes, n_classes if per_class else 1)  # JSD's h outside U
         outside[:] = 1.0
         touched = np.empty(n_entries, np.int64)
-        teacher_state = (np.empty(top[0].shape[0]), np.empty(top[0].shape[0]))
+        # Per teacher: log Z, log t, C - n (as a float), the row weight.
+        state = np.empty((4, top[0].shape[0]))
+        teacher_state = (state[0], state[1], state[2], state[3])
         for i in _block_rows(block, n_rows, per_block):
             y = labels[i]
             if y == params.ignore_index:
