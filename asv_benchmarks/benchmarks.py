@@ -64,8 +64,7 @@ class SparseOperations:
 
     def track_roofline_percent(self, operation, dtype):
         call = lambda: self.op.numba_kd(*self.args)  # noqa: E731
-        n_bytes = self.op.arrays_moved(self.case.n_teachers) * self.case.rows * self.case.classes * 4
-        return 100.0 * paired_with_copy(call, n_bytes, 5)[2]
+        return 100.0 * paired_with_copy(call, self.op.bytes_moved(self.case), 5)[2]
 
     track_roofline_percent.unit = "%"
 

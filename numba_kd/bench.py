@@ -239,6 +239,27 @@ def _peer_calls(op: Operation, args, peers: bool) -> dict[str, Callable[[], obje
     return calls
 
 
+def _timed_row(name, case, n_bytes, calls, rounds, error, limited=None) -> Row:
+    """Time ``calls`` (numba_kd's under "numba_kd", then its peers) with ``interleaved``
+    and make the Row of operation ``name`` on ``case`` (a Case or a SparseCase)."""
+    timings = interleaved(calls, n_bytes, rounds, limited)
+    mine = timings.pop("numba_kd")
+    return Row(
+        operation=name,
+        rows=case.rows,
+        classes=case.classes,
+        n_teachers=case.n_teachers,
+        dtype=case.dtype,
+        numba_kd_ms=mine.median * 1e3,
+        gb_per_s=n_bytes / mine.median / 1e9,
+        roofline_pct=100.0 * mine.roofline,
+        copy_gb_per_s=n_bytes / mine.copy_median / 1e9,
+        max_rel_error=error,
+        peer_ms={k: t.median * 1e3 for k, t in timings.items()},
+        peer_roofline_pct={k: 100.0 * t.roofline for k, t in timings.items()},
+    )
+
+
 def measure(
     shapes,
     n_teachers: int,
@@ -297,25 +318,8 @@ def measure(
             args = case.arrays(ignored=op.ignored)
             error = relative_error(op.numba_kd(*args), op.numpy(*args))
             calls = {"numba_kd": lambda op=op, args=args: op.numba_kd(*args), **_peer_calls(op, args, peers)}
-            n_bytes = op.bytes_moved(case)
-            timings = interleaved(calls, n_bytes, rounds, {"numpy": min(rounds, NUMPY_ROUNDS)})
-            mine = timings.pop("numba_kd")
-            rows.append(
-                Row(
-                    operation=name,
-                    rows=n_rows,
-                    classes=n_classes,
-                    n_teachers=n_teachers,
-                    dtype=dtype,
-                    numba_kd_ms=mine.median * 1e3,
-                    gb_per_s=n_bytes / mine.median / 1e9,
-                    roofline_pct=100.0 * mine.roofline,
-                    copy_gb_per_s=n_bytes / mine.copy_median / 1e9,
-                    max_rel_error=error,
-                    peer_ms={k: t.median * 1e3 for k, t in timings.items()},
-                    peer_roofline_pct={k: 100.0 * t.roofline for k, t in timings.items()},
-                )
-            )
+            limited = {"numpy": min(rounds, NUMPY_ROUNDS)}
+            rows.append(_timed_row(name, case, op.bytes_moved(case), calls, rounds, error, limited))
             if progress is not None:
                 progress(rows[-1])
     return rows
@@ -375,25 +379,7 @@ def measure_sparse(
         if peers and torch_available():
             calls["torch"] = lambda op=op: op.torch(*args)
             calls["torch.compile"] = op.torch_compile(*args)
-        n_bytes = op.arrays_moved(case.n_teachers) * case.rows * case.classes * np.dtype(case.dtype).itemsize
-        timings = interleaved(calls, n_bytes, rounds)
-        mine = timings.pop("numba_kd")
-        rows.append(
-            Row(
-                operation=name,
-                rows=case.rows,
-                classes=case.classes,
-                n_teachers=case.n_teachers,
-                dtype=case.dtype,
-                numba_kd_ms=mine.median * 1e3,
-                gb_per_s=n_bytes / mine.median / 1e9,
-                roofline_pct=100.0 * mine.roofline,
-                copy_gb_per_s=n_bytes / mine.copy_median / 1e9,
-                max_rel_error=error,
-                peer_ms={k: t.median * 1e3 for k, t in timings.items()},
-                peer_roofline_pct={k: 100.0 * t.roofline for k, t in timings.items()},
-            )
-        )
+        rows.append(_timed_row(name, case, op.bytes_moved(case), calls, rounds, error))
         if progress is not None:
             progress(rows[-1])
     return rows

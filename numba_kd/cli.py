@@ -295,8 +295,12 @@ def _topk(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (TypeError, ValueError, ImportError, OSError) as exc:
         return _fail(exc)
+    return _print_written(args.out, summary)
+
+
+def _print_written(out: str, summary) -> int:
     print(
-        f"wrote {args.out}: {summary.rows} rows in {summary.seconds:.2f} s "
+        f"wrote {out}: {summary.rows} rows in {summary.seconds:.2f} s "
         f"({summary.rows_per_second:,.0f} rows/s, {summary.gb_per_second:.2f} GB/s of input)"
     )
     return 0
@@ -320,11 +324,7 @@ def _soft_labels(args: argparse.Namespace) -> int:
         summary = offline.soft_labels(args.teachers, args.out, scheduler=args.scheduler, **options)
     except (TypeError, ValueError, ImportError, OSError) as exc:
         return _fail(exc)
-    print(
-        f"wrote {args.out}: {summary.rows} rows in {summary.seconds:.2f} s "
-        f"({summary.rows_per_second:,.0f} rows/s, {summary.gb_per_second:.2f} GB/s of input)"
-    )
-    return 0
+    return _print_written(args.out, summary)
 
 
 def _loss(args: argparse.Namespace) -> int:

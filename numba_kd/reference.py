@@ -619,8 +619,7 @@ def general_rows(
     log_p = target_log_probs(teachers, row_w, temperature, combine)
     log_q = log_softmax(s / temperature)
     d = divergence_rows(log_p, log_q, divergence, beta)
-    safe_y = np.where(valid, y, 0)
-    ce = -np.take_along_axis(log_softmax(s), safe_y[:, None], axis=-1)[:, 0]
+    ce = cross_entropy_rows(s, np.where(valid, y, 0))
     bad = nonfinite_rows(teachers, s)
     d, ce = np.where(bad, np.nan, d), np.where(bad, np.nan, ce)
     return np.where(valid, d, 0.0), np.where(valid, ce, 0.0), valid
@@ -692,6 +691,11 @@ def general_loss(
     array([0.275722, 0.801302])
     """
     d, ce, valid = general_rows(student, teachers, labels, weights, temperature, **options)
+    return _loss_parts(d, ce, valid, alpha, temperature, reduction)
+
+
+def _loss_parts(d, ce, valid, alpha, temperature, reduction):
+    """(loss, soft, hard) of per-row divergences and cross-entropies, reduced over rows."""
     soft = alpha * temperature**2 * d
     hard = (1.0 - alpha) * ce
     if reduction == "none":
@@ -782,12 +786,18 @@ def general_grad(
         else:
             raise ValueError(divergence)
         dd_ds = q * (g - np.sum(q * g, axis=-1, keepdims=True)) / temperature
+    return _loss_gradient(dd_ds, s, y, valid, alpha, temperature, reduction, nonfinite_rows(teachers, s))
+
+
+def _loss_gradient(dd_ds, s, y, valid, alpha, temperature, reduction, bad=None):
+    """alpha T^2 dD/ds + (1 - alpha) (softmax(s) - onehot(y)); NaN on ``bad`` rows, 0 on
+    rows not ``valid``, divided by the valid rows (at least 1) for "mean"."""
     r = np.exp(log_softmax(s))
     onehot = np.zeros_like(s)
-    safe_y = np.where(valid, y, 0)
-    np.put_along_axis(onehot, safe_y[:, None], 1.0, axis=-1)
+    np.put_along_axis(onehot, np.where(valid, y, 0)[:, None], 1.0, axis=-1)
     grad = alpha * temperature**2 * dd_ds + (1.0 - alpha) * (r - onehot)
-    grad[nonfinite_rows(teachers, s)] = np.nan
+    if bad is not None:
+        grad[bad] = np.nan
     grad[~valid] = 0.0
     if reduction == "mean":
         grad /= max(int(valid.sum()), 1)
@@ -873,14 +883,9 @@ def topk_teacher_distributions(
         else:
             log_tail = np.full(missing.shape, -np.inf)
     x = np.where(valid, tau * lp, -np.inf)
-    top = np.max(x, axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # A row with no stored probability: its stored part is exp(-inf) = 0.
-        lse_stored = np.where(
-            np.isfinite(top[..., 0]),
-            top[..., 0] + np.log(np.exp(x - np.where(np.isfinite(top), top, 0.0)).sum(-1)),
-            -np.inf,
-        )
+    # A row with no stored probability (all -inf, where logsumexp gives NaN) stores 0.
+    stored = np.isfinite(np.max(x, axis=-1))
+    lse_stored = np.where(stored, logsumexp(np.where(stored[..., None], x, 0.0)), -np.inf)
     log_norm = np.logaddexp(lse_stored, log_tail)
     dense = np.zeros((n_teachers, n_rows, n_classes))
     tail_mass = np.zeros((n_teachers, n_rows))
@@ -1136,8 +1141,7 @@ def topk_rows(
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)
     valid = _valid_rows(y, ignore_index)
-    safe_y = np.where(valid, y, 0)
-    ce = -np.take_along_axis(log_softmax(s), safe_y[:, None], axis=-1)[:, 0]
+    ce = cross_entropy_rows(s, np.where(valid, y, 0))
     return np.where(valid, d, 0.0), np.where(valid, ce, 0.0), valid
 
 
@@ -1193,12 +1197,7 @@ def topk_loss(
     0.308634
     """
     d, ce, valid = topk_rows(student, indices, logprobs, labels, weights, temperature, **options)
-    soft = alpha * temperature**2 * d
-    hard = (1.0 - alpha) * ce
-    if reduction == "none":
-        return soft + hard, soft, hard
-    n = max(int(valid.sum()), 1) if reduction == "mean" else 1
-    return soft.sum() / n + hard.sum() / n, soft.sum() / n, hard.sum() / n
+    return _loss_parts(d, ce, valid, alpha, temperature, reduction)
 
 
 def topk_grad(
@@ -1285,11 +1284,4 @@ def topk_grad(
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)
     valid = _valid_rows(y, ignore_index)
-    r = np.exp(log_softmax(s))
-    onehot = np.zeros_like(s)
-    np.put_along_axis(onehot, np.where(valid, y, 0)[:, None], 1.0, axis=-1)
-    grad = alpha * temperature**2 * dd_ds + (1.0 - alpha) * (r - onehot)
-    grad[~valid] = 0.0
-    if reduction == "mean":
-        grad /= max(int(valid.sum()), 1)
-    return grad
+    return _loss_gradient(dd_ds, s, y, valid, alpha, temperature, reduction)

@@ -309,7 +309,7 @@ class Operation:
 
         Parameters
         ----------
-        case : Case
+        case : Case or SparseCase
             The shape, number of teachers and dtype.
 
         Returns
