@@ -125,24 +125,28 @@ def _topk_loss(weights, temperature, student, top, labels, alpha, options, place
             'teachers\' supports, where the student is not; use tail="bucket" or "uniform"'
         )
     if _arrays.has_dask_array([student, labels]):
-        raise TypeError("TopK teachers take NumPy student logits and labels, not dask arrays")
+        raise TypeError("TopK teachers take NumPy or CUDA student logits and labels, not dask arrays")
     backend = _targets.backend_for([student, labels], placement.device, placement.stream)
-    if backend.target != "cpu":
-        raise ValueError("TopK teachers run on the CPU: pass NumPy student logits and labels")
     s = _validate.logits(backend, student, "student", (2, 3))
-    lead = tuple(int(n) for n in s.shape[:-1])
-    n_rows, n_classes = math.prod(lead), int(s.shape[-1])
+    shape = tuple(int(n) for n in s.shape)
+    lead = shape[:-1]
+    n_rows, n_classes = math.prod(lead), shape[-1]
     if n_rows == 0:
         raise ValueError("student logits must have at least one row: the mean over rows is undefined")
     y = _validate.asarray(backend, labels, "labels")
     if tuple(y.shape) != lead:
-        raise ValueError(f"labels must have shape {lead} for student logits of shape {tuple(s.shape)}")
+        raise ValueError(f"labels must have shape {lead} for student logits of shape {shape}")
+    if len(lead) > 1:
+        backend.merge_rows([("student", s), ("labels", y)])
     s = s.reshape(n_rows, n_classes)
     y = backend.labels(y.reshape(n_rows), n_rows, n_classes, options.ignore_index)
     if options.check_finite:
         _validate.refuse_nonfinite(backend, [("student", s)], _ignored(y, options))
     dtype = np.dtype(np.float64) if s.dtype == np.float64 else np.dtype(np.float32)
-    indices, logprobs = sparse.rows_for(top, lead, n_classes, dtype, y, options)
+    # The stored entries are host arrays and are checked there, skipping the rows
+    # whose labels (copied from the device for CUDA inputs) are ignored.
+    host_labels = _targets.HOST.asarray(y)
+    indices, logprobs = sparse.rows_for(top, lead, n_classes, dtype, host_labels, options)
     params = _math.TopKParams(_math.TAILS.index(top.tail), top.temperature / temperature)
     t = SparseTeachers(indices, logprobs, params)
     w = _SINGLE_TEACHER_WEIGHT if weights is None else weights

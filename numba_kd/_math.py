@@ -1,6 +1,7 @@
 """Scalar math shared by the CPU and CUDA kernels.
 
-Every helper here is an ``@njit(inline="always")`` function of scalars, so the
+Every helper here is an ``@njit(inline="always")`` function of scalars (the
+sparse teachers' helpers also of one teacher row's k stored entries), so the
 same source compiles inside ``@njit`` CPU kernels and inside ``@cuda.jit``
 kernels (numba-cuda compiles ``@njit`` callees for the device).  Keeping the
 formulas in one place is what makes the two targets agree.
@@ -595,3 +596,171 @@ def topk_entropy(tail, stored_sum, stored_moment, log_norm, log_tail, n_out):
         else:
             h -= b * (log_tail - log_norm - math.log(n_out))
     return h
+
+
+@njit(inline="always")
+def topk_teacher_norm(idx, lp, tau, n_classes, tail):
+    """One teacher row's stored entries (``idx``, -1 for none; ``lp``) re-tempered by
+    tau: (log Z, log t, n_out, NaN seen), with t the tail's mass (topk_log_norm),
+    n_out = C - n the number of classes it did not store (a float)."""
+    m = NEG_INF
+    s = 0.0
+    mass = 0.0
+    n_stored = 0
+    bad = False
+    for e in range(idx.shape[0]):
+        if idx[e] < 0:
+            continue
+        x = np.float64(lp[e])
+        bad = bad or x != x
+        mass += math.exp(x)
+        m, s = online_lse_step(m, s, tau * x, 1.0)
+        n_stored += 1
+    n_out = n_classes - n_stored
+    missing = topk_missing_mass(mass, n_stored, n_classes)
+    log_norm, log_tail = topk_log_norm(
+        tail, lse_from_stats(m, s) if n_stored > 0 else NEG_INF, missing, n_out, tau
+    )
+    return log_norm, log_tail, float(n_out), bad
+
+
+@njit(inline="always")
+def topk_teacher_log_weight(idx, lp, y, weighting, taus, tail, n_classes, norm):
+    """log of a teacher's data-dependent weight factor: its probability of the label
+    y at temperature 1 (confidence) or exp(-H) of its distribution at T (entropy).
+    taus = (tau, tau_1), the re-temperings to T and to 1; norm = its (log Z, log t,
+    n_out) at tau (topk_teacher_norm)."""
+    tau, tau_1 = taus
+    log_norm, log_tail, n_out = norm
+    if weighting == CONFIDENCE:
+        log_norm_1, log_tail_1, _, _ = topk_teacher_norm(idx, lp, tau_1, n_classes, tail)
+        label_entry = math.nan
+        for e in range(idx.shape[0]):
+            if idx[e] == y:
+                label_entry = tau_1 * np.float64(lp[e])
+        return topk_label_log_prob(tail, label_entry, log_norm_1, log_tail_1, n_out)
+    stored_sum = 0.0
+    stored_moment = 0.0
+    for e in range(idx.shape[0]):
+        if idx[e] < 0:
+            continue
+        x = tau * np.float64(lp[e])
+        p = math.exp(x - log_norm)
+        if p > 0.0:
+            stored_sum += p
+            stored_moment += p * x
+    return -topk_entropy(tail, stored_sum, stored_moment, log_norm, log_tail, n_out)
+
+
+@njit(inline="always")
+def row_weight(static, weight, log_weight, top):
+    """A teacher's unnormalized weight in one row: its static weight where no
+    teacher has a positive data-dependent one (``static``), else exp(log_weight -
+    top), ``top`` the largest log weight of the row."""
+    if static:
+        return weight
+    return math.exp(log_weight - top) if log_weight > NEG_INF else 0.0
+
+
+@njit(inline="always")
+def topk_tail_shares(tail, w, log_norm, log_tail, n_out):
+    """(the bucket's target mass, the mass of each class outside the support) that a
+    teacher of row weight w gives its tail: (w t / Z, 0) for "bucket", (0, t / (Z
+    n_out)) for "uniform" (unweighted: its stored entries subtract it, see
+    topk_entry_target), (0, 0) for "renormalize"."""
+    share = math.exp(log_tail - log_norm) if log_tail > NEG_INF else 0.0
+    if tail == BUCKET:
+        return w * share, 0.0
+    if tail == UNIFORM and n_out > 0:
+        return 0.0, share / n_out
+    return 0.0, 0.0
+
+
+@njit(inline="always")
+def topk_entry_target(w, x, log_norm, per_class):
+    """A stored entry's share of the target at its class, x = tau l, less the
+    "uniform" share per_class that every class outside U also receives."""
+    return w * (math.exp(x - log_norm) - per_class)
+
+
+@njit(inline="always")
+def topk_class_terms(divergence, p, log_q, beta):
+    """(divergence term, q dD/dq) of one class of U, target p, log q the student's."""
+    q = math.exp(log_q)
+    term, h = class_divergence(divergence, p, q, log_or_minus_inf(p, NEG_INF), log_q, beta)
+    return term, q * h
+
+
+@njit(inline="always")
+def topk_class_grad(divergence, p, log_q, beta, d, qh):
+    """dD/db of one class of U (b = s / T): d the row's divergence, qh = sum_j q_j h_j."""
+    q = math.exp(log_q)
+    if divergence == FORWARD_KL:
+        return forward_kl_grad(p, q)
+    _, h = class_divergence(divergence, p, q, log_or_minus_inf(p, NEG_INF), log_q, beta)
+    return q * (h - (d if divergence == REVERSE_KL else qh))
+
+
+@njit(inline="always")
+def topk_outside_terms(tail, divergence, targets, sums, beta):
+    """(divergence, q dD/dq summed, h_out) of the classes outside U, for every rule but
+    the "uniform" JSD (which sweeps them).  targets = (p_tail, p_out); sums = (q_out,
+    n_out, b_out, e_out, s_b, log S_b): the student's mass outside U, their number,
+    and sum b_j, sum exp(b_j) b_j over them.  h_out is the tail's dD/dq (- 1)."""
+    p_tail, p_out = targets
+    q_out, n_out, b_out, e_out, s_b, log_sb = sums
+    if tail == BUCKET:
+        log_qo = log_or_minus_inf(q_out, NEG_INF)
+        term, h_out = class_divergence(
+            divergence, p_tail, q_out, log_or_minus_inf(p_tail, NEG_INF), log_qo, beta
+        )
+        # A bucket the student gives nothing (U holds every class, or the rest
+        # underflowed) has no gradient of its own: q_j = 0 there.
+        h_out = h_out if q_out > 0.0 else 0.0
+        return term, q_out * h_out, h_out
+    if tail == UNIFORM and divergence == FORWARD_KL:
+        return uniform_forward_kl_outside(p_out, n_out, b_out, log_sb), 0.0, 0.0
+    if tail == UNIFORM and divergence == REVERSE_KL:
+        return uniform_reverse_kl_outside(q_out, e_out, s_b, log_sb, p_out), 0.0, 0.0
+    if tail == RENORMALIZE and divergence == JSD:
+        # p = 0 outside U, so there log(q / m) = -log(1 - beta).
+        h_out = -(1.0 - beta) * math.log1p(-beta)
+        return q_out * h_out, q_out * h_out, h_out
+    return 0.0, 0.0, 0.0
+
+
+@njit(inline="always")
+def topk_grad_constants(tail, divergence, targets, q_out, log_sb, h_out, d, qh):
+    """(a, c, e) with dD/db_j = q_j (a + c b_j) + e outside U (topk_soft_grad), for
+    every rule but the "uniform" JSD; targets = (p_tail, p_out)."""
+    p_tail, p_out = targets
+    if divergence == FORWARD_KL:
+        if tail == BUCKET:
+            return (1.0 - p_tail / q_out if q_out > 0.0 else 1.0), 0.0, 0.0
+        if tail == UNIFORM:
+            return 1.0, 0.0, -p_out
+        return 1.0, 0.0, 0.0
+    if divergence == REVERSE_KL:
+        if tail == BUCKET:
+            return h_out - d, 0.0, 0.0
+        # "uniform": q_j (b_j - log S_b - log p_out - D)
+        return -log_sb - log_or_minus_inf(p_out, NEG_INF) - d, 1.0, 0.0
+    return h_out - qh, 0.0, 0.0
+
+
+@njit(inline="always")
+def topk_soft_grad(q, b, a, c, e):
+    """dD/db_j outside U from the constants of topk_grad_constants."""
+    return q * (a + c * b) + e
+
+
+@njit(inline="always")
+def uniform_jsd_class(q, beta_p, one_m_beta, log_p, zero):
+    """(JSD term, h = (1 - beta) log(q / m)) of a class outside U under the "uniform"
+    tail: target p (beta_p = beta p, log_p = log p), m = beta p + (1 - beta) q.
+    ``zero`` carries the arithmetic's type."""
+    m = beta_p + one_m_beta * q
+    log_m = log_like(m, zero)
+    a = beta_p * (log_p - log_m) if beta_p > zero else zero
+    h = one_m_beta * (log_like(q, zero) - log_m) if q > zero else zero
+    return a + q * h, h

@@ -59,7 +59,8 @@ class TopK:
     ------
     TypeError
         Indices that are not integers, log-probabilities that are not
-        floating point, or device arrays (sparse teachers run on the CPU).
+        floating point, or device arrays (the stored entries are host arrays;
+        with a CUDA student the loss copies them to the device).
     ValueError
         An unknown tail, a temperature that is not positive and finite,
         shapes that differ, an empty list, or no entries (k = 0).
@@ -189,7 +190,10 @@ def _stacked(values: Any, name: str) -> np.ndarray:
 
 def _host(value: Any, name: str) -> np.ndarray:
     if is_device_array(value):
-        raise TypeError(f"{name} is a device array: sparse top-k teachers run on the CPU (pass NumPy arrays)")
+        raise TypeError(
+            f"{name} is a device array: pass the stored entries as host (NumPy) arrays "
+            "(with a CUDA student the loss copies them to the device)"
+        )
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array: mark unused entries with index -1 instead")
     try:

@@ -3,7 +3,10 @@
 Run by scripts/gpu_check.sh on a machine with an NVIDIA GPU.  Every time is the
 median of CUDA-event timings after warm-up; throughput counts the bytes that
 must move (K + 1 input arrays read for the loss; K read + 1 written for the
-combine) and is set beside the device's own copy bandwidth, measured here.
+combine; the student read and the gradient written for the sparse top-k
+loss_and_grad, whose K = 2 teachers' k = 64 stored entries per row are copied
+from the host in each call) and is set beside the device's own copy bandwidth,
+measured here.
 """
 
 from __future__ import annotations
@@ -72,6 +75,18 @@ def torch_eager(student, teachers, labels, weights):
     return loss
 
 
+def sparse_teachers(teachers, k: int) -> kd.TopK:
+    """The top-k log-probabilities (T_g = 1) of host teacher logits, as a TopK."""
+    indices, logprobs = [], []
+    for t in teachers:
+        log_p = t - np.log(np.sum(np.exp(t - t.max(axis=1, keepdims=True)), axis=1, keepdims=True))
+        log_p -= t.max(axis=1, keepdims=True)
+        top = np.argpartition(-t, k - 1, axis=1)[:, :k]
+        indices.append(top)
+        logprobs.append(np.take_along_axis(log_p, top, axis=1))
+    return kd.TopK(indices, logprobs, tail="bucket")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
@@ -117,6 +132,14 @@ def main() -> None:
             ("distillation_loss", loss, (N_TEACHERS + 1) * array_bytes, torch_time),
             ("combine_teachers", combine, (N_TEACHERS + 1) * array_bytes, None),
         ]
+        k = min(64, classes)
+        top = sparse_teachers(host[1:3], k)
+        grad_out = cuda.device_array_like(student)
+        sparse = functools.partial(
+            kd.EnsembleDistiller.uniform(2, temperature=TEMPERATURE).loss_and_grad, student, top, d_labels,
+            ALPHA, combine="probs", out=grad_out, return_device_scalar=True,
+        )  # fmt: skip
+        rows_out.append((f"topk{k}_loss_and_grad", sparse, 2 * array_bytes, None))
         for op, fn, n_bytes, peer in rows_out:
             seconds = time_events(fn, args.repeats)
             throughput = n_bytes / seconds

@@ -27,7 +27,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from numba_kd._math import (
-    BUCKET,
     COMBINE_LOGITS,
     COMBINE_PROBS,
     CONFIDENCE,
@@ -39,7 +38,6 @@ from numba_kd._math import (
     STATIC,
     UNIFORM,
     as_type_of,
-    class_divergence,
     confidence_log_weight,
     cross_entropy,
     distillation_terms,
@@ -61,13 +59,18 @@ from numba_kd._math import (
     nonnegative,
     online_lse_step,
     reverse_kl_grad,
+    row_weight,
     tiny_like,
-    topk_entropy,
-    topk_label_log_prob,
-    topk_log_norm,
-    topk_missing_mass,
-    uniform_forward_kl_outside,
-    uniform_reverse_kl_outside,
+    topk_class_grad,
+    topk_class_terms,
+    topk_entry_target,
+    topk_grad_constants,
+    topk_outside_terms,
+    topk_soft_grad,
+    topk_tail_shares,
+    topk_teacher_log_weight,
+    topk_teacher_norm,
+    uniform_jsd_class,
     weighted_log_prob,
 )
 from numba_kd._runtime import DISK_CACHE
@@ -743,57 +746,6 @@ def combine_probabilities(teachers, weights, params, eps, per_block, out):
 
 
 @row_function
-def _topk_teacher(idx, lp, tau, n_classes, tail):
-    """One teacher row's (log Z, log t, n_out, NaN seen) at re-tempering tau
-    (topk_log_norm)."""
-    m = NEG_INF
-    s = 0.0
-    mass = 0.0
-    n_stored = 0
-    bad = False
-    for e in range(idx.shape[0]):
-        if idx[e] < 0:
-            continue
-        x = np.float64(lp[e])
-        bad = bad or x != x
-        mass += math.exp(x)
-        m, s = online_lse_step(m, s, tau * x, 1.0)
-        n_stored += 1
-    n_out = n_classes - n_stored
-    missing = topk_missing_mass(mass, n_stored, n_classes)
-    log_norm, log_tail = topk_log_norm(
-        tail, lse_from_stats(m, s) if n_stored > 0 else NEG_INF, missing, n_out, tau
-    )
-    return log_norm, log_tail, n_out, bad
-
-
-@row_function
-def _topk_log_weight(idx, lp, y, params, sparse, n_classes, log_norm, log_tail, n_out):
-    """log of a teacher's data-dependent weight factor: its probability of the label
-    at temperature 1 (confidence) or exp(-H) of its distribution at T (entropy)."""
-    tau = sparse.retemper
-    if params.weighting == CONFIDENCE:
-        tau_1 = tau * params.temperature  # T_g / 1
-        log_norm_1, log_tail_1, _, _ = _topk_teacher(idx, lp, tau_1, n_classes, sparse.tail)
-        label_entry = math.nan
-        for e in range(idx.shape[0]):
-            if idx[e] == y:
-                label_entry = tau_1 * np.float64(lp[e])
-        return topk_label_log_prob(sparse.tail, label_entry, log_norm_1, log_tail_1, n_out)
-    stored_sum = 0.0
-    stored_moment = 0.0
-    for e in range(idx.shape[0]):
-        if idx[e] < 0:
-            continue
-        x = tau * np.float64(lp[e])
-        p = math.exp(x - log_norm)
-        if p > 0.0:
-            stored_sum += p
-            stored_moment += p * x
-    return -topk_entropy(sparse.tail, stored_sum, stored_moment, log_norm, log_tail, n_out)
-
-
-@row_function
 def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside, touched):
     """Merge row i's top-k entries into acc (the target on U, minus p_out for
     "uniform"), set outside[j] = 0 for j in U and list U in touched.
@@ -810,7 +762,7 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
     indices, logprobs = top
     log_norms, log_tails, n_outs, row_w = teacher_state
     n_classes = outside.shape[0]
-    tau = sparse.retemper
+    taus = (sparse.retemper, sparse.retemper * params.temperature)
     n_teachers = weights.shape[0]
     bad = False
     top_w = NEG_INF
@@ -820,23 +772,21 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
             continue
         idx = indices[k, i]
         lp = logprobs[k, i]
-        log_norm, log_tail, n_out, nan_seen = _topk_teacher(idx, lp, tau, n_classes, sparse.tail)
+        log_norm, log_tail, n_out, nan_seen = topk_teacher_norm(idx, lp, taus[0], n_classes, sparse.tail)
         bad = bad or nan_seen
         log_norms[k] = log_norm
         log_tails[k] = log_tail
         n_outs[k] = n_out
         lw = math.log(weights[k])
         if params.weighting != STATIC:
-            lw += _topk_log_weight(idx, lp, y, params, sparse, n_classes, log_norm, log_tail, n_out)
+            norm = (log_norm, log_tail, n_out)
+            lw += topk_teacher_log_weight(idx, lp, y, params.weighting, taus, sparse.tail, n_classes, norm)
         row_w[k] = lw
         top_w = max(top_w, lw)
     static = not top_w > NEG_INF
     total = 0.0
     for k in range(n_teachers):
-        if static:
-            row_w[k] = weights[k]
-        else:
-            row_w[k] = math.exp(row_w[k] - top_w) if row_w[k] > NEG_INF else 0.0
+        row_w[k] = row_weight(static, weights[k], row_w[k], top_w)
         total += row_w[k]
     n_u = 0
     p_tail = 0.0
@@ -848,15 +798,9 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
         idx = indices[k, i]
         lp = logprobs[k, i]
         log_norm = log_norms[k]
-        log_tail = log_tails[k]
-        n_out = n_outs[k]
-        tail_share = math.exp(log_tail - log_norm) if log_tail > NEG_INF else 0.0
-        per_class = 0.0
-        if sparse.tail == BUCKET:
-            p_tail += w * tail_share
-        elif sparse.tail == UNIFORM and n_out > 0:
-            per_class = tail_share / n_out
-            p_out += w * per_class
+        bucket_mass, per_class = topk_tail_shares(sparse.tail, w, log_norm, log_tails[k], n_outs[k])
+        p_tail += bucket_mass
+        p_out += w * per_class
         for e in range(idx.shape[0]):
             j = idx[e]
             if j < 0:
@@ -865,7 +809,7 @@ def _topk_target(top, weights, i, y, params, sparse, teacher_state, acc, outside
                 outside[j] = 0.0
                 touched[n_u] = j
                 n_u += 1
-            acc[j] += w * (math.exp(tau * np.float64(lp[e]) - log_norm) - per_class)
+            acc[j] += topk_entry_target(w, taus[0] * np.float64(lp[e]), log_norm, per_class)
     return n_u, p_tail, p_out, bad
 
 
@@ -966,12 +910,9 @@ def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta, aux):
         p_qh = zero
         for j in range(q_row.shape[0]):
             q = q_row[j] * inv
-            m = bp + b1_c * q
-            log_m = log_like(m, like)
-            a = bp * (lp - log_m) if bp > zero else zero
-            h = b1_c * (log_like(q, like) - log_m) if q > zero else zero
+            term, h = uniform_jsd_class(q, bp, b1_c, lp, zero)
             h_row[j] = h
-            p_d += o[j] * (a + q * h)
+            p_d += o[j] * term
             p_qh += o[j] * (q * h)
         d_sum += p_d
         qh_sum += p_qh
@@ -1003,6 +944,7 @@ def _topk_grad_sweep(s, y, rows, stats, constants, params, out):
             q = qt[j] * inv_sb
             out[j] = soft * jsd_grad(q, aux[j], one, qh_c) + hard * exp_like((s[j] - shift) - shift_s, like)
     else:
+        zero = as_type_of(0.0, like)
         a_c = as_type_of(a, like)
         c_c = as_type_of(c, like)
         e_c = as_type_of(e, like)
@@ -1010,16 +952,18 @@ def _topk_grad_sweep(s, y, rows, stats, constants, params, out):
             for j in range(n):
                 b = (s[j] - shift) * scale
                 q = qt[j] * inv_sb
-                out[j] = soft * (q * (a_c + c_c * b) + e_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+                g = topk_soft_grad(q, b, a_c, c_c, e_c)
+                out[j] = soft * g + hard * exp_like((s[j] - shift) - shift_s, like)
         elif inv_t == 1.0:
             # At T = 1 softmax(s) is q: the row needs no exponential and no s.
             for j in range(n):
                 q = qt[j] * inv_sb
-                out[j] = soft * (q * a_c + e_c) + hard * q
+                out[j] = soft * topk_soft_grad(q, zero, a_c, zero, e_c) + hard * q
         else:
             for j in range(n):
                 q = qt[j] * inv_sb
-                out[j] = soft * (q * a_c + e_c) + hard * exp_like((s[j] - shift) - shift_s, like)
+                g = topk_soft_grad(q, zero, a_c, zero, e_c)
+                out[j] = soft * g + hard * exp_like((s[j] - shift) - shift_s, like)
     out[y] -= hard
 
 
@@ -1086,54 +1030,23 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
             qh = 0.0
             for u in range(n_u):
                 j = touched[u]
-                p = acc[j] + p_out
                 log_q = (np.float64(s[j]) - m_s) * inv_t - log_sb
-                term, h = class_divergence(
-                    divergence, p, math.exp(log_q), log_or_minus_inf(p, NEG_INF), log_q, beta
-                )
+                term, q_h = topk_class_terms(divergence, acc[j] + p_out, log_q, beta)
                 d += term
-                qh += math.exp(log_q) * h
+                qh += q_h
             # The classes outside U, and the gradient's constants there: there
             # dD/db_j = q_j (a + c b_j) + e, or the "uniform" JSD's per-class form.
-            h_out = 0.0
-            per_class_jsd = False
-            if tail == BUCKET:
-                log_qo = log_or_minus_inf(q_out, NEG_INF)
-                log_pt = log_or_minus_inf(p_tail, NEG_INF)
-                term, h_out = class_divergence(divergence, p_tail, q_out, log_pt, log_qo, beta)
-                d += term
-                # A bucket the student gives nothing (U holds every class, or the rest
-                # underflowed) has no gradient of its own: q_j = 0 there.
-                h_out = h_out if q_out > 0.0 else 0.0
-                qh += q_out * h_out
-            elif tail == UNIFORM and divergence == FORWARD_KL:
-                d += uniform_forward_kl_outside(p_out, n_out, b_out, log_sb)
-            elif tail == UNIFORM and divergence == REVERSE_KL:
-                d += uniform_reverse_kl_outside(q_out, e_out, s_b, log_sb, p_out)
-            elif tail == UNIFORM:
+            targets = (p_tail, p_out)
+            per_class_jsd = tail == UNIFORM and divergence == JSD
+            if per_class_jsd:
                 d_o, qh_o = _topk_jsd_outside(qt, outside, 1.0 / s_b, p_out, beta, aux)
-                d += d_o
-                qh += qh_o
-                per_class_jsd = True
-            elif divergence == JSD:  # renormalize: p = 0 outside U, so log(q / m) = -log(1 - beta)
-                h_out = -(1.0 - beta) * math.log1p(-beta)
-                d += q_out * h_out
-                qh += q_out * h_out
-            d = nonnegative(d)
-            a, c, e = 1.0, 0.0, 0.0
-            if divergence == FORWARD_KL:
-                if tail == BUCKET:
-                    a = 1.0 - p_tail / q_out if q_out > 0.0 else 1.0
-                elif tail == UNIFORM:
-                    e = -p_out
-            elif divergence == REVERSE_KL:
-                if tail == BUCKET:
-                    a = h_out - d
-                else:  # uniform: q_j (b_j - log S_b - log p_out - D)
-                    a = -log_sb - log_or_minus_inf(p_out, NEG_INF) - d
-                    c = 1.0
+                h_out = 0.0
             else:
-                a = h_out - qh
+                sums = (q_out, float(n_out), b_out, e_out, s_b, log_sb)
+                d_o, qh_o, h_out = topk_outside_terms(tail, divergence, targets, sums, beta)
+            d = nonnegative(d + d_o)
+            qh += qh_o
+            a, c, e = topk_grad_constants(tail, divergence, targets, q_out, log_sb, h_out, d, qh)
             log_ss = math.log(s_s)
             ce_rows[i] = cross_entropy(m_s, np.float64(s[y]), log_ss)
             # A float32 row whose gradient constants leave the float32 range (a tail
@@ -1152,14 +1065,8 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                 soft = params.c_soft * inv_t
                 for u in range(n_u):
                     j = touched[u]
-                    p = acc[j] + p_out
                     log_q = (np.float64(s[j]) - m_s) * inv_t - log_sb
-                    q = math.exp(log_q)
-                    if divergence == FORWARD_KL:
-                        g = forward_kl_grad(p, q)
-                    else:
-                        _, h = class_divergence(divergence, p, q, log_or_minus_inf(p, NEG_INF), log_q, beta)
-                        g = q * (h - (d if divergence == REVERSE_KL else qh))
+                    g = topk_class_grad(divergence, acc[j] + p_out, log_q, beta, d, qh)
                     r = math.exp((np.float64(s[j]) - m_s) - log_ss)
                     row[j] = soft * g + params.c_hard * (r - (1.0 if j == y else 0.0))
             for u in range(n_u):

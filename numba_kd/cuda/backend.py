@@ -14,7 +14,14 @@ import numpy as np
 from numba import cuda
 
 from numba_kd import _arrays, _options, _runtime, _signatures, _validate
-from numba_kd.cuda.kernels import BLOCK_THREADS, DeviceLossParams, make_kernels
+from numba_kd._options import SparseTeachers
+from numba_kd.cuda.kernels import (
+    BLOCK_THREADS,
+    TOPK_MAP_BYTES,
+    DeviceLossParams,
+    DeviceTopKParams,
+    make_kernels,
+)
 
 # The simulator runs every CUDA thread as a Python thread: keep launches tiny.
 SIMULATOR_THREADS = 8
@@ -104,6 +111,16 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
         "ignore_index": code,
         "mean": True,
         "counter": array((1,), np.int32),
+        "top": (np.zeros((2, 2, 3), np.int64), np.zeros((2, 2, 3), dtype)),
+        "teacher_weights": np.zeros(2),
+        "sparse": DeviceTopKParams(code, 1.0, 1.0, 0.5, 1.0),
+        "workspace": (
+            np.zeros((2, 3), np.int32),
+            np.zeros((2, 6), np.int64),
+            np.zeros((2, 6)),
+            np.zeros((2, 5, 2)),
+        ),
+        "class_map": np.zeros((2, 3), np.int32),
         "bad_labels": array((1,), np.int32),
     }
     for name in ("lse", "out", "grad"):
@@ -119,7 +136,7 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
 def kernel_signatures():
     """Every (op, dtype, layout, kind, K, label dtype) the PTX tests compile, with
     K = 1 and 3 standing for all list lengths; the loss kernels also for strided
-    teachers beside a contiguous student."""
+    teachers beside a contiguous student; topk_rows for two of its layouts."""
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         for layout in ("C", "A"):
             for kind, n_teachers in (("list", 1), ("list", 3), ("stacked", None)):
@@ -134,6 +151,13 @@ def kernel_signatures():
         for op in ("loss_rows", "general_rows"):
             yield op, dtype, "mixed", "list", 3, LABEL_DTYPES[1]
         yield "reduce_loss", dtype, "C", "none", None, None
+        yield "clear_map", dtype, "C", "none", None, None
+        # topk_rows takes about 8 s to compile: one student layout and label dtype
+        # per accumulation type (the other pairs change only the array types).
+        if dtype == np.float32:
+            yield "topk_rows", dtype, "C", "none", None, LABEL_DTYPES[1]
+        else:
+            yield "topk_rows", dtype, "A", "none", None, LABEL_DTYPES[0]
         yield "scale_rows", dtype, "C", "none", None, None
 
 
@@ -372,7 +396,8 @@ class CudaBackend:
         )  # fmt: skip
         grad = None
         fast = temperature <= _options.FAST_MAX_TEMPERATURE  # see _options.FAST_MAX_TEMPERATURE
-        if options.is_default and options.ignore_index is None and not want_grad and fast:
+        sparse = isinstance(teachers, SparseTeachers)
+        if options.is_default and options.ignore_index is None and not want_grad and fast and not sparse:
             _launch(
                 "loss_rows", dtype, grid, block, self.stream, student=student, teachers=teachers,
                 weights=w, labels=labels, inv_t=scalar(1.0 / temperature), kl_rows=d_rows,
@@ -383,17 +408,23 @@ class CudaBackend:
                 grad = grad_out
             else:
                 grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
-            scratch = tuple(self.empty((n_rows, n_teachers), dtype) for _ in range(3))
             params = DeviceLossParams(
                 np.int64(options.ignore_code), scalar(1.0 / temperature), scalar(options.beta),
                 *(np.int64(c) for c in options.codes), scalar(alpha * temperature * temperature),
                 scalar(1.0 - alpha), bool(want_grad),
             )  # fmt: skip
-            _launch(
-                "general_rows", dtype, grid, block, self.stream, student=student, teachers=teachers,
-                weights=w, labels=labels, params=params, divisor=divisor, grad=grad, scratch=scratch,
-                d_rows=d_rows, ce_rows=ce_rows, bad_labels=bad_labels,
+            rows = dict(
+                student=student, labels=labels, params=params, divisor=divisor, grad=grad, d_rows=d_rows,
+                ce_rows=ce_rows, bad_labels=bad_labels,
             )  # fmt: skip
+            if sparse:
+                self._topk_rows(teachers, weights, temperature, options.beta, rows)
+            else:
+                scratch = tuple(self.empty((n_rows, n_teachers), dtype) for _ in range(3))
+                _launch(
+                    "general_rows", dtype, grid, block, self.stream, teachers=teachers, weights=w,
+                    scratch=scratch, **rows,
+                )  # fmt: skip
         if options.reduction == "none":
             loss, soft, hard = (self.empty((n_rows,), dtype) for _ in range(3))
             egrid, eblock = elementwise_config(n_rows)
@@ -414,6 +445,45 @@ class CudaBackend:
         values = results.copy_to_host(stream=self.stream)
         self._raise_on_bad_labels(bad_labels, n_classes)
         return float(values[0]), float(values[1]), float(values[2]), grad if want_grad else None
+
+    def _topk_rows(self, top: SparseTeachers, weights: np.ndarray, temperature: float, beta: float,
+                   rows: dict) -> None:  # fmt: skip
+        """Launch topk_rows over ``rows`` (the arguments it shares with general_rows).
+
+        The teachers' K N k entries (host arrays, checked by numba_kd.sparse) are
+        copied to the device: they are C / k times smaller than the student.
+        """
+        student = rows["student"]
+        dtype = np.dtype(student.dtype)
+        n_rows, n_classes = student.shape
+        n_teachers, _, per_teacher = top.indices.shape
+        grid, block = row_config(n_rows, n_classes)
+        rows_per_block = block[1]
+        grid = max(1, min(grid, TOPK_MAP_BYTES // (4 * n_classes * rows_per_block)))
+        n_slots = grid * rows_per_block
+        class_map = self.empty((n_slots, n_classes), np.dtype(np.int32))
+        egrid, eblock = elementwise_config(n_slots * n_classes)
+        _launch("clear_map", dtype, egrid, eblock, self.stream, class_map=class_map)
+        n_entries = n_teachers * per_teacher
+        workspace = (
+            class_map,
+            self.empty((n_slots, n_entries), np.dtype(np.int64)),
+            self.empty((n_slots, n_entries), np.dtype(np.float64)),
+            self.empty((n_slots, 5, n_teachers), np.dtype(np.float64)),
+        )
+        tau = float(top.params.retemper)
+        sparse = DeviceTopKParams(
+            np.int64(top.params.tail), tau, tau * temperature, float(beta), 1.0 / temperature
+        )
+        top_arrays = (
+            cuda.to_device(top.indices, stream=self.stream),
+            cuda.to_device(top.logprobs, stream=self.stream),
+        )
+        _launch(
+            "topk_rows", dtype, grid, block, self.stream, top=top_arrays,
+            teacher_weights=self.vector(weights, np.dtype(np.float64)), sparse=sparse, workspace=workspace,
+            **rows,
+        )  # fmt: skip
 
     def _raise_on_bad_labels(self, bad_labels, n_classes: int) -> None:
         n_bad = int(bad_labels.copy_to_host(stream=self.stream)[0])

@@ -92,6 +92,22 @@ class DeviceLossParams(NamedTuple):
     want_grad: bool
 
 
+class DeviceTopKParams(NamedTuple):
+    """The sparse teachers' scalars of topk_rows, in float64: the merged target of
+    the K k stored entries per row is float64 on both targets (numba_kd._math)."""
+
+    tail: int
+    retemper: float  # tau = T_g / T
+    label_retemper: float  # T_g / 1, for confidence weighting
+    beta: float
+    inv_t: float
+
+
+# Bytes of the [slots, C] int32 class map of topk_rows: the grid is cut down so
+# that one slot per row group fits (rows beyond are grid-strided).
+TOPK_MAP_BYTES = 64 * 2**20
+
+
 @device_helper
 def _tree_merge_lse(sm_m, sm_s, base, tx, threads_per_row):
     """Merge the states of one row's threads into slot ``base``, fixed tree order."""
@@ -121,14 +137,26 @@ def _tree_merge_weighted(sm_m, sm_s, sm_w, base, tx, threads_per_row):
 
 
 @device_helper
-def _tree_sum(sm, base, tx, width):
+def _tree_reduce(sm, base, tx, width, take_max):
+    """sm[base] = the sum (take_max: the maximum) of sm[base : base + width], fixed tree order."""
     stride = width // 2
     while stride > 0:
         cuda.syncthreads()
         if tx < stride:
-            sm[base + tx] += sm[base + tx + stride]
+            i = base + tx
+            sm[i] = max(sm[i], sm[i + stride]) if take_max else sm[i] + sm[i + stride]
         stride //= 2
     cuda.syncthreads()
+
+
+@device_helper
+def _group_row(labels, i_raw, n_classes, ignore_index):
+    """(i_raw, i, y, in_range, valid) of a row group's row i_raw: i a row that is safe
+    to read (groups past the end read the last row), y its label, whether y is in
+    [0, C), and whether the row counts (i_raw exists and y is not ignore_index)."""
+    i = min(i_raw, labels.shape[0] - 1)
+    y = labels[i]
+    return i_raw, i, y, y >= 0 and y < n_classes, i_raw < labels.shape[0] and y != ignore_index
 
 
 @device_helper
@@ -317,8 +345,8 @@ def make_kernels(acc) -> SimpleNamespace:
             ce += ce_rows[i]
         sm_kl[tx] = kl
         sm_ce[tx] = ce
-        _tree_sum(sm_kl, 0, tx, width)
-        _tree_sum(sm_ce, 0, tx, width)
+        _tree_reduce(sm_kl, 0, tx, width, False)
+        _tree_reduce(sm_ce, 0, tx, width, False)
         if tx == 0:
             soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], divisor[0], alpha, temperature)
             results[0] = soft + hard
@@ -336,7 +364,7 @@ def make_kernels(acc) -> SimpleNamespace:
             if labels[i] != ignore_index:
                 n += acc(1.0)
         sm[tx] = n
-        _tree_sum(sm, 0, tx, width)
+        _tree_reduce(sm, 0, tx, width, False)
         if tx == 0:
             divisor[0] = max(sm[0], acc(1.0)) if mean else acc(1.0)
 
@@ -372,11 +400,7 @@ def make_kernels(acc) -> SimpleNamespace:
         log_1m_beta = math.log1p(-beta)
         one_m_beta = one - beta
         for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
-            i_raw = first + ty
-            i = min(i_raw, n_rows - 1)
-            y = labels[i]
-            in_range = y >= 0 and y < n_classes
-            valid = i_raw < n_rows and y != ignore_index
+            i_raw, i, y, in_range, valid = _group_row(labels, first + ty, n_classes, ignore_index)
             # Non-finite inputs in the row: its loss and gradient become NaN.
             nonfinite = zero
             for j in range(tx, n_classes, tpr):
@@ -384,7 +408,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 for k in range(n_teachers):
                     nonfinite += teachers[k][i, j] * zero
             sm_x[slot] = nonfinite
-            _tree_sum(sm_x, base, tx, tpr)
+            _tree_reduce(sm_x, base, tx, tpr, False)
             finite = sm_x[base] == zero
             cuda.syncthreads()
             # An out-of-range label is never read: its row (and so the loss) becomes NaN.
@@ -419,7 +443,7 @@ def make_kernels(acc) -> SimpleNamespace:
                             d = t[i, j] * inv_t - m
                             su += math.exp(d - ls) * d
                         sm_x[slot] = su
-                        _tree_sum(sm_x, base, tx, tpr)
+                        _tree_reduce(sm_x, base, tx, tpr, False)
                         w = _m.entropy_log_weight(w, sm_x[base], ls)
                     top = max(top, w)
                     cuda.syncthreads()
@@ -518,8 +542,8 @@ def make_kernels(acc) -> SimpleNamespace:
                     qg += q * lq_lm
             sm_s[slot] = d
             sm_x[slot] = qg
-            _tree_sum(sm_s, base, tx, tpr)
-            _tree_sum(sm_x, base, tx, tpr)
+            _tree_reduce(sm_s, base, tx, tpr, False)
+            _tree_reduce(sm_x, base, tx, tpr, False)
             d = _m.nonnegative(sm_s[base])
             qg = one_m_beta * sm_x[base]
             cuda.syncthreads()
@@ -560,6 +584,281 @@ def make_kernels(acc) -> SimpleNamespace:
                     grad[i, j] = g
 
     @cuda.jit(cache=DISK_CACHE)
+    def clear_map(class_map):
+        """class_map[:] = -1 (topk_rows restores it after each row)."""
+        n_slots, n_classes = class_map.shape
+        for flat in range(cuda.grid(1), n_slots * n_classes, cuda.gridsize(1)):
+            r = flat // n_classes
+            class_map[r, flat - r * n_classes] = -1
+
+    @cuda.jit(cache=DISK_CACHE)
+    def topk_rows(student, top, teacher_weights, labels, params, sparse, divisor, grad, workspace, d_rows,
+                  ce_rows, bad_labels):  # fmt: skip
+        """The loss against sparse top-k teachers (see the CPU topk_rows), one row per
+        thread group; ``top`` = (indices [K, N, k] int64, -1 for none; logprobs),
+        ``teacher_weights`` float64 and normalized, ``sparse`` a DeviceTopKParams.
+
+        The row group's slot s of ``workspace`` = (class_map [slots, C] int32, -1
+        outside U; u_class [slots, K k], u_p [slots, K k] float64; state [slots, 5,
+        K] float64) holds the target on U: entry e of teacher k at position k k + e
+        owns its class when no earlier teacher stored it (u_class, and the summed
+        target in u_p; -1 otherwise), and class_map points each class of U to its
+        owner.  The merge runs teacher by teacher, so the sums keep a fixed order.
+        The teacher side and the classes of U are float64; the student's sweeps
+        are in the accumulation type, and a float32 row whose gradient constants
+        leave the float32 range writes its gradient in float64.
+
+        Every thread of a block runs the same sequence of syncthreads whatever its
+        row; ignored rows and rows past the end do not read the teachers.
+        """
+        ignore_index, inv_t, _beta, _combine, divergence, weighting, alpha_t2, one_m_alpha, want_grad = params
+        tail, tau, tau_1, beta, inv_t64 = sparse
+        indices, logprobs = top
+        class_map, u_class, u_p, state = workspace
+        n_rows, n_classes = student.shape
+        n_teachers = indices.shape[0]
+        per_teacher = indices.shape[2]
+        n_entries = n_teachers * per_teacher
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tpr = cuda.blockDim.x
+        rows_per_block = cuda.blockDim.y
+        slot = cuda.blockIdx.x * rows_per_block + ty
+        sm_0 = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_1 = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_2 = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_3 = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_4 = cuda.shared.array(BLOCK_THREADS, acc)
+        sm_d = cuda.shared.array(BLOCK_THREADS, numba.float64)
+        sm_q = cuda.shared.array(BLOCK_THREADS, numba.float64)
+        sm_n = cuda.shared.array(BLOCK_THREADS, numba.float64)
+        base = ty * tpr
+        me = base + tx
+        zero = acc(0.0)
+        one = acc(1.0)
+        unit = inv_t64 == 1.0
+        per_class_jsd = tail == _m.UNIFORM and divergence == _m.JSD
+        for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
+            i_raw, i, y, in_range, valid = _group_row(labels, first + ty, n_classes, ignore_index)
+            y_safe = y if in_range else 0
+            # Each teacher's (log Z, log t, C - n), log row weight and NaN flag, a thread each.
+            for k in range(tx, n_teachers, tpr):
+                log_w = _m.NEG_INF
+                nan_seen = False
+                if valid and teacher_weights[k] > 0.0:
+                    idx = indices[k, i]
+                    lp = logprobs[k, i]
+                    log_norm, log_tail, n_out, nan_seen = _m.topk_teacher_norm(idx, lp, tau, n_classes, tail)
+                    state[slot, 0, k] = log_norm
+                    state[slot, 1, k] = log_tail
+                    state[slot, 2, k] = n_out
+                    log_w = math.log(teacher_weights[k])
+                    if weighting != _m.STATIC:
+                        norm = (log_norm, log_tail, n_out)
+                        log_w += _m.topk_teacher_log_weight(
+                            idx, lp, y, weighting, (tau, tau_1), tail, n_classes, norm
+                        )
+                state[slot, 3, k] = log_w
+                state[slot, 4, k] = 1.0 if nan_seen else 0.0
+            cuda.syncthreads()
+            top_w = _m.NEG_INF
+            teacher_nan = False
+            for k in range(n_teachers):
+                top_w = max(top_w, state[slot, 3, k])
+                teacher_nan = teacher_nan or state[slot, 4, k] != 0.0
+            static = not top_w > _m.NEG_INF
+            total = 0.0
+            for k in range(n_teachers):
+                total += _m.row_weight(static, teacher_weights[k], state[slot, 3, k], top_w)
+            # The target on U, teacher by teacher: within a teacher the classes are distinct.
+            p_tail = 0.0
+            p_out = 0.0
+            for k in range(n_teachers):
+                w = _m.row_weight(static, teacher_weights[k], state[slot, 3, k], top_w) / total
+                live = valid and w > 0.0
+                log_norm = 0.0
+                per_class = 0.0
+                if live:
+                    log_norm = state[slot, 0, k]
+                    bucket_mass, per_class = _m.topk_tail_shares(
+                        tail, w, log_norm, state[slot, 1, k], state[slot, 2, k]
+                    )
+                    p_tail += bucket_mass
+                    p_out += w * per_class
+                for e in range(tx, per_teacher, tpr):
+                    position = k * per_teacher + e
+                    u_class[slot, position] = -1
+                    j = indices[k, i, e]
+                    if live and j >= 0:
+                        x = tau * numba.float64(logprobs[k, i, e])
+                        value = _m.topk_entry_target(w, x, log_norm, per_class)
+                        owner = class_map[slot, j]
+                        if owner < 0:
+                            class_map[slot, j] = position
+                            u_class[slot, position] = j
+                            u_p[slot, position] = value
+                        else:
+                            u_p[slot, owner] += value
+                cuda.syncthreads()
+            # The student: its maximum and a non-finite probe, then its sums.
+            n_read = n_classes if valid else 0
+            m = acc(_m.NEG_INF)
+            probe = zero
+            for j in range(tx, n_read, tpr):
+                x = student[i, j]
+                m = max(m, x)
+                probe += x * zero
+            sm_0[me] = m
+            sm_1[me] = probe
+            _tree_reduce(sm_0, base, tx, tpr, True)
+            _tree_reduce(sm_1, base, tx, tpr, False)
+            m_s = sm_0[base]
+            finite = sm_1[base] == zero
+            cuda.syncthreads()
+            s_b = zero
+            s_s = zero
+            q_o = zero
+            b_o = zero
+            e_o = zero
+            for j in range(tx, n_read, tpr):
+                dx = student[i, j] - m_s
+                b = dx * inv_t
+                q = math.exp(b)
+                s_b += q
+                s_s += q if unit else math.exp(dx)
+                if class_map[slot, j] < 0:
+                    q_o += q
+                    b_o += b
+                    e_o += q * b
+            sm_0[me] = s_b
+            sm_1[me] = s_s
+            sm_2[me] = q_o
+            sm_3[me] = b_o
+            sm_4[me] = e_o
+            _tree_reduce(sm_0, base, tx, tpr, False)
+            _tree_reduce(sm_1, base, tx, tpr, False)
+            _tree_reduce(sm_2, base, tx, tpr, False)
+            _tree_reduce(sm_3, base, tx, tpr, False)
+            _tree_reduce(sm_4, base, tx, tpr, False)
+            # Rows that are not read keep sums that are safe to take the logarithm of.
+            m_s64 = numba.float64(m_s)
+            s_b64 = numba.float64(sm_0[base]) if valid else 1.0
+            log_sb = math.log(s_b64)
+            log_ss = math.log(numba.float64(sm_1[base]) if valid else 1.0)
+            q_out = numba.float64(sm_2[base]) / s_b64
+            b_out = numba.float64(sm_3[base])
+            e_out = numba.float64(sm_4[base])
+            cuda.syncthreads()
+            # The classes of U, in float64.
+            d_u = 0.0
+            qh_u = 0.0
+            n_u = 0.0
+            for position in range(tx, n_entries, tpr):
+                j = u_class[slot, position]
+                if j >= 0:
+                    log_q = (numba.float64(student[i, j]) - m_s64) * inv_t64 - log_sb
+                    term, q_h = _m.topk_class_terms(divergence, u_p[slot, position] + p_out, log_q, beta)
+                    d_u += term
+                    qh_u += q_h
+                    n_u += 1.0
+            sm_d[me] = d_u
+            sm_q[me] = qh_u
+            sm_n[me] = n_u
+            _tree_reduce(sm_d, base, tx, tpr, False)
+            _tree_reduce(sm_q, base, tx, tpr, False)
+            _tree_reduce(sm_n, base, tx, tpr, False)
+            d_u = sm_d[base]
+            qh_u = sm_q[base]
+            n_out = n_classes - sm_n[base]
+            cuda.syncthreads()
+            # The classes outside U.
+            targets = (p_tail, p_out)
+            h_out = 0.0
+            beta_p = acc(beta * p_out)
+            one_m_beta = acc(1.0 - beta)
+            log_p_out = acc(_m.log_or_minus_inf(p_out, _m.NEG_INF))
+            inv_sb = acc(1.0 / s_b64)
+            if per_class_jsd:
+                d_o = zero
+                qh_o = zero
+                for j in range(tx, n_read, tpr):
+                    if class_map[slot, j] < 0:
+                        q = math.exp((student[i, j] - m_s) * inv_t) * inv_sb
+                        term, h = _m.uniform_jsd_class(q, beta_p, one_m_beta, log_p_out, zero)
+                        d_o += term
+                        qh_o += q * h
+                sm_0[me] = d_o
+                sm_1[me] = qh_o
+                _tree_reduce(sm_0, base, tx, tpr, False)
+                _tree_reduce(sm_1, base, tx, tpr, False)
+                d_o = numba.float64(sm_0[base])
+                qh_o = numba.float64(sm_1[base])
+                cuda.syncthreads()
+            else:
+                sums = (q_out, n_out, b_out, e_out, s_b64, log_sb)
+                d_o, qh_o, h_out = _m.topk_outside_terms(tail, divergence, targets, sums, beta)
+            d = _m.nonnegative(d_u + d_o)
+            qh = qh_u + qh_o
+            a, c, e = _m.topk_grad_constants(tail, divergence, targets, q_out, log_sb, h_out, d, qh)
+            bad = valid and not (in_range and finite and not teacher_nan)
+            if tx == 0 and i_raw < n_rows:
+                if not in_range and y != ignore_index:
+                    cuda.atomic.add(bad_labels, 0, 1)
+                if bad:
+                    d_rows[i] = acc(math.nan)
+                    ce_rows[i] = acc(math.nan)
+                elif valid:
+                    d_rows[i] = d
+                    ce_rows[i] = _m.cross_entropy(m_s64, numba.float64(student[i, y_safe]), log_ss)
+                else:
+                    d_rows[i] = zero
+                    ce_rows[i] = zero
+            if want_grad and i_raw < n_rows:
+                c_soft = alpha_t2 / divisor[0]
+                c_hard = one_m_alpha / divisor[0]
+                soft = c_soft * inv_t
+                a_c = acc(a)
+                c_c = acc(c)
+                e_c = acc(e)
+                qh_c = acc(qh)
+                # A float32 row whose constants leave the float32 range: float64 there.
+                wide = math.isfinite(a + c + e) and not math.isfinite(a_c + c_c + e_c)
+                for j in range(tx, n_classes, tpr):
+                    if bad:
+                        grad[i, j] = acc(math.nan)
+                    elif not valid:
+                        grad[i, j] = zero
+                    elif class_map[slot, j] < 0:
+                        dx = student[i, j] - m_s
+                        q = math.exp(dx * inv_t) * inv_sb
+                        r = q if unit else math.exp(dx - acc(log_ss))
+                        if per_class_jsd:
+                            _, h = _m.uniform_jsd_class(q, beta_p, one_m_beta, log_p_out, zero)
+                            g = _m.jsd_grad(q, h, one, qh_c)
+                        elif wide:
+                            b64 = numba.float64(dx) * inv_t64
+                            g = acc(_m.topk_soft_grad(math.exp(b64 - log_sb), b64, a, c, e))
+                        else:
+                            g = _m.topk_soft_grad(q, dx * inv_t, a_c, c_c, e_c)
+                        grad[i, j] = soft * g + c_hard * r - (c_hard if j == y_safe else zero)
+                if valid and not bad:
+                    for position in range(tx, n_entries, tpr):
+                        j = u_class[slot, position]
+                        if j >= 0:
+                            x64 = numba.float64(student[i, j]) - m_s64
+                            g64 = _m.topk_class_grad(
+                                divergence, u_p[slot, position] + p_out, x64 * inv_t64 - log_sb, beta, d, qh
+                            )
+                            r64 = math.exp(x64 - log_ss) - (1.0 if j == y_safe else 0.0)
+                            grad[i, j] = numba.float64(soft) * g64 + numba.float64(c_hard) * r64
+            cuda.syncthreads()
+            for position in range(tx, n_entries, tpr):
+                j = u_class[slot, position]
+                if j >= 0:
+                    class_map[slot, j] = -1
+            cuda.syncthreads()
+
+    @cuda.jit(cache=DISK_CACHE)
     def count_nonfinite(x, counter):
         """counter[0] += the number of NaN and infinite entries of the 2-D array x."""
         n_rows, n_classes = x.shape
@@ -580,6 +879,8 @@ def make_kernels(acc) -> SimpleNamespace:
         count_valid=count_valid,
         count_nonfinite=count_nonfinite,
         general_rows=general_rows,
+        clear_map=clear_map,
+        topk_rows=topk_rows,
         scale_rows=scale_rows,
         combine_logits=combine_logits,
         teacher_lse=teacher_lse,
