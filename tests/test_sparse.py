@@ -151,6 +151,31 @@ def test_kernel_against_reference(tail, divergence, shape, dtype):
     _check_against_reference(student, top, labels, weights, 2.0, 0.6, dtype, **options)
 
 
+PATH_CASES = [
+    ("bucket", "forward_kl"),
+    ("uniform", "reverse_kl"),
+    ("uniform", "jsd"),
+    ("renormalize", "forward_kl"),
+]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 20.0])
+@pytest.mark.parametrize(("tail", "divergence"), PATH_CASES)
+def test_kernel_paths_by_temperature(tail, divergence, temperature):
+    """float32 students at T = 1 and 2 (one exponential per class: the gradient sweep
+    rewrites the stored exp(b) in place), T = 3 (two) and T = 20 (float64
+    arithmetic: exp(b) in a float64 scratch row beside the float32 gradient)."""
+    rng = np.random.default_rng(int(temperature))
+    n_rows, n_classes, n_teachers, k = 17, 700, 2, 9
+    _, indices, logprobs = _top_k(rng, n_teachers, n_rows, n_classes, k)
+    indices, logprobs = _with_padding(indices, logprobs, rng)
+    student = rng.normal(scale=2.0, size=(n_rows, n_classes)).astype(np.float32)
+    labels = rng.integers(0, n_classes, n_rows)
+    top = kd.TopK(indices, logprobs.astype(np.float32), tail=tail, temperature=1.5)
+    options = {"divergence": divergence, "beta": 0.3}
+    _check_against_reference(student, top, labels, [1.0, 3.0], temperature, 0.6, np.float32, **options)
+
+
 WEIGHTED = [
     (tail, weighting, divergence)
     for tail in TAILS

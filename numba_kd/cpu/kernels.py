@@ -24,7 +24,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from numba_kd._math import (
     COMBINE_LOGITS,
@@ -819,7 +819,8 @@ def _topk_student_stats(s, inv_t, outside, qt, logit_sums):
     (max s, S_b, S_s, Q_out, B_out, E_out): S_b = sum exp(b), S_s = sum exp(s - max s),
     and over the classes outside U (outside_j = 1) Q_out = sum exp(b) and, with
     ``logit_sums`` ("uniform"), B_out = sum b and E_out = sum exp(b) b (else 0).
-    At T = 1, S_s is S_b: the loops compute one exponential per class."""
+    At T = 1, S_s is S_b, and at T = 2 exp(s - max s) is exp(b)^2: the loops then
+    compute one exponential per class."""
     like = qt[0]
     n = s.shape[0]
     m_s = _max(s)
@@ -827,6 +828,7 @@ def _topk_student_stats(s, inv_t, outside, qt, logit_sums):
     scale = as_type_of(inv_t, like)
     zero = as_type_of(0.0, like)
     unit = inv_t == 1.0
+    half = inv_t == 0.5
     s_b = 0.0
     s_s = 0.0
     q_out = 0.0
@@ -853,6 +855,17 @@ def _topk_student_stats(s, inv_t, outside, qt, logit_sums):
                 p_bo += ob
                 p_e += q * ob
             p_s = p_b
+        elif logit_sums and half:
+            for j in range(x.shape[0]):
+                b = (x[j] - shift) * scale
+                q = exp_like(b, like)
+                q_row[j] = q
+                p_b += q
+                p_s += q * q
+                ob = o[j] * b
+                p_q += o[j] * q
+                p_bo += ob
+                p_e += q * ob
         elif logit_sums:
             for j in range(x.shape[0]):
                 d = x[j] - shift
@@ -872,6 +885,13 @@ def _topk_student_stats(s, inv_t, outside, qt, logit_sums):
                 p_b += q
                 p_q += o[j] * q
             p_s = p_b
+        elif half:
+            for j in range(x.shape[0]):
+                q = exp_like((x[j] - shift) * scale, like)
+                q_row[j] = q
+                p_b += q
+                p_s += q * q
+                p_q += o[j] * q
         else:
             for j in range(x.shape[0]):
                 d = x[j] - shift
@@ -919,16 +939,54 @@ def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta, aux):
     return d_sum, qh_sum
 
 
+def _q_row(grad, i, scratch_row, want_grad):
+    """Where the student's sweep stores its exp(b_j): row i of the gradient when it
+    is wanted and has the arithmetic's dtype (the gradient sweep then rewrites it
+    in place, so the row is not swept through a scratch row as well), else the
+    scratch row."""
+
+
+@overload(_q_row)
+def _q_row_overload(grad, i, scratch_row, want_grad):
+    if grad.dtype == scratch_row.dtype:
+        return lambda grad, i, scratch_row, want_grad: grad[i] if want_grad else scratch_row
+    return lambda grad, i, scratch_row, want_grad: scratch_row
+
+
+def _q_source(qt, out):
+    """What the gradient sweep reads exp(b_j) from: None when qt is the gradient row
+    itself (_q_row), read as ``out``, else qt."""
+
+
+@overload(_q_source)
+def _q_source_overload(qt, out):
+    if qt.dtype == out.dtype:
+        return lambda qt, out: None
+    return lambda qt, out: qt
+
+
+def _q_at(source, out, j):
+    """exp(b_j) for the gradient sweep: out[j] in place (source None), else source[j]."""
+
+
+@overload(_q_at)
+def _q_at_overload(source, out, j):
+    if isinstance(source, types.NoneType):
+        return lambda source, out, j: out[j]
+    return lambda source, out, j: source[j]
+
+
 @row_function
 def _topk_grad_sweep(s, y, rows, stats, constants, params, out):
     """out = c_soft dD/ds + c_hard dCE/ds outside U: soft (q_j (a + c b_j) + e) with
     the constants (a, c, e) of the tail rule, or for the "uniform" JSD the per-class
-    q_j (h_j - qh) with h_j = (1 - beta) log(q_j / m_j) from aux (rows = (qt, aux));
-    the caller then writes the entries in U."""
+    q_j (h_j - qh) with h_j = (1 - beta) log(q_j / m_j) from aux (rows = (source,
+    aux), source as in _q_source: exp(b_j) is read from out itself when None); the
+    caller then writes the entries in U."""
     qt, aux = rows
     m_s, s_b, log_ss, qh = stats
     a, c, e, per_class_jsd = constants
-    like = qt[0]
+    like = _q_at(qt, out, 0)  # the arithmetic's type
     n = s.shape[0]
     inv_t = 1.0 / params.temperature
     shift = as_type_of(m_s, like)
@@ -941,7 +999,7 @@ def _topk_grad_sweep(s, y, rows, stats, constants, params, out):
         one = as_type_of(1.0, like)
         qh_c = as_type_of(qh, like)
         for j in range(n):
-            q = qt[j] * inv_sb
+            q = _q_at(qt, out, j) * inv_sb
             out[j] = soft * jsd_grad(q, aux[j], one, qh_c) + hard * exp_like((s[j] - shift) - shift_s, like)
     else:
         zero = as_type_of(0.0, like)
@@ -951,17 +1009,23 @@ def _topk_grad_sweep(s, y, rows, stats, constants, params, out):
         if c != 0.0:
             for j in range(n):
                 b = (s[j] - shift) * scale
-                q = qt[j] * inv_sb
+                q = _q_at(qt, out, j) * inv_sb
                 g = topk_soft_grad(q, b, a_c, c_c, e_c)
                 out[j] = soft * g + hard * exp_like((s[j] - shift) - shift_s, like)
         elif inv_t == 1.0:
             # At T = 1 softmax(s) is q: the row needs no exponential and no s.
             for j in range(n):
-                q = qt[j] * inv_sb
+                q = _q_at(qt, out, j) * inv_sb
                 out[j] = soft * topk_soft_grad(q, zero, a_c, zero, e_c) + hard * q
+        elif inv_t == 0.5:
+            # At T = 2 softmax(s)_j is exp(b_j)^2 / S_s (_topk_student_stats).
+            hard_ss = as_type_of(params.c_hard * math.exp(-log_ss), like)
+            for j in range(n):
+                e_b = _q_at(qt, out, j)
+                out[j] = soft * topk_soft_grad(e_b * inv_sb, zero, a_c, zero, e_c) + hard_ss * (e_b * e_b)
         else:
             for j in range(n):
-                q = qt[j] * inv_sb
+                q = _q_at(qt, out, j) * inv_sb
                 g = topk_soft_grad(q, zero, a_c, zero, e_c)
                 out[j] = soft * g + hard * exp_like((s[j] - shift) - shift_s, like)
     out[y] -= hard
@@ -990,7 +1054,7 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
         acc = np.zeros(n_classes)
         scratch = _scratch_buffer(3, n_classes, compute.dtype)
         outside = _scratch_row(scratch, 0, n_classes, n_classes)
-        qt = _scratch_row(scratch, 1, n_classes, n_classes)
+        scratch_q = _scratch_row(scratch, 1, n_classes, n_classes)
         per_class = tail == UNIFORM and divergence == JSD
         aux = _scratch_row(scratch, 2, n_classes, n_classes if per_class else 1)  # JSD's h outside U
         outside[:] = 1.0
@@ -1019,6 +1083,7 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                 if params.want_grad:
                     grad[i, :] = math.nan
                 continue
+            qt = _q_row(grad, i, scratch_q, params.want_grad)
             m_s, s_b, s_s, q_sum_out, b_out, e_out = _topk_student_stats(
                 s, inv_t, outside, qt, tail == UNIFORM
             )
@@ -1061,7 +1126,8 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
             if params.want_grad:
                 row = grad[i]
                 stats = (m_s, s_b, log_ss, qh)
-                _topk_grad_sweep(s, y, (qt, aux), stats, (a, c, e, per_class_jsd), params, row)
+                source = _q_source(qt, row)
+                _topk_grad_sweep(s, y, (source, aux), stats, (a, c, e, per_class_jsd), params, row)
                 soft = params.c_soft * inv_t
                 for u in range(n_u):
                     j = touched[u]
