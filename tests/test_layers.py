@@ -127,3 +127,16 @@ def test_backends_implement_the_protocol(target):
         assert callable(implemented), f"{backend.__name__} lacks {name}"
         expected = list(inspect.signature(method).parameters)
         assert list(inspect.signature(implemented).parameters) == expected, f"{backend.__name__}.{name}"
+
+
+MAX_POSITIONAL = 12
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_function_takes_more_than_twelve_positional_parameters(name):
+    """Kernel arguments travel as named tuples (LossParams, DeviceLossParams,
+    TopKParams, ...), so that no call site repeats a long parameter order by hand."""
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            count = len(node.args.posonlyargs) + len(node.args.args)
+            assert count <= MAX_POSITIONAL, f"{name}.{node.name} takes {count} positional parameters"
