@@ -31,6 +31,8 @@ def _id(sig) -> str:
 @pytest.mark.parametrize("sig", SIGNATURES, ids=_id)
 def test_compiles_to_ptx(sig, cc):
     op, dtype = sig[0], sig[1]
+    if op == "topk_rows" and cc != (8, 0):
+        pytest.skip("topk_rows compiles for 8.0 only (9-20 s a signature): see backend.kernel_signatures")
     kernel = getattr(backend.kernels_for(dtype), op)
     ptx, _ = cuda.compile_ptx(kernel.py_func, backend.signature(*sig), cc=cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
