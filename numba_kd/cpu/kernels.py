@@ -346,8 +346,7 @@ def _teacher_weights(teachers, weights, i, y, params, weighting, m_t, log_st, ro
         return 0.0  # no finite log weight: the caller falls back to the static weights
     total = 0.0
     for k in range(weights.shape[0]):
-        if not linear:
-            row_w[k] = math.exp(row_w[k] - top) if row_w[k] > NEG_INF else 0.0
+        row_w[k] = row_weight(linear, row_w[k], row_w[k], top)
         total += row_w[k]
     return total
 
@@ -1055,8 +1054,8 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
         scratch = _scratch_buffer(3, n_classes, compute.dtype)
         outside = _scratch_row(scratch, 0, n_classes, n_classes)
         scratch_q = _scratch_row(scratch, 1, n_classes, n_classes)
-        per_class = tail == UNIFORM and divergence == JSD
-        aux = _scratch_row(scratch, 2, n_classes, n_classes if per_class else 1)  # JSD's h outside U
+        per_class_jsd = tail == UNIFORM and divergence == JSD
+        aux = _scratch_row(scratch, 2, n_classes, n_classes if per_class_jsd else 1)  # JSD's h outside U
         outside[:] = 1.0
         touched = np.empty(n_entries, np.int64)
         # Per teacher: log Z, log t, C - n (as a float), the row weight.
@@ -1102,7 +1101,6 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
             # The classes outside U, and the gradient's constants there: there
             # dD/db_j = q_j (a + c b_j) + e, or the "uniform" JSD's per-class form.
             targets = (p_tail, p_out)
-            per_class_jsd = tail == UNIFORM and divergence == JSD
             if per_class_jsd:
                 d_o, qh_o = _topk_jsd_outside(qt, outside, 1.0 / s_b, p_out, beta, aux)
                 h_out = 0.0
