@@ -119,6 +119,11 @@ def _topk_loss(weights, temperature, student, top, labels, alpha, options, place
             'teacher_weighting="confidence" is undefined for tail="bucket": a label that a teacher did '
             'not store has no probability of its own in the bucket; use tail="uniform" or "renormalize"'
         )
+    if options.divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(
+            f"divergence={options.divergence!r} is not available with TopK teachers: use "
+            '"forward_kl", "reverse_kl" or "jsd"'
+        )
     if options.divergence == "reverse_kl" and top.tail == "renormalize":
         raise ValueError(
             'divergence="reverse_kl" is undefined for tail="renormalize": the target is 0 outside the '

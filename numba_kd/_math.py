@@ -25,10 +25,10 @@ NEG_INF = -math.inf
 # Loss options: a name's code is its index in these tuples, on both targets.
 
 COMBINES = ("logits", "probs")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 WEIGHTINGS = ("static", "confidence", "entropy")
 COMBINE_LOGITS, COMBINE_PROBS = 0, 1
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_FORWARD_KL, SKEW_REVERSE_KL = 0, 1, 2, 3, 4, 5
 STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
 # Tail rules of sparse top-k teachers (numba_kd.sparse.TopK).
 TAILS = ("renormalize", "bucket", "uniform")
@@ -44,6 +44,7 @@ class LossParams(NamedTuple):
 
     ignore_index: int
     temperature: float
+    #: The mixture weight: the JSD's beta or the skew KLs' lambda (mixture_weights).
     beta: float
     combine: int
     divergence: int
@@ -211,6 +212,14 @@ def _x_plus_expm1_neg(x):
 
 
 @njit(inline="always")
+def mixture_log_ratios_near(lq_lp, w_p, w_q):
+    """(log p - log m, log q - log m) with m = w_p p + w_q q (w_p + w_q = 1), for p and
+    q within a factor e of each other (|lq_lp| < 1): m / p = 1 + w_q expm1(lq_lp)
+    and m / q = 1 + w_p expm1(-lq_lp) keep their digits where m would not."""
+    return -math.log1p(w_q * math.expm1(lq_lp)), -math.log1p(w_p * math.expm1(-lq_lp))
+
+
+@njit(inline="always")
 def jsd_term_near(p, q, lq_lp, beta, one_m_beta):
     """(the JSD term of one class, log q - log m) for p and q within a factor e of each
     other (|lq_lp| < 1), where jsd_term would cancel.
@@ -221,10 +230,86 @@ def jsd_term_near(p, q, lq_lp, beta, one_m_beta):
     over classes does not cancel when both rows are nearly uniform (large T); the
     log-ratios come from expm1(lq_lp), not from m.
     """
-    lp_lm = -math.log1p(one_m_beta * math.expm1(lq_lp))
-    lq_lm = -math.log1p(beta * math.expm1(-lq_lp))
+    lp_lm, lq_lm = mixture_log_ratios_near(lq_lp, beta, one_m_beta)
     term = beta * p * _x_plus_expm1_neg(lp_lm) + one_m_beta * q * _x_plus_expm1_neg(lq_lm)
     return term, lq_lm
+
+
+@njit(inline="always")
+def mixture_weights(divergence, beta, one, neg_inf):
+    """(w_p, w_q, log w_p, log w_q) of the mixture m = w_p p + w_q q that the JSD and
+    the skew KLs measure against, from the mixture weight ``beta`` (in the type of
+    ``one``): the JSD's beta and the skew forward KL's lambda weigh the target p, the
+    skew reverse KL's lambda weighs the student q.  log 0 is ``neg_inf``."""
+    rest = one - beta
+    log_beta = math.log(beta)
+    log_rest = math.log1p(-beta) if rest > one - one else neg_inf
+    if divergence == SKEW_REVERSE_KL:
+        return rest, beta, log_rest, log_beta
+    return beta, rest, log_beta, log_rest
+
+
+@njit(inline="always")
+def tvd_class(p, q, half):
+    """(|p - q| / 2, q dD/dq) of one class of the total variation distance, with the
+    subgradient sign(q - p) / 2 of |p - q| / 2, which is 0 where p = q.
+    ``half`` is 0.5 in the arithmetic's type."""
+    diff = q - p
+    zero = diff - diff
+    slope = half if diff > zero else zero
+    slope = -half if diff < zero else slope
+    return half * abs(diff), q * slope
+
+
+@njit(inline="always")
+def skew_class(p, q, lq_lp, mix, forward, like):
+    """(term, q dD/dq) of one class of a skew KL, in the type of ``like``; mix =
+    mixture_weights(divergence, lambda), ``forward`` for the skew forward KL.
+
+    Forward: KL(p || m), m = lambda p + (1 - lambda) q; the term p log(p / m), and
+    q dD/dq = -p (1 - lambda) q / m.  Reverse: KL(q || m), m = (1 - lambda) p +
+    lambda q; the term q log(q / m), and dD/dq = log(q / m) + 1 - lambda q / m less
+    its constant 1, which the softmax's gradient cancels (as for the reverse KL).
+    Both use exp(log(w_q q / m)) with an argument at most 0, so they stay finite
+    however small lambda is.  Both are computed and one is selected, so that one
+    vectorized loop serves both."""
+    w_p, w_q, log_w_p, log_w_q = mix
+    lp_lm, lq_lm = jsd_log_ratios(lq_lp, log_w_p, log_w_q, jsd_mixture_ratio(w_p * p, w_q * q), like)
+    zero = p - p
+    tail = exp_like(log_w_q + lq_lm, like)
+    term = kl_term(p, lp_lm) if forward else kl_term(q, lq_lm)
+    slope = -p * tail if forward else q * (lq_lm - tail)
+    measured = p if forward else q
+    return term, slope if measured > zero else zero
+
+
+@njit(inline="always")
+def skew_class_near(divergence, p, q, lq_lp, mix):
+    """skew_class for |lq_lp| < 1 (large T), with the
+    log-ratios of mixture_log_ratios_near: of the size of lq_lp and exact to its
+    relative precision, where jsd_log_ratios would keep only its absolute one.
+    (Unlike the JSD's, these terms are not rewritten as p phi(log p/m): the
+    difference, m - p, sums to 0 only for exactly normalized rows.)"""
+    w_p, w_q, _, log_w_q = mix
+    lp_lm, lq_lm = mixture_log_ratios_near(lq_lp, w_p, w_q)
+    if divergence == SKEW_FORWARD_KL:
+        return p * lp_lm, -p * math.exp(log_w_q + lq_lm)
+    return q * lq_lm, q * (lq_lm - math.exp(log_w_q + lq_lm))
+
+
+@njit(inline="always")
+def mixture_class(divergence, p, q, lq_lp, mix, half):
+    """(term, q dD/dq) of one class for the TVD or a skew KL (mix = mixture_weights),
+    in the type of ``half`` (0.5); a class where p and q are both 0 adds nothing."""
+    if divergence == TVD:
+        return tvd_class(p, q, half)
+    return skew_class(p, q, lq_lp, mix, divergence == SKEW_FORWARD_KL, half)
+
+
+@njit(inline="always")
+def mixture_grad(q, q_slope, slope_sum):
+    """dD/d(s / T) = q (dD/dq - sum_k q_k dD/dq_k) from q_slope = q dD/dq."""
+    return q_slope - q * slope_sum
 
 
 @njit(inline="always")
@@ -273,9 +358,10 @@ def log_or_minus_inf(x, neg_inf):
 
 
 @njit(inline="always")
-def distillation_terms(kl_sum, ce_sum, n_rows, alpha, temperature):
-    """(alpha * T^2 * mean KL, (1 - alpha) * mean CE); the loss is their sum."""
-    soft = alpha * temperature * temperature * (kl_sum / n_rows)
+def distillation_terms(kl_sum, ce_sum, n_rows, alpha, soft_factor):
+    """(alpha * soft_factor * mean D, (1 - alpha) * mean CE); the loss is their sum.
+    soft_factor is T^2 (or 1 without scale_by_t2)."""
+    soft = alpha * soft_factor * (kl_sum / n_rows)
     hard = (1.0 - alpha) * (ce_sum / n_rows)
     return soft, hard
 

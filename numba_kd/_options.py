@@ -38,6 +38,10 @@ class LossOptions:
     divergence: str = "forward_kl"
     beta: float = 0.5
     teacher_weighting: str = "static"
+    #: lambda of the skew KLs' mixture.
+    skew: float = 0.1
+    #: The soft term is alpha T^2 D (entrenar's convention), or alpha D without it.
+    scale_by_t2: bool = True
     #: Return LossComponents(loss, soft, hard) instead of the loss alone.
     return_components: bool = False
     #: Refuse NaN and infinite logits with ValueError instead of giving NaN rows.
@@ -51,6 +55,20 @@ class LossOptions:
             and self.divergence == "forward_kl"
             and self.teacher_weighting == "static"
         )
+
+    @property
+    def mixture_weight(self) -> float:
+        """The kernels' mixture weight (LossParams.beta): the JSD's beta, the skew KLs'
+        lambda, and 0.5 (not read) for the other divergences."""
+        if self.divergence == "jsd":
+            return self.beta
+        if self.divergence.startswith("skew_"):
+            return self.skew
+        return 0.5
+
+    def soft_factor(self, temperature: float) -> float:
+        """The factor of alpha D in the loss: T^2, or 1 with scale_by_t2=False."""
+        return temperature * temperature if self.scale_by_t2 else 1.0
 
     @property
     def ignore_code(self) -> int:
@@ -73,7 +91,7 @@ class LossOptions:
             ignored = 0 if self.ignore_index is None else int(np.count_nonzero(labels == self.ignore_index))
             valid = n_rows - ignored
             divisor = max(valid, 1)
-        return divisor, alpha * temperature * temperature / divisor, (1.0 - alpha) / divisor
+        return divisor, alpha * self.soft_factor(temperature) / divisor, (1.0 - alpha) / divisor
 
 
 def compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:

@@ -251,10 +251,13 @@ def loss_options(
     teacher_weighting: object,
     return_components: object,
     check_finite: object,
+    skew: object = 0.1,
+    scale_by_t2: object = True,
 ) -> LossOptions:
     """The validated loss options; a call with the options of an earlier one reuses its result."""
     arguments = (
-        reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components, check_finite
+        reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components,
+        check_finite, skew, scale_by_t2,
     )  # fmt: skip
     try:
         return _cached_loss_options(*arguments)
@@ -265,8 +268,9 @@ def loss_options(
 
 
 def _checked_loss_options(
-    reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components, check_finite
-) -> LossOptions:
+    reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components, check_finite,
+    skew, scale_by_t2,
+) -> LossOptions:  # fmt: skip
     for name, value, allowed in (
         ("reduction", reduction, _options.REDUCTIONS),
         ("combine", combine, _options.COMBINES),
@@ -284,6 +288,9 @@ def _checked_loss_options(
     b = real(beta, "beta")
     if divergence == "jsd" and not 0.0 < b < 1.0:
         raise ValueError(f"beta must be in (0, 1) for divergence='jsd', got {b}")
+    lam = real(skew, "skew")
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and not 0.0 < lam <= 1.0:
+        raise ValueError(f"skew must be in (0, 1] for divergence={divergence!r}, got {lam}")
     return LossOptions(
         reduction=reduction,
         ignore_index=None if ignore_index is None else int(ignore_index),
@@ -291,6 +298,8 @@ def _checked_loss_options(
         divergence=divergence,
         beta=b,
         teacher_weighting=teacher_weighting,
+        skew=lam,
+        scale_by_t2=check_bool(scale_by_t2, "scale_by_t2"),
         return_components=check_bool(return_components, "return_components"),
         check_finite=check_bool(check_finite, "check_finite"),
     )

@@ -21,7 +21,7 @@ TeacherLogits = Sequence[ArrayLike] | ArrayLike
 Device = Literal["cpu", "cuda"] | None
 Reduction = Literal["mean", "sum", "none"]
 Combine = Literal["logits", "probs"]
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
 Weighting = Literal["static", "confidence", "entropy"]
 
 __all__ = ["MAX_TEMPERATURE", "DistillationLoss", "EnsembleDistiller"]
@@ -51,11 +51,19 @@ ignore_index : int or None, default None
 combine : {"logits", "probs"}, default "logits"
     The target: softmax(z / T) of the weighted logit average z, or the
     weighted average of the teachers' softmax(t_k / T).
-divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
-    KL(p || q), KL(q || p), or the generalized Jensen-Shannon divergence with
-    weight beta, where p is the target and q = softmax(s / T).
+divergence : {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"}
+    Default "forward_kl": KL(p || q), KL(q || p), the generalized Jensen-Shannon divergence with
+    weight beta, the total variation distance sum |p - q| / 2, or the skew
+    KLs KL(p || skew p + (1 - skew) q) and KL(q || skew q + (1 - skew) p),
+    where p is the target and q = softmax(s / T).
 beta : float, default 0.5
     The JSD weight, in (0, 1); used with divergence="jsd" only.
+skew : float, default 0.1
+    The skew KLs' lambda, in (0, 1]; used with the skew divergences only.
+scale_by_t2 : bool, default True
+    The soft term is alpha T^2 D (entrenar's convention, which keeps the
+    gradient's size independent of T); False gives alpha D, the loss TRL and
+    Liger-Kernel report.
 teacher_weighting : {"static", "confidence", "entropy"}, default "static"
     The weights as given; or per row each weight times the teacher's
     probability of the label (confidence) or times exp(-entropy) of its
@@ -301,6 +309,8 @@ class EnsembleDistiller:
         combine: Combine = "logits",
         divergence: Divergence = "forward_kl",
         beta: float = 0.5,
+        skew: float = 0.1,
+        scale_by_t2: bool = True,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
         check_finite: bool = False,
@@ -351,7 +361,7 @@ class EnsembleDistiller:
             self._weights, self._temperature, student, teachers, labels, alpha,
             _validate.loss_options(
                 reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components,
-                check_finite,
+                check_finite, skew, scale_by_t2,
             ),
             _entry.Placement(device, stream, None, return_device_scalar),
             want_grad=False,
@@ -370,6 +380,8 @@ class EnsembleDistiller:
         combine: Combine = "logits",
         divergence: Divergence = "forward_kl",
         beta: float = 0.5,
+        skew: float = 0.1,
+        scale_by_t2: bool = True,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
         check_finite: bool = False,
@@ -424,7 +436,7 @@ class EnsembleDistiller:
             self._weights, self._temperature, student, teachers, labels, alpha,
             _validate.loss_options(
                 reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components,
-                check_finite,
+                check_finite, skew, scale_by_t2,
             ),
             _entry.Placement(device, stream, out, return_device_scalar),
             want_grad=True,
@@ -490,6 +502,8 @@ class DistillationLoss:
         combine: Combine = "logits",
         divergence: Divergence = "forward_kl",
         beta: float = 0.5,
+        skew: float = 0.1,
+        scale_by_t2: bool = True,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
         check_finite: bool = False,
@@ -523,7 +537,7 @@ class DistillationLoss:
             None, self._temperature, student, teacher, labels, self._alpha,
             _validate.loss_options(
                 reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components,
-                check_finite,
+                check_finite, skew, scale_by_t2,
             ),
             _entry.Placement(device, stream, None, return_device_scalar),
             want_grad=False,
@@ -541,6 +555,8 @@ class DistillationLoss:
         combine: Combine = "logits",
         divergence: Divergence = "forward_kl",
         beta: float = 0.5,
+        skew: float = 0.1,
+        scale_by_t2: bool = True,
         teacher_weighting: Weighting = "static",
         return_components: bool = False,
         check_finite: bool = False,
@@ -578,7 +594,7 @@ class DistillationLoss:
             None, self._temperature, student, teacher, labels, self._alpha,
             _validate.loss_options(
                 reduction, ignore_index, combine, divergence, beta, teacher_weighting, return_components,
-                check_finite,
+                check_finite, skew, scale_by_t2,
             ),
             _entry.Placement(device, stream, out, return_device_scalar),
             want_grad=True,

@@ -502,12 +502,16 @@ def target_log_probs(teachers, row_weights: np.ndarray, temperature: float, comb
     raise ValueError(combine)
 
 
-def divergence_rows(log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta: float = 0.5) -> np.ndarray:
+def divergence_rows(
+    log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta: float = 0.5, skew: float = 0.1
+) -> np.ndarray:
     """The per-row divergence D(p, q) between the target p and the student q.
 
     "forward_kl": KL(p || q). "reverse_kl": KL(q || p). "jsd": the generalized
     Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)`` with
-    ``m = beta p + (1 - beta) q``.
+    ``m = beta p + (1 - beta) q``. "tvd": the total variation distance
+    ``sum |p - q| / 2``. "skew_forward_kl": ``KL(p || skew p + (1 - skew) q)``.
+    "skew_reverse_kl": ``KL(q || skew q + (1 - skew) p)``.
 
     Parameters
     ----------
@@ -515,10 +519,12 @@ def divergence_rows(log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta:
         The target's log-probabilities.
     log_q : numpy.ndarray of float, shape [N, C]
         The student's log-probabilities.
-    divergence : str, one of {"forward_kl", "reverse_kl", "jsd"}
+    divergence : str, one of {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"}
         Which divergence.
     beta : float, default 0.5
         The JSD weight, in (0, 1); read with divergence="jsd" only.
+    skew : float, default 0.1
+        The skew KLs' lambda, in (0, 1]; read with the skew divergences only.
 
     Returns
     -------
@@ -546,7 +552,23 @@ def divergence_rows(log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta:
     if divergence == "jsd":
         log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
         return beta * np.sum(p * (log_p - log_m), axis=-1) + (1 - beta) * np.sum(q * (log_q - log_m), axis=-1)
+    if divergence == "tvd":
+        return 0.5 * np.sum(np.abs(p - q), axis=-1)
+    if divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        log_m = _skew_log_mixture(log_p, log_q, divergence, skew)
+        with np.errstate(invalid="ignore"):
+            if divergence == "skew_forward_kl":
+                return np.sum(np.where(p > 0, p * (log_p - log_m), 0.0), axis=-1)
+            return np.sum(np.where(q > 0, q * (log_q - log_m), 0.0), axis=-1)
     raise ValueError(divergence)
+
+
+def _skew_log_mixture(log_p, log_q, divergence, skew):
+    """log m of the skew KLs: m = skew p + (1 - skew) q for the forward one, skew q +
+    (1 - skew) p for the reverse one."""
+    first, second = (log_p, log_q) if divergence == "skew_forward_kl" else (log_q, log_p)
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log(skew) + first, np.log1p(-skew) + second)
 
 
 def _valid_rows(labels: np.ndarray, ignore_index: int | None) -> np.ndarray:
@@ -567,6 +589,7 @@ def general_rows(
     beta: float = 0.5,
     teacher_weighting: str = "static",
     ignore_index: int | None = None,
+    skew: float = 0.1,
 ):
     """The per-row divergence and cross-entropy of the generalized loss, before weighting.
 
@@ -584,14 +607,16 @@ def general_rows(
         The softmax temperature T > 0.
     combine : {"logits", "probs"}, default "logits"
         The target, as in ``target_log_probs``.
-    divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
-        The divergence, as in ``divergence_rows``.
+    divergence : {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"}
+        The divergence, as in ``divergence_rows``; default "forward_kl".
     beta : float, default 0.5
         The JSD weight, in (0, 1); read with divergence="jsd" only.
     teacher_weighting : {"static", "confidence", "entropy"}, default "static"
         The per-row teacher weights, as in ``row_teacher_weights``.
     ignore_index : int or None, default None
         The label of ignored rows, or None when no row is ignored.
+    skew : float, default 0.1
+        The skew KLs' lambda, in (0, 1]; read with the skew divergences only.
 
     Returns
     -------
@@ -618,7 +643,7 @@ def general_rows(
     row_w = row_teacher_weights(teachers, weights, y, temperature, teacher_weighting, ignore_index)
     log_p = target_log_probs(teachers, row_w, temperature, combine)
     log_q = log_softmax(s / temperature)
-    d = divergence_rows(log_p, log_q, divergence, beta)
+    d = divergence_rows(log_p, log_q, divergence, beta, skew)
     ce = cross_entropy_rows(s, np.where(valid, y, 0))
     bad = nonfinite_rows(teachers, s)
     d, ce = np.where(bad, np.nan, d), np.where(bad, np.nan, ce)
@@ -652,7 +677,7 @@ def general_loss(
         The reduction over rows; any other value sums, as "sum" does.
     **options
         The keyword options of ``general_rows``: combine, divergence, beta,
-        teacher_weighting and ignore_index.
+        skew, teacher_weighting and ignore_index.
 
     Returns
     -------
@@ -690,13 +715,20 @@ def general_loss(
     >>> rows.round(6)
     array([0.275722, 0.801302])
     """
+    factor = _soft_factor(temperature, options)
     d, ce, valid = general_rows(student, teachers, labels, weights, temperature, **options)
-    return _loss_parts(d, ce, valid, alpha, temperature, reduction)
+    return _loss_parts(d, ce, valid, alpha, factor, reduction)
 
 
-def _loss_parts(d, ce, valid, alpha, temperature, reduction):
-    """(loss, soft, hard) of per-row divergences and cross-entropies, reduced over rows."""
-    soft = alpha * temperature**2 * d
+def _soft_factor(temperature, options):
+    """T^2, or 1 with the option scale_by_t2=False (removed from ``options``)."""
+    return temperature**2 if options.pop("scale_by_t2", True) else 1.0
+
+
+def _loss_parts(d, ce, valid, alpha, soft_factor, reduction):
+    """(loss, soft, hard) of per-row divergences and cross-entropies, reduced over rows;
+    soft_factor is T^2 (or 1 without scale_by_t2)."""
+    soft = alpha * soft_factor * d
     hard = (1.0 - alpha) * ce
     if reduction == "none":
         return soft + hard, soft, hard
@@ -712,8 +744,10 @@ def general_grad(
 
     With reduction="none" it is the gradient of the sum of the per-row losses.
     With ``q = softmax(s / T)`` and ``g = dD/dq``, ``dD/ds = q (g - sum(q g)) / T``,
-    where g is -p/q (forward KL), log(q/p) + 1 (reverse KL) or
-    (1 - beta) log(q/m) (JSD); the forward KL case reduces to (q - p) / T. The
+    where g is -p/q (forward KL), log(q/p) + 1 (reverse KL),
+    (1 - beta) log(q/m) (JSD), sign(q - p) / 2 (TVD, a subgradient: 0 where
+    p = q), -(1 - skew) p/m (skew forward KL) or log(q/m) + 1 - skew q/m (skew
+    reverse KL); the forward KL case reduces to (q - p) / T. The
     hard part adds ``(1 - alpha) (softmax(s) - onehot(y))``.
 
     Parameters
@@ -734,7 +768,7 @@ def general_grad(
         "mean" divides by the number of rows not ignored (at least 1); any
         other value leaves the per-row gradients as they are.
     **options
-        combine, divergence, beta, teacher_weighting and ignore_index, as for
+        combine, divergence, beta, skew, teacher_weighting and ignore_index, as for
         ``general_rows``; other keys are not read.
 
     Returns
@@ -783,19 +817,30 @@ def general_grad(
             beta = options.get("beta", 0.5)
             log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
             g = (1.0 - beta) * (log_q - log_m)
+        elif divergence == "tvd":
+            g = 0.5 * np.sign(q - p)
+        elif divergence in ("skew_forward_kl", "skew_reverse_kl"):
+            skew = options.get("skew", 0.1)
+            log_m = _skew_log_mixture(log_p, log_q, divergence, skew)
+            with np.errstate(invalid="ignore"):
+                if divergence == "skew_forward_kl":
+                    g = -(1.0 - skew) * np.exp(log_p - log_m)
+                else:
+                    g = np.where(q > 0, log_q - log_m + 1.0 - skew * np.exp(log_q - log_m), 0.0)
         else:
             raise ValueError(divergence)
         dd_ds = q * (g - np.sum(q * g, axis=-1, keepdims=True)) / temperature
-    return _loss_gradient(dd_ds, s, y, valid, alpha, temperature, reduction, nonfinite_rows(teachers, s))
+    factor = _soft_factor(temperature, options)
+    return _loss_gradient(dd_ds, s, y, valid, alpha, factor, reduction, nonfinite_rows(teachers, s))
 
 
-def _loss_gradient(dd_ds, s, y, valid, alpha, temperature, reduction, bad=None):
+def _loss_gradient(dd_ds, s, y, valid, alpha, soft_factor, reduction, bad=None):
     """alpha T^2 dD/ds + (1 - alpha) (softmax(s) - onehot(y)); NaN on ``bad`` rows, 0 on
     rows not ``valid``, divided by the valid rows (at least 1) for "mean"."""
     r = np.exp(log_softmax(s))
     onehot = np.zeros_like(s)
     np.put_along_axis(onehot, np.where(valid, y, 0)[:, None], 1.0, axis=-1)
-    grad = alpha * temperature**2 * dd_ds + (1.0 - alpha) * (r - onehot)
+    grad = alpha * soft_factor * dd_ds + (1.0 - alpha) * (r - onehot)
     if bad is not None:
         grad[bad] = np.nan
     grad[~valid] = 0.0
@@ -1196,8 +1241,9 @@ def topk_loss(
     >>> print(f"{loss:.6f}")
     0.308634
     """
+    factor = _soft_factor(temperature, options)
     d, ce, valid = topk_rows(student, indices, logprobs, labels, weights, temperature, **options)
-    return _loss_parts(d, ce, valid, alpha, temperature, reduction)
+    return _loss_parts(d, ce, valid, alpha, factor, reduction)
 
 
 def topk_grad(
@@ -1284,4 +1330,4 @@ def topk_grad(
     s = np.asarray(student, dtype=np.float64)
     y = np.asarray(labels)
     valid = _valid_rows(y, ignore_index)
-    return _loss_gradient(dd_ds, s, y, valid, alpha, temperature, reduction)
+    return _loss_gradient(dd_ds, s, y, valid, alpha, _soft_factor(temperature, options), reduction)

@@ -32,6 +32,9 @@ LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "": {},
     "reverse_kl": {"divergence": "reverse_kl"},
     "jsd": {"divergence": "jsd", "beta": 0.5},
+    "tvd": {"divergence": "tvd"},
+    "skew_forward_kl": {"divergence": "skew_forward_kl", "skew": 0.1},
+    "skew_reverse_kl": {"divergence": "skew_reverse_kl", "skew": 0.1},
     "probs": {"combine": "probs"},
     "confidence": {"teacher_weighting": "confidence"},
     "entropy": {"teacher_weighting": "entropy"},
@@ -445,7 +448,8 @@ def torch_loss_function(
     ----------
     options : dict of str to Any
         Loss options, as in LOSS_OPTIONS: combine ({"logits", "probs"}),
-        divergence ({"forward_kl", "reverse_kl", "jsd"}), beta,
+        divergence ({"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl",
+        "skew_reverse_kl"}), beta, skew,
         teacher_weighting ({"static", "confidence", "entropy"}) and
         ignore_index; missing keys take the defaults of distillation_loss,
         other keys are not read.
@@ -480,6 +484,7 @@ def torch_loss_function(
     combine = options.get("combine", "logits")
     divergence = options.get("divergence", "forward_kl")
     beta = options.get("beta", 0.5)
+    skew = options.get("skew", 0.1)
     weighting = options.get("teacher_weighting", "static")
     ignore = options.get("ignore_index")
 
@@ -513,11 +518,19 @@ def torch_loss_function(
             d = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
         elif divergence == "reverse_kl":
             d = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
-        else:
+        elif divergence == "jsd":
             log_m = torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
             d = beta * F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1) + (
                 1 - beta
             ) * F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
+        elif divergence == "tvd":
+            d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        else:
+            # The skew KLs: KL(p || m) with m = skew p + (1 - skew) q, or KL(q || m) with
+            # p and q swapped.
+            first, second = (log_p, log_q) if divergence == "skew_forward_kl" else (log_q, log_p)
+            log_m = torch.logaddexp(math.log(skew) + first, _log1m(skew) + second)
+            d = F.kl_div(log_m, first, log_target=True, reduction="none").sum(-1)
         ce = F.cross_entropy(s, safe_y, reduction="none")
         rows = torch.where(valid, alpha * temperature**2 * d + (1 - alpha) * ce, torch.zeros_like(d))
         if reduction == "none":
@@ -527,6 +540,11 @@ def torch_loss_function(
         return rows.sum() / valid.sum().clamp(min=1)
 
     return loss
+
+
+def _log1m(x: float) -> float:
+    """log(1 - x), -inf at x = 1."""
+    return math.log1p(-x) if x < 1.0 else -math.inf
 
 
 def _as_torch(student, teachers, labels, weights):
@@ -653,6 +671,7 @@ def _jax_loss_fn(options: dict[str, Any]):
     combine = options.get("combine", "logits")
     divergence = options.get("divergence", "forward_kl")
     beta = options.get("beta", 0.5)
+    skew = options.get("skew", 0.1)
     weighting = options.get("teacher_weighting", "static")
     ignore = options.get("ignore_index")
     t_inv = 1.0 / TEMPERATURE
@@ -681,9 +700,15 @@ def _jax_loss_fn(options: dict[str, Any]):
             d = (p * (log_p - log_q)).sum(-1)
         elif divergence == "reverse_kl":
             d = (q * (log_q - log_p)).sum(-1)
-        else:
+        elif divergence == "jsd":
             log_m = jnp.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
             d = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+        elif divergence == "tvd":
+            d = 0.5 * jnp.abs(p - q).sum(-1)
+        else:
+            first, second = (log_p, log_q) if divergence == "skew_forward_kl" else (log_q, log_p)
+            log_m = jnp.logaddexp(math.log(skew) + first, _log1m(skew) + second)
+            d = (jnp.exp(first) * (first - log_m)).sum(-1)
         log_r = jax.nn.log_softmax(s, axis=-1)
         ce = -jnp.take_along_axis(log_r, safe_y[:, None], axis=-1)[:, 0]
         rows = jnp.where(valid, ALPHA * TEMPERATURE**2 * d + (1 - ALPHA) * ce, 0.0)

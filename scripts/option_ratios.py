@@ -18,14 +18,11 @@ import time
 import numpy as np
 
 import numba_kd as kd
+from numba_kd.registry import LOSS_OPTIONS
 
-OPTIONS = {
-    "default": {},
-    "reverse_kl": {"divergence": "reverse_kl"},
-    "jsd": {"divergence": "jsd"},
-    "probs": {"combine": "probs"},
-    "confidence": {"teacher_weighting": "confidence"},
-    "entropy": {"teacher_weighting": "entropy"},
+# The bench's option rows (registry.LOSS_OPTIONS), ignore_index aside.
+OPTIONS = {"default": {}} | {
+    name: options for name, options in LOSS_OPTIONS.items() if name not in ("", "ignore_index")
 }
 
 

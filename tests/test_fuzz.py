@@ -97,6 +97,8 @@ TEMPERATURES = [1e-6, 1e-6, 1e-3, 0.01, 0.5, 1.0, 2.0, 4.0, 16.0, 16.5, 20.0, 10
 ALPHAS = [0.0, 1.0, 0.5, 0.3, 0.7, 0.999]
 WEIGHT_VALUES = [0.0, 1e-300, 1e-3, 0.1, 0.5, 1.0, 2.0, 3.5, 1e3]
 BETAS = [1e-6, 0.1, 0.5, 0.9, 1 - 1e-6]
+SKEWS = [1e-6, 0.1, 0.5, 1.0]
+NEW_DIVERGENCES = ["tvd", "skew_forward_kl", "skew_reverse_kl"]
 LAYOUTS = ["C", "C", "F", "negative", "sliced", "every-other-row"]
 INT_LABEL_DTYPES = [np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64]
 FLOAT16_MAX_SCALE = 1e3
@@ -120,7 +122,7 @@ class Case:
     check_finite: bool
     return_components: bool
     structural: str | None  # an invalid logits/teachers argument, 2-D only
-    bad_option: str | None  # alpha or beta outside its range
+    bad_option: str | None  # alpha, beta or skew outside its range
     grad_out: Any = field(default=None, repr=False)
     combine_out: Any = field(default=None, repr=False)
     probs_out: Any = field(default=None, repr=False)
@@ -335,17 +337,20 @@ def cases(draw, family: str = "any") -> Case:
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         ignore_index=ignore_index,
         combine=draw(st.sampled_from(["logits", "logits", "probs"])),
-        divergence=draw(st.sampled_from(["forward_kl", "forward_kl", "reverse_kl", "jsd"])),
+        divergence=draw(st.sampled_from(["forward_kl", "forward_kl", "reverse_kl", "jsd", *NEW_DIVERGENCES])),
         beta=draw(st.sampled_from(BETAS)),
+        skew=draw(st.sampled_from(SKEWS)),
         teacher_weighting=draw(st.sampled_from(["static", "static", "confidence", "entropy"])),
     )
     bad_option = None
     if _chance(draw, 3):
-        bad_option = draw(st.sampled_from(["alpha", "beta"]))
+        bad_option = draw(st.sampled_from(["alpha", "beta", "skew"]))
         if bad_option == "alpha":
             alpha = draw(st.sampled_from([-0.1, 1.5, math.nan]))
-        else:
+        elif bad_option == "beta":
             options.update(divergence="jsd", beta=draw(st.sampled_from([0.0, 1.0])))
+        else:
+            options.update(divergence="skew_reverse_kl", skew=draw(st.sampled_from([0.0, 1.5])))
 
     loss_dtype = _result_dtype(student_values.dtype, *(t.dtype for t in teacher_values))
     combine_dtype = _result_dtype(*(t.dtype for t in teacher_values))
@@ -652,7 +657,8 @@ def _reference_loss(case: Case, weights, student, teachers, labels):
 
 
 def _gradient_factor(case: Case, weights, student, teachers, labels) -> np.ndarray:
-    """G per row: 1 + max_j q_j |g_j - sum_j q_j g_j| for reverse KL and JSD, 2 for forward KL."""
+    """G per row: 1 + max_j q_j |g_j - sum_j q_j g_j| (g = dD/dq) for every divergence but
+    forward KL, 2 for forward KL."""
     opts = case.options
     if opts["divergence"] == "forward_kl":
         return np.full(student.shape[0], 2.0)
@@ -665,12 +671,23 @@ def _gradient_factor(case: Case, weights, student, teachers, labels) -> np.ndarr
         log_p = kref.target_log_probs(teachers, row_w, t, opts["combine"])
         log_q = kref.log_softmax(student / t)
         q = np.exp(log_q)
+        p = np.exp(log_p)
         if opts["divergence"] == "reverse_kl":
             g = log_q - log_p + 1.0
-        else:
+        elif opts["divergence"] == "jsd":
             beta = opts["beta"]
             log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
             g = (1.0 - beta) * (log_q - log_m)
+        elif opts["divergence"] == "tvd":
+            g = 0.5 * np.sign(q - p)
+        else:
+            lam = opts["skew"]
+            first, second = (log_p, log_q) if opts["divergence"] == "skew_forward_kl" else (log_q, log_p)
+            log_m = np.logaddexp(np.log(lam) + first, np.log1p(-lam) + second)
+            if opts["divergence"] == "skew_forward_kl":
+                g = -(1.0 - lam) * np.exp(log_p - log_m)
+            else:
+                g = log_q - log_m - lam * np.exp(log_q - log_m)
         qg = np.sum(q * g, axis=-1, keepdims=True)
         factor = 1.0 + np.max(q * np.abs(g - qg), axis=-1)
     return np.where(np.isfinite(factor), factor, 0.0)

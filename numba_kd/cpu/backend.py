@@ -227,18 +227,19 @@ class HostBackend:
         d_rows = np.empty(n_rows)
         ce_rows = np.empty(n_rows)
         params = _math.LossParams(
-            options.ignore_code, float(temperature), float(options.beta), *options.codes,
+            options.ignore_code, float(temperature), float(options.mixture_weight), *options.codes,
             float(c_soft), float(c_hard), bool(want_grad),
         )  # fmt: skip
         compute = compute_dtype(dtype, temperature)
+        factor = options.soft_factor(temperature)
         kernel = _topk_rows if isinstance(teachers, SparseTeachers) else _general_rows
         kernel(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows)
-        soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
+        soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, factor)
         # Any NaN or infinite row makes a part non-finite (0 * inf is NaN too).
         if compute == np.float32 and not (math.isfinite(soft) and math.isfinite(hard)):
             _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows)
-            soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, temperature)
-        return _reduced(options, dtype, alpha, temperature, d_rows, ce_rows, soft, hard, grad, want_grad)
+            soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, factor)
+        return _reduced(options, dtype, alpha, factor, d_rows, ce_rows, soft, hard, grad, want_grad)
 
     def wrap(self, out: np.ndarray, like: object) -> np.ndarray:
         return out
@@ -247,10 +248,10 @@ class HostBackend:
 HOST = HostBackend()
 
 
-def _reduced(options, dtype, alpha, temperature, d_rows, ce_rows, soft, hard, grad, want_grad):
+def _reduced(options, dtype, alpha, soft_factor, d_rows, ce_rows, soft, hard, grad, want_grad):
     """(loss, soft, hard, grad) as HostBackend.loss returns them."""
     if options.reduction == "none":
-        soft = (alpha * temperature * temperature * d_rows).astype(dtype)
+        soft = (alpha * soft_factor * d_rows).astype(dtype)
         hard = ((1.0 - alpha) * ce_rows).astype(dtype)
     loss = soft + hard
     return loss, soft, hard, grad if want_grad else None

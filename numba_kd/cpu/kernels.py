@@ -35,7 +35,9 @@ from numba_kd._math import (
     JSD,
     NEG_INF,
     REVERSE_KL,
+    SKEW_FORWARD_KL,
     STATIC,
+    TVD,
     UNIFORM,
     as_type_of,
     confidence_log_weight,
@@ -55,11 +57,15 @@ from numba_kd._math import (
     log_or_minus_inf,
     logaddexp,
     lse_from_stats,
+    mixture_grad,
+    mixture_weights,
     nonfinite_probe,
     nonnegative,
     online_lse_step,
     reverse_kl_grad,
     row_weight,
+    skew_class,
+    skew_class_near,
     tiny_like,
     topk_class_grad,
     topk_class_terms,
@@ -70,6 +76,7 @@ from numba_kd._math import (
     topk_tail_shares,
     topk_teacher_log_weight,
     topk_teacher_norm,
+    tvd_class,
     uniform_jsd_class,
     weighted_log_prob,
 )
@@ -218,15 +225,16 @@ def _ensemble_chunk(teachers, weights, i, start, stop, z, out):
 
 
 @njit(nogil=True, cache=DISK_CACHE)
-def reduce_rows(d_rows, ce_rows, divisor, alpha, temperature):
-    """(soft, hard) = (alpha T^2 sum(d) / divisor, (1 - alpha) sum(ce) / divisor), summed
-    in row order so that the result does not depend on the thread count."""
+def reduce_rows(d_rows, ce_rows, divisor, alpha, soft_factor):
+    """(soft, hard) = (alpha soft_factor sum(d) / divisor, (1 - alpha) sum(ce) / divisor)
+    (soft_factor: T^2, or 1 without scale_by_t2), summed in row order so that the
+    result does not depend on the thread count."""
     d_sum = 0.0
     ce_sum = 0.0
     for i in range(d_rows.shape[0]):
         d_sum += d_rows[i]
         ce_sum += ce_rows[i]
-    return distillation_terms(d_sum, ce_sum, divisor, alpha, temperature)
+    return distillation_terms(d_sum, ce_sum, divisor, alpha, soft_factor)
 
 
 @njit(nogil=True, cache=DISK_CACHE)
@@ -503,27 +511,30 @@ def _student_stats(s, rows, inv_t, divergence, flat):
 
 
 @row_function
-def _jsd_sweep(s, rows, stats, params):
-    """JSD(beta) of the row and sum_j q_j g_j with g = (1 - beta) log(q_j / m_j);
-    log(q / m) per class into aux for the gradient sweep."""
+def _mixture_sweep(s, rows, stats, params):
+    """The JSD, the TVD or a skew KL of the row, per class over the target p and the
+    student q; g_j = q_j dD/dq_j into aux for the gradient sweep.  Returns (D, sum_j g_j)."""
     ell, pt, qt, aux = rows
     m_s, _, _, _, s_a, s_b, log_ratio = stats
     like = ell[0]
     n = s.shape[0]
-    beta = params.beta
+    divergence = params.divergence
     shift = as_type_of(m_s, like)
     scale = as_type_of(1.0 / params.temperature, like)
     offset = as_type_of(log_ratio, like)
     inv_sa = as_type_of(1.0 / s_a, like)
     inv_sb = as_type_of(1.0 / s_b, like)
-    lb = as_type_of(math.log(beta), like)
-    l1b = as_type_of(math.log1p(-beta), like)
-    b_c = as_type_of(beta, like)
-    b1_c = as_type_of(1.0 - beta, like)
+    w_p, w_q, log_w_p, log_w_q = mixture_weights(divergence, params.beta, 1.0, NEG_INF)
+    mix = (
+        as_type_of(w_p, like), as_type_of(w_q, like), as_type_of(log_w_p, like), as_type_of(log_w_q, like)
+    )  # fmt: skip
+    b_c, b1_c, lb, l1b = mix
+    half = as_type_of(0.5, like)
     zero = as_type_of(0.0, like)
     flat = params.temperature > FLAT_TEMPERATURE
+    forward = divergence == SKEW_FORWARD_KL
     d_sum = 0.0
-    qg_sum = 0.0
+    g_sum = 0.0
     for start in range(0, n, CHUNK):
         x = s[start : start + CHUNK]
         a = ell[start : start + CHUNK]
@@ -531,35 +542,58 @@ def _jsd_sweep(s, rows, stats, params):
         q_row = qt[start : start + CHUNK]
         g_out = aux[start : start + CHUNK]
         p_d = zero
-        p_qg = zero
-        # Two loops: the default one stays free of branches and calls, so that it vectorizes.
-        if flat:
+        p_g = zero
+        # The loops that vectorize are free of branches (LLVM does not unswitch a loop
+        # on the divergence code): the skew KLs' loop computes both and selects one.
+        # At large T (float64 only) one loop of per-class branches serves all three.
+        if divergence == TVD:
+            for j in range(x.shape[0]):
+                term, g = tvd_class(p[j] * inv_sa, q_row[j] * inv_sb, half)
+                g_out[j] = g
+                p_d += term
+                p_g += g
+        elif flat:
             for j in range(x.shape[0]):
                 lq_lp = ((x[j] - shift) * scale - a[j]) - offset
                 p_j = p[j] * inv_sa
                 q = q_row[j] * inv_sb
-                if abs(lq_lp) < 1.0:
-                    term, lq_lm = jsd_term_near(p_j, q, lq_lp, b_c, b1_c)
+                near = abs(lq_lp) < 1.0
+                if divergence == JSD:
+                    if near:
+                        term, lq_lm = jsd_term_near(p_j, q, lq_lp, b_c, b1_c)
+                    else:
+                        ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
+                        lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
+                        term = jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
+                    g = b1_c * q * lq_lm
+                elif near:
+                    term, g = skew_class_near(divergence, p_j, q, lq_lp, mix)
                 else:
-                    ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
-                    lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
-                    term = jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
-                g_out[j] = lq_lm
+                    term, g = skew_class(p_j, q, lq_lp, mix, forward, like)
+                g_out[j] = g
                 p_d += term
-                p_qg += q * lq_lm
-        else:
+                p_g += g
+        elif divergence == JSD:
             for j in range(x.shape[0]):
                 lq_lp = ((x[j] - shift) * scale - a[j]) - offset
                 p_j = p[j] * inv_sa
                 q = q_row[j] * inv_sb
                 ratio = jsd_mixture_ratio(b_c * p_j, b1_c * q)
                 lp_lm, lq_lm = jsd_log_ratios(lq_lp, lb, l1b, ratio, like)
-                g_out[j] = lq_lm
+                g = b1_c * q * lq_lm
+                g_out[j] = g
                 p_d += jsd_term(p_j, q, lp_lm, lq_lm, b_c, b1_c)
-                p_qg += q * lq_lm
+                p_g += g
+        else:
+            for j in range(x.shape[0]):
+                lq_lp = ((x[j] - shift) * scale - a[j]) - offset
+                term, g = skew_class(p[j] * inv_sa, q_row[j] * inv_sb, lq_lp, mix, forward, like)
+                g_out[j] = g
+                p_d += term
+                p_g += g
         d_sum += p_d
-        qg_sum += p_qg
-    return nonnegative(d_sum), (1.0 - beta) * qg_sum
+        g_sum += p_g
+    return nonnegative(d_sum), g_sum
 
 
 @row_function
@@ -589,10 +623,9 @@ def _grad_sweep(s, y, rows, stats, d, qg, params, out):
             dd = reverse_kl_grad(qt[j] * inv_sb, lq_lp, d_c)
             out[j] = soft * dd + hard * exp_like((s[j] - shift) - shift_s, like)
     else:
-        b1_c = as_type_of(1.0 - params.beta, like)
-        qg_c = as_type_of(qg, like)
+        g_c = as_type_of(qg, like)
         for j in range(n):
-            dd = jsd_grad(qt[j] * inv_sb, aux[j], b1_c, qg_c)
+            dd = mixture_grad(qt[j] * inv_sb, aux[j], g_c)
             out[j] = soft * dd + hard * exp_like((s[j] - shift) - shift_s, like)
     out[y] -= hard
 
@@ -607,9 +640,9 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
     (float32 sweeps use the vectorized exp and log); sums are float64.  Per row: a
     finiteness probe, the teachers' statistics sweeps (probability combine or
     data-dependent weights), the target sweep (ell = the target's log-probabilities
-    up to the constant log S_a, pt = exp(ell)), the student's sweep, a JSD sweep,
-    and the gradient sweep.  Ignored rows get 0 (and a zero gradient row); rows
-    with a NaN or an infinity get NaN.
+    up to the constant log S_a, pt = exp(ell)), the student's sweep, a per-class
+    sweep for the JSD, the TVD and the skew KLs, and the gradient sweep.  Ignored
+    rows get 0 (and a zero gradient row); rows with a NaN or an infinity get NaN.
     """
     n_rows, n_classes = student.shape
     n_teachers = weights.shape[0]
@@ -628,7 +661,8 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             _scratch_row(scratch, 1, n_classes, n_classes),  # ell: log target + const
             _scratch_row(scratch, 2, n_classes, n_classes),  # pt: exp(ell)
             _scratch_row(scratch, 3, n_classes, n_classes),  # qt: exp((s - max s) / T)
-            _scratch_row(scratch, 4, n_classes, n_classes if params.divergence == JSD else 1),  # log(q / m)
+            # q dD/dq (JSD, TVD, skew KLs)
+            _scratch_row(scratch, 4, n_classes, n_classes if params.divergence >= JSD else 1),
         )
         ell, pt = rows[0], rows[1]
         for i in _block_rows(block, n_rows, per_block):
@@ -680,7 +714,7 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             elif params.divergence == REVERSE_KL:
                 d = kl_from_sums(s_b, w, s_a, u) if sums else kl_from_stats(s_b, w, log_sb, log_sa)
             else:
-                d, qg = _jsd_sweep(s, rows, stats, params)
+                d, qg = _mixture_sweep(s, rows, stats, params)
             d_rows[i] = d
             ce_rows[i] = cross_entropy(m_s, np.float64(s[y]), log_ss)
             if params.want_grad:

@@ -128,7 +128,7 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
     for name in ("weights", "log_weights", "kl_rows", "ce_rows", "d_rows", "divisor", "loss", "soft", "hard",
                  "results"):  # fmt: skip
         values[name] = vector
-    for name in ("inv_t", "temperature", "eps", "alpha", "alpha_t2", "one_m_alpha"):
+    for name in ("inv_t", "temperature", "eps", "alpha", "alpha_t2", "one_m_alpha", "soft_factor"):
         values[name] = scalar
     return values
 
@@ -410,8 +410,8 @@ class CudaBackend:
             else:
                 grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
             params = DeviceLossParams(
-                np.int64(options.ignore_code), scalar(1.0 / temperature), scalar(options.beta),
-                *(np.int64(c) for c in options.codes), scalar(alpha * temperature * temperature),
+                np.int64(options.ignore_code), scalar(1.0 / temperature), scalar(options.mixture_weight),
+                *(np.int64(c) for c in options.codes), scalar(alpha * options.soft_factor(temperature)),
                 scalar(1.0 - alpha), bool(want_grad),
             )  # fmt: skip
             rows = dict(
@@ -431,7 +431,7 @@ class CudaBackend:
             egrid, eblock = elementwise_config(n_rows)
             _launch(
                 "scale_rows", dtype, egrid, eblock, self.stream, d_rows=d_rows, ce_rows=ce_rows,
-                alpha_t2=scalar(alpha * temperature * temperature), one_m_alpha=scalar(1.0 - alpha),
+                alpha_t2=scalar(alpha * options.soft_factor(temperature)), one_m_alpha=scalar(1.0 - alpha),
                 loss=loss, soft=soft, hard=hard,
             )  # fmt: skip
             self._raise_on_bad_labels(bad_labels, n_classes)
@@ -439,7 +439,8 @@ class CudaBackend:
         results = self.empty((3,), dtype)
         _launch(
             "reduce_loss", dtype, 1, threads, self.stream, kl_rows=d_rows, ce_rows=ce_rows,
-            temperature=scalar(temperature), alpha=scalar(alpha), divisor=divisor, results=results,
+            soft_factor=scalar(options.soft_factor(temperature)), alpha=scalar(alpha), divisor=divisor,
+            results=results,
         )  # fmt: skip
         if return_device_scalar:
             return results[0:1], results[1:2], results[2:3], grad if want_grad else None

@@ -87,7 +87,7 @@ class DeviceLossParams(NamedTuple):
     combine: int
     divergence: int
     weighting: int
-    alpha_t2: float  # alpha T^2, before the division by the row count
+    alpha_t2: float  # alpha T^2 (alpha without scale_by_t2), before the division by the row count
     one_m_alpha: float
     want_grad: bool
 
@@ -330,9 +330,10 @@ def make_kernels(acc) -> SimpleNamespace:
                     ce_rows[i] = _m.cross_entropy(sm_ms[base], student[i, y], math.log(sm_ss[base]))
 
     @cuda.jit(cache=DISK_CACHE)
-    def reduce_loss(kl_rows, ce_rows, temperature, alpha, divisor, results):
+    def reduce_loss(kl_rows, ce_rows, soft_factor, alpha, divisor, results):
         """results = [loss, soft, hard]: one block, fixed-order sums, then a fixed tree;
-        the sums are divided by divisor[0] (the number of rows to average over, or 1)."""
+        the sums are divided by divisor[0] (the number of rows to average over, or 1).
+        soft_factor is T^2, or 1 without scale_by_t2."""
         n_rows = kl_rows.shape[0]
         tx = cuda.threadIdx.x
         width = cuda.blockDim.x
@@ -348,7 +349,7 @@ def make_kernels(acc) -> SimpleNamespace:
         _tree_reduce(sm_kl, 0, tx, width, False)
         _tree_reduce(sm_ce, 0, tx, width, False)
         if tx == 0:
-            soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], divisor[0], alpha, temperature)
+            soft, hard = _m.distillation_terms(sm_kl[0], sm_ce[0], divisor[0], alpha, soft_factor)
             results[0] = soft + hard
             results[1] = soft
             results[2] = hard
@@ -396,9 +397,10 @@ def make_kernels(acc) -> SimpleNamespace:
         one = acc(1.0)
         zero = acc(0.0)
         neg_inf = acc(_m.NEG_INF)
-        log_beta = math.log(beta)
-        log_1m_beta = math.log1p(-beta)
-        one_m_beta = one - beta
+        half = one / (one + one)
+        # The JSD's or a skew KL's mixture m = w_p p + w_q q (JSD: w_p = beta).
+        mix = _m.mixture_weights(divergence, beta, one, neg_inf)
+        _, one_m_beta, log_beta, log_1m_beta = mix
         for first in range(cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block):
             i_raw, i, y, in_range, valid = _group_row(labels, first + ty, n_classes, ignore_index)
             # Non-finite inputs in the row: its loss and gradient become NaN.
@@ -535,17 +537,22 @@ def make_kernels(acc) -> SimpleNamespace:
                     d += _m.kl_term(p, lp - lq)
                 elif divergence == 1:
                     d += _m.kl_term(q, lq - lp)
-                else:
+                elif divergence == 2:
                     ratio = _m.jsd_mixture_ratio(beta * p, one_m_beta * q)
                     lp_lm, lq_lm = _m.jsd_log_ratios(lq - lp, log_beta, log_1m_beta, ratio, one)
                     d += _m.jsd_term(p, q, lp_lm, lq_lm, beta, one_m_beta)
                     qg += q * lq_lm
+                else:
+                    term, q_slope = _m.mixture_class(divergence, p, q, lq - lp, mix, half)
+                    d += term
+                    qg += q_slope
             sm_s[slot] = d
             sm_x[slot] = qg
             _tree_reduce(sm_s, base, tx, tpr, False)
             _tree_reduce(sm_x, base, tx, tpr, False)
             d = _m.nonnegative(sm_s[base])
-            qg = one_m_beta * sm_x[base]
+            # sum_j q_j dD/dq_j; the JSD's sweep summed q log(q / m).
+            qg = one_m_beta * sm_x[base] if divergence == 2 else sm_x[base]
             cuda.syncthreads()
             if tx == 0 and i_raw < n_rows:
                 if not in_range and y != ignore_index:
@@ -574,10 +581,13 @@ def make_kernels(acc) -> SimpleNamespace:
                         dd = _m.forward_kl_grad(math.exp(lp), q)
                     elif divergence == 1:
                         dd = _m.reverse_kl_grad(q, lq - lp, d)
-                    else:
+                    elif divergence == 2:
                         ratio = _m.jsd_mixture_ratio(beta * math.exp(lp), one_m_beta * q)
                         lp_lm, lq_lm = _m.jsd_log_ratios(lq - lp, log_beta, log_1m_beta, ratio, one)
                         dd = _m.jsd_grad(q, lq_lm, one_m_beta, qg)
+                    else:
+                        _, q_slope = _m.mixture_class(divergence, math.exp(lp), q, lq - lp, mix, half)
+                        dd = _m.mixture_grad(q, q_slope, qg)
                     g = c_soft * dd * inv_t + c_hard * math.exp((student[i, j] - m_s) - ls_s)
                     if j == y_safe:
                         g -= c_hard
