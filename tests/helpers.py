@@ -36,6 +36,18 @@ def assert_array_close(actual: np.ndarray, expected: np.ndarray, dtype) -> None:
     np.testing.assert_allclose(actual, expected, rtol=0, atol=ARRAY_ATOL[dtype] * scale)
 
 
+def central_differences(loss, student: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """d loss / d student by central differences: loss(student') for student' moved by
+    +-h at one entry at a time (error ~ h^2 + eps / h for a float64 loss)."""
+    numeric = np.zeros_like(student)
+    for idx in np.ndindex(student.shape):
+        up, down = student.copy(), student.copy()
+        up[idx] += h
+        down[idx] -= h
+        numeric[idx] = (loss(up) - loss(down)) / (2 * h)
+    return numeric
+
+
 def make_batch(rng, n_teachers: int, rows: int, classes: int, dtype, spread: float = 3.0):
     """Student, teacher list and labels with teachers that broadly agree (registry.synthetic_batch)."""
     return registry.synthetic_batch(rng, n_teachers, rows, classes, dtype, spread)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref_helpers  # noqa: F401  (tests/reference.py: shared oracle helpers)
-from helpers import LOSS_RTOL
+from helpers import LOSS_RTOL, central_differences
 
 import numba_kd as kd
 from numba_kd import reference as R
@@ -88,13 +88,7 @@ def test_reference_gradient_matches_finite_differences(rng, tail, divergence):
     kw = dict(tail=tail, topk_temperature=1.5, divergence=divergence, beta=0.3)
     args = (indices, logprobs, labels, [1.0, 2.0], 2.0, 0.6)
     grad = R.topk_grad(student, *args, **kw)
-    numeric = np.zeros_like(student)
-    h = 1e-6
-    for index in np.ndindex(student.shape):
-        up, down = student.copy(), student.copy()
-        up[index] += h
-        down[index] -= h
-        numeric[index] = (R.topk_loss(up, *args, **kw)[0] - R.topk_loss(down, *args, **kw)[0]) / (2 * h)
+    numeric = central_differences(lambda s: R.topk_loss(s, *args, **kw)[0], student)
     np.testing.assert_allclose(grad, numeric, rtol=0, atol=1e-8)
 
 
