@@ -563,6 +563,67 @@ def divergence_rows(
     raise ValueError(divergence)
 
 
+def divergence_slopes(
+    log_p: np.ndarray, log_q: np.ndarray, divergence: str, beta: float = 0.5, skew: float = 0.1
+) -> np.ndarray:
+    """g = dD/dq per class, of the divergence D(p, q) of ``divergence_rows``.
+
+    -p/q (forward KL), log(q/p) + 1 (reverse KL), (1 - beta) log(q/m) (JSD),
+    sign(q - p) / 2 (TVD, the subgradient 0 where p = q), -(1 - skew) p/m (skew
+    forward KL) and log(q/m) + 1 - skew q/m (skew reverse KL, 0 where q = 0), with
+    each divergence's mixture m. The gradient with respect to the student's
+    tempered logits is q (g - sum_j q_j g_j).
+
+    Parameters
+    ----------
+    log_p : numpy.ndarray of float, shape [N, C]
+        The target's log-probabilities.
+    log_q : numpy.ndarray of float, shape [N, C]
+        The student's log-probabilities.
+    divergence : str, one of {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"}
+        Which divergence.
+    beta : float, default 0.5
+        The JSD weight, in (0, 1); read with divergence="jsd" only.
+    skew : float, default 0.1
+        The skew KLs' lambda, in (0, 1]; read with the skew divergences only.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape [N, C]
+        dD/dq.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``divergence``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_kd import reference
+    >>> log_p, log_q = np.log([[0.25, 0.75]]), np.log([[0.5, 0.5]])
+    >>> reference.divergence_slopes(log_p, log_q, "tvd")
+    array([[ 0.5, -0.5]])
+    """
+    p, q = np.exp(log_p), np.exp(log_q)
+    if divergence == "forward_kl":
+        return -np.exp(log_p - log_q)
+    if divergence == "reverse_kl":
+        return log_q - log_p + 1.0
+    if divergence == "jsd":
+        log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
+        return (1.0 - beta) * (log_q - log_m)
+    if divergence == "tvd":
+        return 0.5 * np.sign(q - p)
+    if divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        log_m = _skew_log_mixture(log_p, log_q, divergence, skew)
+        with np.errstate(invalid="ignore"):
+            if divergence == "skew_forward_kl":
+                return -(1.0 - skew) * np.exp(log_p - log_m)
+            return np.where(q > 0, log_q - log_m + 1.0 - skew * np.exp(log_q - log_m), 0.0)
+    raise ValueError(divergence)
+
+
 def _skew_log_mixture(log_p, log_q, divergence, skew):
     """log m of the skew KLs: m = skew p + (1 - skew) q for the forward one, skew q +
     (1 - skew) p for the reverse one."""
@@ -811,24 +872,7 @@ def general_grad(
     if divergence == "forward_kl":
         dd_ds = (q - p) / temperature
     else:
-        if divergence == "reverse_kl":
-            g = log_q - log_p + 1.0
-        elif divergence == "jsd":
-            beta = options.get("beta", 0.5)
-            log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
-            g = (1.0 - beta) * (log_q - log_m)
-        elif divergence == "tvd":
-            g = 0.5 * np.sign(q - p)
-        elif divergence in ("skew_forward_kl", "skew_reverse_kl"):
-            skew = options.get("skew", 0.1)
-            log_m = _skew_log_mixture(log_p, log_q, divergence, skew)
-            with np.errstate(invalid="ignore"):
-                if divergence == "skew_forward_kl":
-                    g = -(1.0 - skew) * np.exp(log_p - log_m)
-                else:
-                    g = np.where(q > 0, log_q - log_m + 1.0 - skew * np.exp(log_q - log_m), 0.0)
-        else:
-            raise ValueError(divergence)
+        g = divergence_slopes(log_p, log_q, divergence, options.get("beta", 0.5), options.get("skew", 0.1))
         dd_ds = q * (g - np.sum(q * g, axis=-1, keepdims=True)) / temperature
     factor = _soft_factor(temperature, options)
     return _loss_gradient(dd_ds, s, y, valid, alpha, factor, reduction, nonfinite_rows(teachers, s))

@@ -671,23 +671,7 @@ def _gradient_factor(case: Case, weights, student, teachers, labels) -> np.ndarr
         log_p = kref.target_log_probs(teachers, row_w, t, opts["combine"])
         log_q = kref.log_softmax(student / t)
         q = np.exp(log_q)
-        p = np.exp(log_p)
-        if opts["divergence"] == "reverse_kl":
-            g = log_q - log_p + 1.0
-        elif opts["divergence"] == "jsd":
-            beta = opts["beta"]
-            log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
-            g = (1.0 - beta) * (log_q - log_m)
-        elif opts["divergence"] == "tvd":
-            g = 0.5 * np.sign(q - p)
-        else:
-            lam = opts["skew"]
-            first, second = (log_p, log_q) if opts["divergence"] == "skew_forward_kl" else (log_q, log_p)
-            log_m = np.logaddexp(np.log(lam) + first, np.log1p(-lam) + second)
-            if opts["divergence"] == "skew_forward_kl":
-                g = -(1.0 - lam) * np.exp(log_p - log_m)
-            else:
-                g = log_q - log_m - lam * np.exp(log_q - log_m)
+        g = kref.divergence_slopes(log_p, log_q, opts["divergence"], opts["beta"], opts["skew"])
         qg = np.sum(q * g, axis=-1, keepdims=True)
         factor = 1.0 + np.max(q * np.abs(g - qg), axis=-1)
     return np.where(np.isfinite(factor), factor, 0.0)
