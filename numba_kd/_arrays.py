@@ -9,6 +9,39 @@ from typing import Any
 
 import numpy as np
 
+# 16-bit floats: NumPy's float16, and bfloat16 (ml_dtypes, the NumPy type of JAX's
+# bfloat16), recognized by its name so that ml_dtypes is never imported here.  The
+# CPU kernels read both as bit patterns of the integer type of the same size
+# (numba has no 16-bit float type on the CPU): uint16 for bfloat16, int16 for float16.
+_FLOAT16 = np.dtype(np.float16)
+_FLOAT32 = np.dtype(np.float32)
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is bfloat16 (ml_dtypes.bfloat16)."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def is_sixteen_bit(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is float16 or bfloat16."""
+    return dtype == _FLOAT16 or is_bfloat16(dtype)
+
+
+def arithmetic_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the kernels' arithmetic for logits of ``dtype``: float32 for 16-bit floats."""
+    return _FLOAT32 if is_sixteen_bit(dtype) else dtype
+
+
+def bits_view(arr: Any) -> Any:
+    """``arr`` as the CPU kernels read it: 16-bit floats as their bits (a view), others as they are."""
+    if not isinstance(arr, np.ndarray):
+        return arr
+    if arr.dtype == _FLOAT16:
+        return arr.view(np.int16)
+    if is_bfloat16(arr.dtype):
+        return arr.view(np.uint16)
+    return arr
+
 
 def is_device_array(x: object) -> bool:
     """True for objects whose data lives on a CUDA device.
@@ -89,5 +122,7 @@ def check_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """Shape and dtype of a caller's ``out=`` array (both targets)."""
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, the result has shape {tuple(shape)}")
-    if np.dtype(out.dtype) != dtype:
-        raise TypeError(f"out has dtype {np.dtype(out.dtype)}, the result has dtype {dtype}")
+    got = np.dtype(out.dtype)
+    if got != dtype and not (got == _FLOAT32 and is_sixteen_bit(dtype)):
+        also = " (or float32)" if is_sixteen_bit(dtype) else ""
+        raise TypeError(f"out has dtype {got}, the result has dtype {dtype}{also}")

@@ -575,6 +575,79 @@ def _tiny_like(like):
 
 
 # ---------------------------------------------------------------------------
+# 16-bit floats.  numba has no 16-bit float type on the CPU, so 16-bit logits reach
+# the CPU kernels as their bit patterns, uint16 for bfloat16 and int16 for IEEE
+# float16; these widen them to float32 (exactly) and round float32 results back to
+# nearest, ties to even.  Integer operations and selects only: loops stay vectorized.
+
+_BF16_SHIFT = np.int64(16)
+# 2^112: the float16 exponent bias (15) put in place of float32's (127).
+_F16_REBIAS = np.float32(2.0**112)
+_F32_EXPONENT = np.int64(0x7F800000)
+_F16_EXPONENT = np.int64(0x7C00)
+_F16_NAN, _F16_INF = np.int64(0x7E00), np.int64(0x7C00)
+# |x| at and above which a float32 rounds to float16 infinity (65520 rounds up to
+# it; 65536 is the first power of two beyond the range), and below which it rounds
+# to a subnormal float16 (2^-14, float16's smallest normal).
+_F16_OVERFLOW_BITS = np.int64(0x47800000)
+_F16_NORMAL_BITS = np.int64(0x38800000)
+_F32_HALF_BITS = np.int64(0x3F000000)
+_LOW_32 = np.int64(0xFFFFFFFF)
+
+
+@njit(inline="always")
+def f32_from_bf16(bits):
+    """The float32 value of bfloat16 bits (uint16): they are a float32's upper half."""
+    return _f32_from_bits(np.int64(bits) << _BF16_SHIFT)
+
+
+@njit(inline="always")
+def f32_from_f16(bits):
+    """The float32 value of IEEE float16 bits (int16), subnormals, infinities and NaN included.
+
+    Exponent and mantissa moved into a float32's place read as the value times
+    2^-112 (a float32 subnormal for a float16 subnormal); one multiplication by a
+    power of two makes it exact.  An all-ones exponent (infinity, NaN) maps to
+    float32's all-ones exponent with the mantissa kept.
+    """
+    h = np.int64(bits) & np.int64(0xFFFF)
+    magnitude = (h & np.int64(0x7FFF)) << np.int64(13)
+    scaled = _f32_from_bits(magnitude) * _F16_REBIAS
+    special = _f32_from_bits(magnitude | _F32_EXPONENT)
+    value = special if (h & _F16_EXPONENT) == _F16_EXPONENT else scaled
+    return _f32_from_bits(np.int64(_bits_from_f32(value)) | ((h & np.int64(0x8000)) << _BF16_SHIFT))
+
+
+@njit(inline="always")
+def bf16_from_f32(x):
+    """bfloat16 bits (uint16) of ``x`` (a float, rounded to float32 first), to nearest even."""
+    bits = np.int64(_bits_from_f32(np.float32(x))) & _LOW_32
+    rounded = (bits + np.int64(0x7FFF) + ((bits >> _BF16_SHIFT) & np.int64(1))) >> _BF16_SHIFT
+    quiet_nan = (bits >> _BF16_SHIFT) | np.int64(0x40)
+    return np.uint16(quiet_nan if x != x else rounded)
+
+
+@njit(inline="always")
+def f16_from_f32(x):
+    """IEEE float16 bits (int16) of ``x`` (a float, rounded to float32 first), to nearest even.
+
+    Normal results drop 13 mantissa bits with rounding and rebias the exponent;
+    subnormal ones come from adding 0.5 in float32, whose rounding lines the
+    result's mantissa up with float16's subnormal spacing (2^-24).
+    """
+    bits = np.int64(_bits_from_f32(np.float32(x))) & _LOW_32
+    sign = (bits >> _BF16_SHIFT) & np.int64(0x8000)
+    a = bits & np.int64(0x7FFFFFFF)
+    normal = (a - np.int64(0x38000000) + np.int64(0xFFF) + ((a >> np.int64(13)) & np.int64(1))) >> np.int64(
+        13
+    )
+    small = np.int64(_bits_from_f32(_f32_from_bits(a) + _F32_HALF)) - _F32_HALF_BITS
+    special = _F16_NAN if a > _F32_EXPONENT else _F16_INF
+    result = special if a >= _F16_OVERFLOW_BITS else (small if a < _F16_NORMAL_BITS else normal)
+    return np.int16(result | sign)
+
+
+# ---------------------------------------------------------------------------
 # Sparse top-k teachers.  A teacher row stores n of the C classes with their
 # log-probabilities l at temperature T_g; tau = T_g / T re-tempers them.  The
 # missing mass m = 1 - sum exp(l) is a pseudo-class ("bucket"), C - n equal

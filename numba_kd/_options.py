@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numba_kd import _math
+from numba_kd import _arrays, _math
 
 # Above this temperature a float32 soft term, a difference of log-sums that agree
 # to about 1/T^2 of their size, would lose its digits: float32 losses then
@@ -95,11 +95,12 @@ class LossOptions:
 
 
 def compute_dtype(dtype: np.dtype, temperature: float) -> np.dtype:
-    """The per-element arithmetic of the general kernel: float32 inputs compute in
+    """The per-element arithmetic of the general kernel: float32 (and 16-bit) inputs compute in
     float32 (vectorized exp and log) for temperatures in [FLOAT32_MIN_TEMPERATURE,
     FAST_MAX_TEMPERATURE], in float64 outside."""
-    if dtype == np.float32 and FLOAT32_MIN_TEMPERATURE <= temperature <= FAST_MAX_TEMPERATURE:
-        return dtype
+    arithmetic = _arrays.arithmetic_dtype(dtype)
+    if arithmetic == np.float32 and FLOAT32_MIN_TEMPERATURE <= temperature <= FAST_MAX_TEMPERATURE:
+        return arithmetic
     return np.dtype(np.float64)
 
 

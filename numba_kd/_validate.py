@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from numba_kd import _options
+from numba_kd import _arrays, _options
 from numba_kd._options import LossOptions
 
 TeacherLogits = Sequence[ArrayLike] | ArrayLike
@@ -69,23 +69,18 @@ def check_alpha(alpha: object) -> float:
     return a
 
 
-_KERNEL_DTYPES = {
-    np.dtype(np.float16): np.dtype(np.float32),
-    np.dtype(np.float32): np.dtype(np.float32),
-    np.dtype(np.float64): np.dtype(np.float64),
-}
+_READ_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64)}
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
 def float_dtype(dtype: np.dtype, name: str) -> np.dtype:
-    """The kernel dtype for logits of ``dtype``: float16 computes as float32."""
-    known = _KERNEL_DTYPES.get(dtype)
-    if known is not None:
-        return known
+    """The dtype the kernels read logits of ``dtype`` as: float16, bfloat16, float32
+    or float64 in native byte order (other byte orders are converted)."""
+    if dtype in _READ_DTYPES or _arrays.is_bfloat16(dtype):
+        return dtype
     if dtype.kind != "f" or dtype.itemsize > 8:
-        raise TypeError(
-            f"{name} must hold floating-point logits (float16, float32 or float64), got dtype {dtype}"
-        )
-    return np.dtype(np.float64) if dtype.itemsize == 8 else np.dtype(np.float32)
+        raise TypeError(f"{name} must hold floating-point logits ({FLOAT_NAMES}), got dtype {dtype}")
+    return dtype.newbyteorder("=")
 
 
 _SHAPE_NAMES = {
@@ -127,7 +122,12 @@ def logits(backend, x: object, name: str, ndim: int | tuple[int, ...] = 2):
         raise ValueError(f"{name} must be a {expected} array, got shape {shape}")
     if shape[-1] == 0:
         raise ValueError(f"{name} must have at least one class, got shape {shape}")
-    # Casts only float16 or non-native byte order; float32/float64 pass as they are.
+    if _arrays.is_sixteen_bit(target) and not backend.reads_sixteen_bit:
+        raise TypeError(
+            f"{name} has dtype {target}, which the {backend.target.upper()} kernels do not read: "
+            "cast it to float32 first"
+        )
+    # Casts only non-native byte order; other arrays pass as they are.
     return arr if np.dtype(arr.dtype) == target else backend.cast(arr, target, name)
 
 

@@ -80,6 +80,11 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float32", "cpu"): Tolerance(loss=1e-6, array=1e-5, grad=1e-6, peer=1e-5),
     ("float64", "cuda"): Tolerance(loss=1e-12, array=1e-12, grad=1e-11, peer=1e-11),
     ("float32", "cuda"): Tolerance(loss=1e-5, array=1e-5, grad=1e-4, peer=1e-5),
+    # 16-bit inputs compute as float32; losses come back as floats, gradients and
+    # combines in the input dtype, rounded to nearest: 2^-11 (float16) and 2^-8
+    # (bfloat16) relative, plus the float32 arithmetic's error.
+    ("float16", "cpu"): Tolerance(loss=1e-6, array=1e-3, grad=1e-3, peer=1e-3),
+    ("bfloat16", "cpu"): Tolerance(loss=1e-6, array=5e-3, grad=5e-3, peer=5e-3),
 }
 
 
@@ -88,7 +93,7 @@ def tolerance(dtype: Any, target: str = "cpu") -> Tolerance:
 
     Parameters
     ----------
-    dtype : numpy dtype or str, one of {"float32", "float64"}
+    dtype : numpy dtype or str, one of {"float32", "float64"}, or float16 and bfloat16 on the CPU
         The dtype of the inputs (and of array results).
     target : str, one of {"cpu", "cuda"}, default "cpu"
         Where the kernels ran.

@@ -14,8 +14,8 @@ from numba_kd import registry
 # absolute floor of rtol times the logit scale, because a loss is a difference of
 # log-sum-exps of that size and can be ~0); arrays are absolute per unit of the
 # logit scale.
-LOSS_RTOL = {np.dtype(d): registry.tolerance(d).loss for d in ("float32", "float64")}
-ARRAY_ATOL = {np.dtype(d): registry.tolerance(d).array for d in ("float32", "float64")}
+LOSS_RTOL = {np.dtype(d): registry.tolerance(d).loss for d in ("float16", "float32", "float64")}
+ARRAY_ATOL = {np.dtype(d): registry.tolerance(d).array for d in ("float16", "float32", "float64")}
 
 
 def logit_scale(*arrays) -> float:

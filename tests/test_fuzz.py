@@ -59,6 +59,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 import reference as ref
@@ -82,8 +83,10 @@ settings.register_profile(
 settings.register_profile("slow", parent=settings.get_profile("ci"), max_examples=50_000)
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
-FLOAT_DTYPES = [F16, F32, F64]
-UNIT_ROUNDOFF = {F32: 2.0**-24, F64: 2.0**-53}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+SIXTEEN_BIT = (F16, BF16)
+FLOAT_DTYPES = [F16, BF16, F32, F64]
+UNIT_ROUNDOFF = {F16: 2.0**-11, BF16: 2.0**-8, F32: 2.0**-24, F64: 2.0**-53}
 # Multiplier of u * (|reference| + M): sums of up to 40 terms, K <= 5 teachers and a
 # few roundings per term.
 ROUNDING = 64.0
@@ -238,9 +241,13 @@ def _labels(draw, rng, lead: tuple[int, ...], n_classes: int):
 
 
 def _result_dtype(*dtypes) -> np.dtype:
-    """The computation dtype: NumPy promotion, float16 computed as float32."""
-    dtype = np.result_type(*dtypes)
-    return F32 if dtype == F16 else np.dtype(dtype)
+    """The dtype of array results: NumPy promotion (bfloat16 with float16 gives float32)."""
+    return np.dtype(np.result_type(*dtypes))
+
+
+def _arithmetic(dtype: np.dtype) -> np.dtype:
+    """The kernels' arithmetic for results of ``dtype``: 16-bit inputs compute as float32."""
+    return F32 if dtype in SIXTEEN_BIT else dtype
 
 
 def _out(draw, shape: tuple[int, ...], dtype: np.dtype):
@@ -249,7 +256,9 @@ def _out(draw, shape: tuple[int, ...], dtype: np.dtype):
         return None
     kind = draw(st.sampled_from(["good", "good", "good", "dtype", "shape", "fortran", "read-only"]))
     if kind == "dtype":
-        return np.empty(shape, F64 if dtype == F32 else F32)
+        return np.empty(shape, F32 if dtype == F64 else F64)
+    if dtype in SIXTEEN_BIT and _chance(draw, 50):
+        dtype = F32  # the other dtype out= may have for 16-bit results
     if kind == "shape":
         return np.empty((*shape[:-1], shape[-1] + 1), dtype)
     out = np.empty(shape, dtype, order="F" if kind == "fortran" else "C")
@@ -270,8 +279,8 @@ def cases(draw, family: str = "any") -> Case:
     shape = (b, draw(st.integers(0 if _chance(draw, 5) else 1, 4)), c) if three_d else (b, c)
     stacked = api == "ensemble" and _chance(draw, 35)
 
-    family_dtypes = {"float32": [F16, F32], "float64": [F64], "any": FLOAT_DTYPES}[family]
-    mixable = [F16, F32] if family == "float32" else FLOAT_DTYPES
+    family_dtypes = {"float32": [F16, BF16, F32], "float64": [F64], "any": FLOAT_DTYPES}[family]
+    mixable = [F16, BF16, F32] if family == "float32" else FLOAT_DTYPES
     base = draw(st.sampled_from(family_dtypes))
     student_dtype, teacher_dtypes = base, [base] * k
     if _chance(draw, 25):
@@ -423,7 +432,7 @@ def _out_error(out, shape: tuple[int, ...], dtype: np.dtype):
         return None
     if out.shape != shape:
         return ValueError
-    if out.dtype != dtype:
+    if out.dtype != dtype and not (out.dtype == F32 and dtype in SIXTEEN_BIT):
         return TypeError
     if not (out.flags.c_contiguous and out.flags.writeable):
         return ValueError
@@ -539,7 +548,24 @@ def _row_scale(*arrays: np.ndarray) -> np.ndarray:
 
 def _underflow(dtype: np.dtype) -> float:
     """Absolute error allowed for results that underflow (to a subnormal or to 0)."""
-    return ROUNDING * float(np.finfo(dtype).smallest_subnormal)
+    return ROUNDING * float(ml_dtypes.finfo(dtype).smallest_subnormal)
+
+
+def _without_overflow(what: str, got, expected, stored: np.dtype):
+    """(got, expected) as float64 with the entries whose expected value lies beyond the
+    range of the stored 16-bit dtype set to 0, after checking them: there the result
+    is the infinity of the value's sign (IEEE rounding), or at the boundary, where the
+    arithmetic's error decides, a value within 1 % of it."""
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if stored not in SIXTEEN_BIT:
+        return got, expected
+    beyond = np.isfinite(expected) & (np.abs(expected) >= 0.99 * float(ml_dtypes.finfo(stored).max))
+    ok = (np.sign(got) == np.sign(expected)) & (
+        np.isinf(got) | (np.abs(got - expected) <= 0.01 * np.abs(expected))
+    )
+    assert ok[beyond].all(), f"{what}: beyond the {stored} range: {got[beyond]} for {expected[beyond]}"
+    return np.where(beyond, 0.0, got), np.where(beyond, 0.0, expected)
 
 
 def _max_abs_log(weights: np.ndarray) -> np.ndarray:
@@ -596,6 +622,7 @@ def _check_array_result(case: Case, result, out, dtype: np.dtype, shape: tuple[i
     assert isinstance(result, np.ndarray)
     if out is not None:
         assert result is out
+        dtype = out.dtype
     assert result.dtype == dtype, (result.dtype, dtype)
     assert result.shape == shape, (result.shape, shape)
     assert result.flags.c_contiguous
@@ -608,10 +635,14 @@ def _check_combine_teachers(case: Case, d, result, out) -> None:
     with np.errstate(all="ignore"):
         expected = ref.combine_teachers(teachers, d.weights)
         magnitude = np.einsum("k,kbc->bc", d.weights, np.abs(np.stack(teachers)))
+    stored = result.dtype
+    result = result.astype(np.float64)
     # Elementwise IEEE arithmetic: NaN and infinities exactly where the reference has them.
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(np.where(finite, 0.0, result), np.where(finite, 0.0, expected))
-    tol = ROUNDING * UNIT_ROUNDOFF[dtype] * np.where(finite, magnitude, 0.0) + _underflow(dtype)
+    u = UNIT_ROUNDOFF[_arithmetic(dtype)]
+    stored_rounding = UNIT_ROUNDOFF[stored] * np.abs(np.where(finite, expected, 0.0))
+    tol = ROUNDING * u * np.where(finite, magnitude, 0.0) + stored_rounding + _underflow(stored)
     _assert_close("combine_teachers", np.where(finite, result, 0.0), np.where(finite, expected, 0.0), tol)
 
 
@@ -629,17 +660,20 @@ def _check_combine_probabilities(case: Case, d, result, out) -> None:
     z = _row_scale(*teachers)
     c = case.shape[-1]
     magnitude = z + temperature * (math.log(c) + 1.0 + _max_abs_log(d.weights))
-    u = UNIT_ROUNDOFF[dtype]
-    tol = ROUNDING * u * (np.abs(expected) + magnitude[:, None]) + _underflow(dtype)
+    u = UNIT_ROUNDOFF[_arithmetic(dtype)]
+    stored = result.dtype
+    tol = ROUNDING * u * (np.abs(expected) + magnitude[:, None]) + _underflow(stored)
+    tol = tol + UNIT_ROUNDOFF[stored] * np.abs(expected)
     bad = kref.nonfinite_rows(teachers)
     assert np.isnan(expected[bad]).all()
-    _assert_close(f"combine_via_probabilities(eps={case.eps})", result, expected, tol)
+    what = f"combine_via_probabilities(eps={case.eps})"
+    _assert_close(what, *_without_overflow(what, result, expected, stored), tol)
 
 
 def _loss_path_roundoff(case: Case, dtype: np.dtype) -> float:
     """u of the loss arithmetic: float32 inputs compute per element in float32 for every
     option at 1e-6 <= T <= 16, in float64 outside (numba_kd._options.compute_dtype)."""
-    if dtype == F32 and FLOAT32_MIN_TEMPERATURE <= case.temperature <= FLOAT32_MAX_TEMPERATURE:
+    if _arithmetic(dtype) == F32 and FLOAT32_MIN_TEMPERATURE <= case.temperature <= FLOAT32_MAX_TEMPERATURE:
         return UNIT_ROUNDOFF[F32]
     return UNIT_ROUNDOFF[F64]
 
@@ -737,7 +771,7 @@ def _check_loss_value(case: Case, weights, value, grad) -> None:
         if part is None:
             continue
         if reduction == "none":
-            assert isinstance(part, np.ndarray) and part.dtype == dtype and part.shape == lead
+            assert isinstance(part, np.ndarray) and part.dtype == _arithmetic(dtype) and part.shape == lead
         else:
             assert isinstance(part, float), type(part)
 
@@ -753,7 +787,7 @@ def _check_loss_value(case: Case, weights, value, grad) -> None:
     # Tolerances (see the module docstring).
     t, alpha, c = case.temperature, case.alpha, case.shape[-1]
     u = _loss_path_roundoff(case, dtype)
-    u_store = UNIT_ROUNDOFF[dtype]
+    u_store = UNIT_ROUNDOFF[_arithmetic(dtype)]  # per-row losses are stored in the arithmetic's dtype
     # The soft coefficients alpha T^2 / divisor (and alpha T, ...) lose relative precision
     # when they are subnormal (alpha = 5e-324 is a valid alpha).
     tiny = float(np.finfo(F64).smallest_subnormal)
@@ -795,7 +829,7 @@ def _check_loss_value(case: Case, weights, value, grad) -> None:
             soft_tol + u_store * np.abs(soft_rows),
             hard_tol + u_store * np.abs(hard_rows),
         ]
-        tols = [tol + _underflow(dtype) for tol in tols]
+        tols = [tol + _underflow(_arithmetic(dtype)) for tol in tols]
         tols = [tol + FLOOR * spread for tol, spread in zip(tols, spread_parts, strict=True)]
         expected = [x.reshape(lead) for x in (exp_loss, exp_soft, exp_hard)]
         for name, got, want, tol in zip(
@@ -825,14 +859,16 @@ def _check_loss_value(case: Case, weights, value, grad) -> None:
         return
     factor = _gradient_factor(case, weights, student, teachers, labels)
     grad_mag = u_soft * alpha * t * a_mag * factor + u * (1.0 - alpha) * (z + math.log(c) + 1.0)
-    # Stored in the result dtype; the label's entry is rounded twice: stored, then
+    # Stored in the gradient's dtype; the label's entry is rounded twice: stored, then
     # (1 - alpha) / divisor is subtracted from it.
-    stored = u_store * (2.0 * np.abs(exp_grad) + (1.0 - alpha) / divisor) + _underflow(dtype)
+    u_grad = UNIT_ROUNDOFF[grad.dtype]
+    stored = u_grad * (2.0 * np.abs(exp_grad) + (1.0 - alpha) / divisor) + _underflow(grad.dtype)
     grad_tol = ROUNDING * grad_mag[:, None] / divisor + stored + FLOOR * spread_grad
-    grad_rows = grad.reshape(-1, c)
+    grad_rows = grad.reshape(-1, c).astype(np.float64)
     assert not grad_rows[~valid].any(), "ignored rows must have a zero gradient"
     assert np.isnan(exp_grad[bad]).all()
-    _assert_close("gradient", grad_rows, exp_grad, np.where(valid[:, None], grad_tol, 0.0))
+    got, want = _without_overflow("gradient", grad_rows, exp_grad, grad.dtype)
+    _assert_close("gradient", got, want, np.where(valid[:, None], grad_tol, 0.0))
 
 
 def check_case(case: Case) -> None:

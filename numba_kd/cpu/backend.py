@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from numba_kd import _math, _runtime, _signatures, _validate
-from numba_kd._arrays import check_output, flatten_arrays, host_has_nonfinite, is_device_array
+from numba_kd._arrays import (
+    arithmetic_dtype,
+    bits_view,
+    check_output,
+    flatten_arrays,
+    host_has_nonfinite,
+    is_device_array,
+)
 from numba_kd._options import NO_IGNORE, LossOptions, SparseTeachers, compute_dtype
 
 Teachers = tuple[Any, ...] | Any
@@ -114,7 +121,7 @@ def _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_r
     else:
         sub_teachers = teachers[:, rows]
         kernel = _general_rows
-    sub_grad = np.empty((len(rows), student.shape[1]) if params.want_grad else (0, 0), dtype=student.dtype)
+    sub_grad = np.empty((len(rows), student.shape[1]) if params.want_grad else (0, 0), dtype=grad.dtype)
     sub_d = np.empty(len(rows))
     sub_ce = np.empty(len(rows))
     sub_student, sub_labels = student[rows], labels[rows]
@@ -129,6 +136,7 @@ class HostBackend:
     """NumPy arrays, CPU kernels."""
 
     target = "cpu"
+    reads_sixteen_bit = True
 
     def asarray(self, x: object) -> np.ndarray:
         if type(x) is np.ndarray:
@@ -187,8 +195,8 @@ class HostBackend:
     def combine_logits(self, teachers: Teachers, weights: np.ndarray, out: np.ndarray) -> None:
         elements = out.size * len(teachers)
         run_cpu_kernel(
-            "combine_logits", elements, teachers=teachers, weights=weights,
-            per_block=_per_block(out.shape[0], elements), out=out,
+            "combine_logits", elements, teachers=_teachers_view(teachers), weights=weights,
+            per_block=_per_block(out.shape[0], elements), out=bits_view(out),
         )  # fmt: skip
 
     def combine_probabilities(
@@ -198,8 +206,8 @@ class HostBackend:
         params = _math.LossParams(NO_IGNORE, float(temperature), 0.5, probs, 0, 0, 0.0, 0.0, False)
         elements = out.size * len(teachers)
         run_cpu_kernel(
-            "combine_probabilities", elements, teachers=teachers, weights=weights, params=params,
-            eps=float(eps), per_block=_per_block(out.shape[0], elements), out=out,
+            "combine_probabilities", elements, teachers=_teachers_view(teachers), weights=weights,
+            params=params, eps=float(eps), per_block=_per_block(out.shape[0], elements), out=bits_view(out),
         )  # fmt: skip
 
     def loss(
@@ -232,14 +240,19 @@ class HostBackend:
         )  # fmt: skip
         compute = compute_dtype(dtype, temperature)
         factor = options.soft_factor(temperature)
-        kernel = _topk_rows if isinstance(teachers, SparseTeachers) else _general_rows
-        kernel(student, teachers, weights, labels, params, compute, grad, d_rows, ce_rows)
+        if isinstance(teachers, SparseTeachers):
+            kernel, read_teachers = _topk_rows, teachers
+        else:
+            kernel, read_teachers = _general_rows, _teachers_view(teachers)
+        batch = (bits_view(student), read_teachers, weights, labels, params)
+        kernel(*batch, compute, bits_view(grad), d_rows, ce_rows)
         soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, factor)
         # Any NaN or infinite row makes a part non-finite (0 * inf is NaN too).
         if compute == np.float32 and not (math.isfinite(soft) and math.isfinite(hard)):
-            _rows_again_in_float64(student, teachers, weights, labels, params, grad, d_rows, ce_rows)
+            _rows_again_in_float64(*batch, bits_view(grad), d_rows, ce_rows)
             soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, factor)
-        return _reduced(options, dtype, alpha, factor, d_rows, ce_rows, soft, hard, grad, want_grad)
+        per_row = arithmetic_dtype(dtype)
+        return _reduced(options, per_row, alpha, factor, d_rows, ce_rows, soft, hard, grad, want_grad)
 
     def wrap(self, out: np.ndarray, like: object) -> np.ndarray:
         return out
@@ -255,6 +268,13 @@ def _reduced(options, dtype, alpha, soft_factor, d_rows, ce_rows, soft, hard, gr
         hard = ((1.0 - alpha) * ce_rows).astype(dtype)
     loss = soft + hard
     return loss, soft, hard, grad if want_grad else None
+
+
+def _teachers_view(teachers: Teachers) -> Teachers:
+    """Teachers (a tuple of arrays or one array) as the kernels read them (bits_view)."""
+    if isinstance(teachers, tuple):
+        return tuple(bits_view(t) for t in teachers)
+    return bits_view(teachers)
 
 
 def _to_host(x: object) -> np.ndarray:

@@ -40,11 +40,15 @@ from numba_kd._math import (
     TVD,
     UNIFORM,
     as_type_of,
+    bf16_from_f32,
     confidence_log_weight,
     cross_entropy,
     distillation_terms,
     entropy_log_weight,
     exp_like,
+    f16_from_f32,
+    f32_from_bf16,
+    f32_from_f16,
     forward_kl_grad,
     jsd_grad,
     jsd_log_ratios,
@@ -156,8 +160,13 @@ SCRATCH_GAP = 256
 
 
 @njit(inline="always")
+def _scratch_size(n_rows, n_classes):
+    return SCRATCH_GAP + n_rows * (n_classes + SCRATCH_GAP)
+
+
+@njit(inline="always")
 def _scratch_buffer(n_rows, n_classes, dtype):
-    return np.empty(SCRATCH_GAP + n_rows * (n_classes + SCRATCH_GAP), dtype)
+    return np.empty(_scratch_size(n_rows, n_classes), dtype)
 
 
 @njit(inline="always")
@@ -165,6 +174,157 @@ def _scratch_row(buffer, row, n_classes, length):
     """Scratch row ``row`` of _scratch_buffer(..., n_classes, ...): its first ``length`` entries."""
     start = SCRATCH_GAP + row * (n_classes + SCRATCH_GAP)
     return buffer[start : start + length]
+
+
+# ---------------------------------------------------------------------------
+# 16-bit inputs and outputs.  bfloat16 and float16 arrays arrive as their bits
+# (uint16 and int16, _math.f32_from_bf16 / f32_from_f16).  A kernel widens each
+# row it reads into a float32 row of its own (the row's sweeps then run as for
+# float32 inputs, reading the widened row from cache), and rounds the rows it
+# writes from a row of the arithmetic's dtype.  For float arrays these helpers
+# compile to nothing: the rows are read and written in place.
+
+
+def _holds_bits(arrays) -> bool:
+    """Whether the numba type ``arrays`` (an array or a tuple of arrays) holds 16-bit patterns."""
+    dtype = arrays.dtype if isinstance(arrays, types.Array) else arrays[0].dtype
+    return dtype in (types.uint16, types.int16)
+
+
+def _value_of(x):
+    """The float value of an array element: a float as it is, 16-bit bits widened to float32."""
+
+
+@overload(_value_of)
+def _value_of_overload(x):
+    if x == types.uint16:
+        return lambda x: f32_from_bf16(x)
+    if x == types.int16:
+        return lambda x: f32_from_f16(x)
+    return lambda x: x
+
+
+def _put(row, j, value):
+    """row[j] = value, rounded to the row's 16-bit type where it holds bits."""
+
+
+@overload(_put)
+def _put_overload(row, j, value):
+    if row.dtype == types.uint16:
+
+        def put_bf16(row, j, value):
+            row[j] = bf16_from_f32(value)
+
+        return put_bf16
+    if row.dtype == types.int16:
+
+        def put_f16(row, j, value):
+            row[j] = f16_from_f32(value)
+
+        return put_f16
+
+    def put(row, j, value):
+        row[j] = value
+
+    return put
+
+
+def _wide_columns(arrays, n_classes):
+    """The width of the widened rows a kernel needs for ``arrays``: n_classes for 16-bit bits, else 0."""
+
+
+@overload(_wide_columns)
+def _wide_columns_overload(arrays, n_classes):
+    if _holds_bits(arrays):
+        return lambda arrays, n_classes: n_classes
+    return lambda arrays, n_classes: 0
+
+
+def _widened(arrays, i, wide):
+    """(source, row) with source[row] (for teachers source[k][row]) the values of row i
+    of ``arrays``: the arrays and i themselves for floats; for 16-bit bits ``wide``
+    ([1, C] for a 2-D array, [K, 1, C] for teachers; float32), filled, and 0."""
+
+
+@overload(_widened)
+def _widened_overload(arrays, i, wide):
+    if not _holds_bits(arrays):
+        return lambda arrays, i, wide: (arrays, i)
+    if isinstance(arrays, types.Array) and arrays.ndim == 2:
+
+        def widen_row(arrays, i, wide):
+            row = arrays[i]
+            out = wide[0]
+            for j in range(row.shape[0]):
+                out[j] = _value_of(row[j])
+            return wide, 0
+
+        return widen_row
+
+    def widen_teachers(arrays, i, wide):
+        for k in range(len(arrays)):
+            row = arrays[k][i]
+            out = wide[k, 0]
+            for j in range(row.shape[0]):
+                out[j] = _value_of(row[j])
+        return wide, 0
+
+    return widen_teachers
+
+
+def _grad_row(grad, i, wide):
+    """Where a kernel writes row i of ``grad``: the row itself, or for 16-bit bits
+    ``wide`` (a row of the arithmetic's dtype, rounded into the row by _store_row)."""
+
+
+@overload(_grad_row)
+def _grad_row_overload(grad, i, wide):
+    if _holds_bits(grad):
+        return lambda grad, i, wide: wide
+    return lambda grad, i, wide: grad[i]
+
+
+def _store_row(out, i, row):
+    """Round ``row`` into row i of 16-bit ``out``; nothing for float arrays (written in place)."""
+
+
+@overload(_store_row)
+def _store_row_overload(out, i, row):
+    if not _holds_bits(out):
+        return lambda out, i, row: None
+
+    def store(out, i, row):
+        target = out[i]
+        for j in range(row.shape[0]):
+            _put(target, j, row[j])
+
+    return store
+
+
+def _fill_row(out, i, value):
+    """out[i, :] = value, in the 16-bit type of ``out`` where it holds bits."""
+
+
+@overload(_fill_row)
+def _fill_row_overload(out, i, value):
+    def fill(out, i, value):
+        target = out[i]
+        for j in range(target.shape[0]):
+            _put(target, j, value)
+
+    return fill
+
+
+def _arithmetic_buffer(out, n):
+    """An empty array of n elements in the dtype of the values stored into ``out``:
+    float32 for 16-bit bits, else out's dtype."""
+
+
+@overload(_arithmetic_buffer)
+def _arithmetic_buffer_overload(out, n):
+    if _holds_bits(out):
+        return lambda out, n: np.empty(n, np.float32)
+    return lambda out, n: np.empty(n, out.dtype)
 
 
 # Typed (not literal) constants for arguments of row functions, so that those
@@ -192,7 +352,7 @@ def combine_logits(teachers, weights, per_block, out):
     for k in range(weights.shape[0]):
         wide = wide or 0.0 < weights[k] < _F32_TINY
     for block in prange(_n_blocks(n_rows, per_block)):
-        z = np.empty(CHUNK, out.dtype)
+        z = _arithmetic_buffer(out, CHUNK)
         z64 = np.empty(CHUNK if wide else 0)
         for i in _block_rows(block, n_rows, per_block):
             for start in range(0, n_classes, CHUNK):
@@ -214,14 +374,14 @@ def _ensemble_chunk(teachers, weights, i, start, stop, z, out):
     first = teachers[0][i, start:stop]
     w = as_type_of(weights[0], like)
     for j in range(acc.shape[0]):
-        acc[j] = w * first[j]
+        acc[j] = w * _value_of(first[j])
     for k in range(1, weights.shape[0]):
         t = teachers[k][i, start:stop]
         w = as_type_of(weights[k], like)
         for j in range(acc.shape[0]):
-            acc[j] += w * t[j]
+            acc[j] += w * _value_of(t[j])
     for j in range(acc.shape[0]):
-        out[j] = acc[j]
+        _put(out, j, acc[j])
 
 
 @njit(nogil=True, cache=DISK_CACHE)
@@ -257,9 +417,9 @@ def _finite_teachers(teachers, i):
 
 
 @row_function
-def _finite_row(student, teachers, i):
-    """Whether row i of the student and of every teacher is free of NaN and infinities."""
-    return nonfinite_probe(student[i]) == 0.0 and _finite_teachers(teachers, i)
+def _finite_row(student, teachers, i, k):
+    """Whether row i of the student and row k of every teacher are free of NaN and infinities."""
+    return nonfinite_probe(student[i]) == 0.0 and _finite_teachers(teachers, k)
 
 
 @row_function
@@ -665,36 +825,41 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             _scratch_row(scratch, 4, n_classes, n_classes if params.divergence >= JSD else 1),
         )
         ell, pt = rows[0], rows[1]
+        wide_s = np.empty((1, _wide_columns(student, n_classes)), np.float32)
+        wide_t = np.empty((n_teachers, 1, _wide_columns(teachers, n_classes)), np.float32)
+        wide_g = np.empty(_wide_columns(grad, n_classes), compute.dtype)
         for i in _block_rows(block, n_rows, per_block):
             y = labels[i]
             if y == params.ignore_index:
                 d_rows[i] = 0.0
                 ce_rows[i] = 0.0
                 if params.want_grad:
-                    grad[i, :] = 0.0
+                    _fill_row(grad, i, 0.0)
                 continue
-            if not _finite_row(student, teachers, i):
+            s_source, s_row = _widened(student, i, wide_s)
+            t_source, t_row = _widened(teachers, i, wide_t)
+            if not _finite_row(s_source, t_source, s_row, t_row):
                 d_rows[i] = math.nan
                 ce_rows[i] = math.nan
                 if params.want_grad:
-                    grad[i, :] = math.nan
+                    _fill_row(grad, i, math.nan)
                 continue
             total = _teacher_weights(
-                teachers, weights, i, y, params, params.weighting, m_t, log_st, row_w, e, pt
+                t_source, weights, t_row, y, params, params.weighting, m_t, log_st, row_w, e, pt
             )
             if not total > 0.0:
                 # No teacher's log weight is finite (a label logit so far below its
                 # row's maximum that the difference overflows): the static weights.
                 total = _teacher_weights(
-                    teachers, weights, i, y, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
+                    t_source, weights, t_row, y, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
                 )
             for k in range(n_teachers):
                 row_w[k] /= total
             if params.combine == COMBINE_LOGITS:
-                log_sa = _logit_target(teachers, row_w, i, inv_t, ell, pt)
+                log_sa = _logit_target(t_source, row_w, t_row, inv_t, ell, pt)
             else:
-                log_sa = _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, 1.0 / total, ell, pt)
-            s = student[i]
+                log_sa = _mixture_target(t_source, row_w, m_t, log_st, t_row, inv_t, 1.0 / total, ell, pt)
+            s = s_source[s_row]
             m_s, log_sb, log_ss, s_b, w, u = _student_stats(s, rows, inv_t, params.divergence, flat)
             s_a = math.exp(log_sa)
             # A row whose log-ratios reach the exponent range (huge logits) overflows U:
@@ -718,7 +883,9 @@ def general_rows(student, teachers, weights, labels, params, per_block, compute,
             d_rows[i] = d
             ce_rows[i] = cross_entropy(m_s, np.float64(s[y]), log_ss)
             if params.want_grad:
-                _grad_sweep(s, y, rows, stats, d, qg, params, grad[i])
+                g_row = _grad_row(grad, i, wide_g)
+                _grad_sweep(s, y, rows, stats, d, qg, params, g_row)
+                _store_row(grad, i, g_row)
 
 
 @njit(parallel=True, nogil=True, cache=DISK_CACHE, fastmath=FASTMATH, error_model="numpy")
@@ -739,36 +906,38 @@ def combine_probabilities(teachers, weights, params, eps, per_block, out):
         row_w = np.empty(n_teachers)
         m_t = np.empty(n_teachers)
         log_st = np.empty(n_teachers)
-        scratch = _scratch_buffer(3, n_classes, out.dtype)
+        scratch = _arithmetic_buffer(out, _scratch_size(3, n_classes))
         e = _scratch_row(scratch, 0, n_classes, n_classes)
         ell = _scratch_row(scratch, 1, n_classes, n_classes)
         pt = _scratch_row(scratch, 2, n_classes, n_classes)
+        wide_t = np.empty((n_teachers, 1, _wide_columns(teachers, n_classes)), np.float32)
         like = ell[0]
         t_out = as_type_of(temperature, like)
         eps_c = as_type_of(eps, like)
         tiny = tiny_like(like)
         log_eps = math.log(eps) if eps > 0.0 else NEG_INF
         for i in _block_rows(block, n_rows, per_block):
-            if not _finite_teachers(teachers, i):
-                out[i, :] = math.nan
+            t_source, t_row = _widened(teachers, i, wide_t)
+            if not _finite_teachers(t_source, t_row):
+                _fill_row(out, i, math.nan)
                 continue
             total = _teacher_weights(
-                teachers, weights, i, _NO_LABEL, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
+                t_source, weights, t_row, _NO_LABEL, params, _STATIC_CODE, m_t, log_st, row_w, e, pt
             )
             for k in range(n_teachers):
                 row_w[k] /= total
-            _mixture_target(teachers, row_w, m_t, log_st, i, inv_t, 1.0 / total, ell, pt)
+            _mixture_target(t_source, row_w, m_t, log_st, t_row, inv_t, 1.0 / total, ell, pt)
             row = out[i]
             if eps > 0.0:
                 for j in range(n_classes):
-                    row[j] = t_out * log_like(pt[j] + eps_c, like)
+                    _put(row, j, t_out * log_like(pt[j] + eps_c, like))
                 for j in range(n_classes):
                     if pt[j] < tiny or eps_c < tiny:
                         # log(p + eps) from log p and log eps, in float64.
-                        row[j] = temperature * logaddexp(np.float64(ell[j]), log_eps)
+                        _put(row, j, temperature * logaddexp(np.float64(ell[j]), log_eps))
             else:
                 for j in range(n_classes):
-                    row[j] = t_out * ell[j]
+                    _put(row, j, t_out * ell[j])
 
 
 # ---------------------------------------------------------------------------
@@ -972,18 +1141,21 @@ def _topk_jsd_outside(qt, outside, inv_sb, p_out, beta, aux):
     return d_sum, qh_sum
 
 
-def _q_row(grad, i, scratch_row, want_grad):
-    """Where the student's sweep stores its exp(b_j): row i of the gradient when it
-    is wanted and has the arithmetic's dtype (the gradient sweep then rewrites it
-    in place, so the row is not swept through a scratch row as well), else the
+def _q_row(grad, i, scratch_row, want_grad, wide):
+    """Where the student's sweep stores its exp(b_j): the row the gradient is written
+    to (_grad_row: row i of the gradient, or ``wide`` for 16-bit bits) when it is
+    wanted and has the arithmetic's dtype (the gradient sweep then rewrites it in
+    place, so the row is not swept through a scratch row as well), else the
     scratch row."""
 
 
 @overload(_q_row)
-def _q_row_overload(grad, i, scratch_row, want_grad):
+def _q_row_overload(grad, i, scratch_row, want_grad, wide):
+    if _holds_bits(grad):
+        return lambda grad, i, scratch_row, want_grad, wide: wide if want_grad else scratch_row
     if grad.dtype == scratch_row.dtype:
-        return lambda grad, i, scratch_row, want_grad: grad[i] if want_grad else scratch_row
-    return lambda grad, i, scratch_row, want_grad: scratch_row
+        return lambda grad, i, scratch_row, want_grad, wide: grad[i] if want_grad else scratch_row
+    return lambda grad, i, scratch_row, want_grad, wide: scratch_row
 
 
 def _q_source(qt, out):
@@ -1095,15 +1267,18 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
         # Per teacher: log Z, log t, C - n (as a float), the row weight.
         state = np.empty((4, top[0].shape[0]))
         teacher_state = (state[0], state[1], state[2], state[3])
+        wide_s = np.empty((1, _wide_columns(student, n_classes)), np.float32)
+        wide_g = np.empty(_wide_columns(grad, n_classes), compute.dtype)
         for i in _block_rows(block, n_rows, per_block):
             y = labels[i]
             if y == params.ignore_index:
                 d_rows[i] = 0.0
                 ce_rows[i] = 0.0
                 if params.want_grad:
-                    grad[i, :] = 0.0
+                    _fill_row(grad, i, 0.0)
                 continue
-            s = student[i]
+            s_source, s_row = _widened(student, i, wide_s)
+            s = s_source[s_row]
             n_u, p_tail, p_out, bad = _topk_target(
                 top, weights, i, y, params, sparse, teacher_state, acc, outside, touched
             )
@@ -1114,9 +1289,9 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                 d_rows[i] = math.nan
                 ce_rows[i] = math.nan
                 if params.want_grad:
-                    grad[i, :] = math.nan
+                    _fill_row(grad, i, math.nan)
                 continue
-            qt = _q_row(grad, i, scratch_q, params.want_grad)
+            qt = _q_row(grad, i, scratch_q, params.want_grad, wide_g)
             m_s, s_b, s_s, q_sum_out, b_out, e_out = _topk_student_stats(
                 s, inv_t, outside, qt, tail == UNIFORM
             )
@@ -1156,7 +1331,7 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
             )
             d_rows[i] = d if math.isfinite(wide) or not math.isfinite(a + c + e) else math.nan
             if params.want_grad:
-                row = grad[i]
+                row = _grad_row(grad, i, wide_g)
                 stats = (m_s, s_b, log_ss, qh)
                 source = _q_source(qt, row)
                 _topk_grad_sweep(s, y, (source, aux), stats, (a, c, e, per_class_jsd), params, row)
@@ -1167,6 +1342,7 @@ def topk_rows(student, top, weights, labels, params, sparse, per_block, compute,
                     g = topk_class_grad(divergence, acc[j] + p_out, log_q, beta, d, qh)
                     r = math.exp((np.float64(s[j]) - m_s) - log_ss)
                     row[j] = soft * g + params.c_hard * (r - (1.0 if j == y else 0.0))
+                _store_row(grad, i, row)
             for u in range(n_u):
                 j = touched[u]
                 acc[j] = 0.0

@@ -269,6 +269,7 @@ class CudaBackend:
     """Array handling and kernel launches for inputs on a CUDA device."""
 
     target = "cuda"
+    reads_sixteen_bit = False
 
     def __init__(self, stream) -> None:
         self.stream = stream
