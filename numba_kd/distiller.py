@@ -30,7 +30,8 @@ __all__ = ["MAX_TEMPERATURE", "DistillationLoss", "EnsembleDistiller"]
 # _documented(), so that the loss methods of both classes cannot drift apart.
 _DOC_BLOCKS = {
     "student": """student : array_like, shape [B, C] or [B, S, C]
-    Student logits: float16, float32 or float64. NumPy arrays, CUDA device
+    Student logits: float16, bfloat16 (ml_dtypes; CPU only), float32 or
+    float64; 16-bit logits compute as float32. NumPy arrays, CUDA device
     arrays (CuPy, numba, torch) or dask arrays; results live where they do.""",
     "teachers": """teachers : list of K arrays [B, C] or [B, S, C], or one array [K, B, C] or [K, B, S, C]
     Teacher logits, K being the number of weights. A list is read in place,
@@ -209,8 +210,8 @@ class EnsembleDistiller:
         {teachers}
         out : array, shape [B, C], optional
             Receives the result (and is returned): a writable C-contiguous array
-            of the result's dtype, on the teachers' device, sharing no memory with
-            them.
+            of the result's dtype (or float32 for a 16-bit result), on the
+            teachers' device, sharing no memory with them.
         check_finite : bool, default False
             Raise ValueError for NaN or infinite logits; without it they follow
             IEEE arithmetic element by element.
@@ -220,7 +221,8 @@ class EnsembleDistiller:
         -------
         array, shape [B, C]
             In the teachers' (promoted) dtype, where the teachers live: NumPy,
-            CuPy, torch or numba device array, or dask array.
+            CuPy, torch or numba device array, or dask array. 16-bit teachers
+            compute as float32, rounded once into the result.
 
         Raises
         ------
@@ -339,8 +341,9 @@ class EnsembleDistiller:
         -------
         float, array or LossComponents
             A Python float for "mean" and "sum" (a device array with
-            return_device_scalar), an array shaped like labels for "none"; with
-            return_components, LossComponents(loss, soft, hard) of those.
+            return_device_scalar), an array shaped like labels for "none" (float32
+            for 16-bit logits); with return_components, LossComponents(loss,
+            soft, hard) of those.
 
         Raises
         ------
@@ -404,8 +407,8 @@ class EnsembleDistiller:
         {loss options}
         out : array, shape like student, optional
             Receives the gradient (and is returned): a writable C-contiguous
-            array of the computation dtype, on the student's device, sharing no
-            memory with the inputs.
+            array of the gradient's dtype (or float32 for a 16-bit gradient), on
+            the student's device, sharing no memory with the inputs.
         {placement}
         {device scalar}
 
@@ -414,8 +417,9 @@ class EnsembleDistiller:
         loss : float, array or LossComponents
             As distillation_loss returns it.
         grad : array, shape like student
-            d loss / d student, in the computation dtype (float16 logits compute
-            in float32; mixed dtypes promote as NumPy does). With
+            d loss / d student, in the inputs' dtype (mixed dtypes promote as
+            NumPy does; 16-bit logits compute in float32 and the gradient is
+            rounded once to their dtype). With
             reduction="none" it is the gradient of the sum of the per-row
             losses; ignored rows get zeros.
 

@@ -1,7 +1,7 @@
 """Hypothesis fuzz test of the CPU target against the float64 reference.
 
 Every example draws shapes (B in 0..12, C in 1..40, K in 1..5, sometimes [B, S, C]
-inputs with [B, S] labels), dtypes (float16/float32/float64, sometimes mixed),
+inputs with [B, S] labels), dtypes (float16/bfloat16/float32/float64, sometimes mixed),
 layouts (C, Fortran, negative strides, sliced, every other row, read-only; teachers
 as a list, a tuple or one stacked array), values (normal logits at scales 1e-3 to
 1e30, ties, near-identical student and teachers, constant rows, occasional
@@ -10,8 +10,8 @@ range, negative, ignored, float/bool, wrong length) and the options, then runs
 every public CPU operation on it and compares with ``numba_kd.reference`` or with
 the exception the documented rules give.
 
-Oracle.  The reference runs in float64 on the very values the kernels read (float16
-logits upcast to float32, mixed dtypes promoted: both exact widenings), with each
+Oracle.  The reference runs in float64 on the very values the kernels read (16-bit
+logits widened to float32, mixed dtypes promoted: both exact widenings), with each
 row of the student and of every teacher shifted by its own maximum (``_shifted``:
 every loss, gradient, teacher weight and probability combine is invariant under
 such shifts, and it keeps the reference's log-softmax exact for huge logits, where
@@ -23,8 +23,8 @@ Tolerances.  Every comparison allows
 
 where ``u`` is the unit roundoff of the arithmetic the documented path uses
 (float64 kernels, and float32 losses outside 1e-6 <= T <= 16, which compute per
-element in float64: 2**-53; float32 kernels: 2**-24; results
-stored in float32 add 2**-24 relative), and ``M`` is the size of the terms whose
+element in float64: 2**-53; float32 kernels, which 16-bit inputs use too:
+2**-24), and ``M`` is the size of the terms whose
 rounding the result inherits:
 
 - per row, ``A = Z / T + log C + 1 (+ max |log w_ik| for the probability combine)``
@@ -42,9 +42,12 @@ rounding the result inherits:
 On top of that it allows FLOOR times the spread of the reference over PERTURBATIONS
 random relative perturbations of its inputs of size ``PERTURB * u`` (the problem's
 own condition: e.g. tied logits of size 1e30 that one rounding of the teacher
-average breaks).  Results stored in float32 add their rounding (twice for the
+average breaks).  Results stored in float32 or a 16-bit dtype add the stored
+dtype's rounding (2**-24, 2**-11 for float16, 2**-8 for bfloat16; twice for the
 label's gradient entry, which is stored before (1 - alpha) / divisor is
-subtracted), and results that underflow an absolute ``ROUNDING`` subnormals.
+subtracted), and results that underflow an absolute ``ROUNDING`` subnormals of
+the stored dtype.  A 16-bit result beyond its dtype's range is the infinity of
+its sign (checked by ``_without_overflow``).
 
 Each comparison reports its error/tolerance ratio to ``hypothesis.target``, so the
 search climbs towards large errors.

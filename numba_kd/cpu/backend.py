@@ -230,8 +230,12 @@ class HostBackend:
         divisor, c_soft, c_hard = options.scales(labels, n_rows, temperature, alpha)
         if grad_out is not None:
             grad = grad_out
+        elif want_grad:
+            grad = np.empty(student.shape, dtype=dtype)
         else:
-            grad = np.empty(student.shape if want_grad else (0, 0), dtype=dtype)
+            # Never written; of the arithmetic's dtype, so that a 16-bit loss shares its
+            # kernel specialization with 16-bit gradients written into a float32 out=.
+            grad = np.empty((0, 0), dtype=arithmetic_dtype(dtype))
         d_rows = np.empty(n_rows)
         ce_rows = np.empty(n_rows)
         params = _math.LossParams(
