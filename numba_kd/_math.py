@@ -585,7 +585,9 @@ _BF16_SHIFT = np.int64(16)
 _F16_REBIAS = np.float32(2.0**112)
 _F32_EXPONENT = np.int64(0x7F800000)
 _F16_EXPONENT = np.int64(0x7C00)
-_F16_NAN, _F16_INF = np.int64(0x7E00), np.int64(0x7C00)
+# Infinity is the all-ones exponent with a zero mantissa; a quiet NaN sets the mantissa's top bit.
+_F16_INF = _F16_EXPONENT
+_F16_NAN = np.int64(0x7E00)
 # |x| at and above which a float32 rounds to float16 infinity (65520 rounds up to
 # it; 65536 is the first power of two beyond the range), and below which it rounds
 # to a subnormal float16 (2^-14, float16's smallest normal).

@@ -550,7 +550,7 @@ def divergence_rows(
     if divergence == "reverse_kl":
         return np.sum(q * (log_q - log_p), axis=-1)
     if divergence == "jsd":
-        log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
+        log_m = _log_mixture(log_p, log_q, beta)
         return beta * np.sum(p * (log_p - log_m), axis=-1) + (1 - beta) * np.sum(q * (log_q - log_m), axis=-1)
     if divergence == "tvd":
         return 0.5 * np.sum(np.abs(p - q), axis=-1)
@@ -611,7 +611,7 @@ def divergence_slopes(
     if divergence == "reverse_kl":
         return log_q - log_p + 1.0
     if divergence == "jsd":
-        log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
+        log_m = _log_mixture(log_p, log_q, beta)
         return (1.0 - beta) * (log_q - log_m)
     if divergence == "tvd":
         return 0.5 * np.sign(q - p)
@@ -624,12 +624,17 @@ def divergence_slopes(
     raise ValueError(divergence)
 
 
+def _log_mixture(log_a, log_b, weight):
+    """log(weight a + (1 - weight) b) from log a and log b (weight in (0, 1])."""
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log(weight) + log_a, np.log1p(-weight) + log_b)
+
+
 def _skew_log_mixture(log_p, log_q, divergence, skew):
     """log m of the skew KLs: m = skew p + (1 - skew) q for the forward one, skew q +
     (1 - skew) p for the reverse one."""
     first, second = (log_p, log_q) if divergence == "skew_forward_kl" else (log_q, log_p)
-    with np.errstate(divide="ignore"):
-        return np.logaddexp(np.log(skew) + first, np.log1p(-skew) + second)
+    return _log_mixture(first, second, skew)
 
 
 def _valid_rows(labels: np.ndarray, ignore_index: int | None) -> np.ndarray:
@@ -1133,7 +1138,7 @@ def _topk_divergence_terms(P, log_P, Q, log_Q, divergence, beta):
             terms = np.where(Q > 0, Q * (log_Q - log_P), 0.0)
             q_g = np.where(Q > 0, Q * (log_Q - log_P + 1.0), 0.0)
         elif divergence == "jsd":
-            log_M = np.logaddexp(np.log(beta) + log_P, np.log1p(-beta) + log_Q)
+            log_M = _log_mixture(log_P, log_Q, beta)
             terms = beta * np.where(P > 0, P * (log_P - log_M), 0.0) + (1.0 - beta) * np.where(
                 Q > 0, Q * (log_Q - log_M), 0.0
             )

@@ -1,8 +1,9 @@
 """Time of 16-bit inputs relative to float32 inputs holding the same values.
 
 Every operation on float32, bfloat16 and float16 logits (K = 4), timed
-interleaved in rounds in one process; prints the median times and the ratios
-16-bit / float32 (below 1: the 16-bit call was faster).
+interleaved in rounds in one process, each call after its copy of the float32
+inputs' size (``numba_kd.bench.interleaved``); prints the float32 median and
+the ratios 16-bit / float32 (below 1: the 16-bit call was faster).
 
     python scripts/sixteen_bit_speed.py [--rounds 7]
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import ml_dtypes
 import numpy as np
 
 import numba_kd as kd
 from numba_kd import registry
+from numba_kd.bench import interleaved
 
 SHAPES = [(8192, 1000), (512, 32000)]
 N_TEACHERS = 4
@@ -49,16 +50,10 @@ def main() -> None:
                 ("float16", np.float16),
             ]
         }
+        n_bytes = (N_TEACHERS + 1) * n_rows * n_classes * 4  # the float32 inputs
         for op_name, op in operations.items():
-            for s, t in inputs.values():
-                op(s, t, labels)  # compile and warm up
-            times: dict[str, list[float]] = {name: [] for name in inputs}
-            for _ in range(args.rounds):
-                for name, (s, t) in inputs.items():
-                    start = time.perf_counter()
-                    op(s, t, labels)
-                    times[name].append(time.perf_counter() - start)
-            median = {name: float(np.median(v)) for name, v in times.items()}
+            calls = {name: (lambda op=op, s=s, t=t, y=labels: op(s, t, y)) for name, (s, t) in inputs.items()}
+            median = {name: t.median for name, t in interleaved(calls, n_bytes, args.rounds).items()}
             base = median["float32"]
             ratios = " | ".join(f"{median[name] / base:.2f}" for name in ("bfloat16", "float16"))
             print(f"| {n_rows} x {n_classes} | {op_name} | {base * 1e3:.1f} | {ratios} |")

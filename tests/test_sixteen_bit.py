@@ -18,6 +18,7 @@ from numba import njit
 
 import numba_kd as kd
 from numba_kd import reference
+from numba_kd._arrays import bits_view
 from numba_kd._math import bf16_from_f32, f16_from_f32, f32_from_bf16, f32_from_f16
 from numba_kd.sparse import TopK
 
@@ -32,38 +33,26 @@ STORE_ROUNDOFF = {F16: 2.0**-11, BF16: 2.0**-8}
 # ------------------------------------------------------------------ conversions
 
 
-@njit
-def _widen_bf16(bits, out):
-    for j in range(bits.shape[0]):
-        out[j] = f32_from_bf16(bits[j])
+def _elementwise(convert):
+    """A compiled loop out[j] = convert(x[j]) around one of _math's scalar conversions."""
+
+    @njit
+    def apply(x, out):
+        for j in range(x.shape[0]):
+            out[j] = convert(x[j])
+
+    return apply
 
 
-@njit
-def _widen_f16(bits, out):
-    for j in range(bits.shape[0]):
-        out[j] = f32_from_f16(bits[j])
-
-
-@njit
-def _narrow_bf16(x, out):
-    for j in range(x.shape[0]):
-        out[j] = bf16_from_f32(x[j])
-
-
-@njit
-def _narrow_f16(x, out):
-    for j in range(x.shape[0]):
-        out[j] = f16_from_f32(x[j])
+WIDEN = {BF16: _elementwise(f32_from_bf16), F16: _elementwise(f32_from_f16)}
+ROUND = {BF16: _elementwise(bf16_from_f32), F16: _elementwise(f16_from_f32)}
 
 
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
 def test_widening_is_exact_for_every_pattern(dtype):
     patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     got = np.empty(patterns.size, np.float32)
-    if dtype == BF16:
-        _widen_bf16(patterns, got)
-    else:
-        _widen_f16(patterns.view(np.int16), got)
+    WIDEN[dtype](bits_view(patterns.view(dtype)), got)
     expected = patterns.view(dtype).astype(np.float32)
     nan = np.isnan(expected)
     assert np.isnan(got[nan]).all()
@@ -97,8 +86,8 @@ def _float32_probe() -> np.ndarray:
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
 def test_rounding_matches_numpy_casts(dtype):
     x = _float32_probe()
-    got = np.empty(x.size, np.uint16 if dtype == BF16 else np.int16)
-    (_narrow_bf16 if dtype == BF16 else _narrow_f16)(x, got)
+    got = bits_view(np.empty(x.size, dtype))
+    ROUND[dtype](x, got)
     with np.errstate(over="ignore", invalid="ignore"):
         expected = x.astype(dtype).view(got.dtype)
     nan = np.isnan(x)

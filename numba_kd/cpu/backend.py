@@ -249,11 +249,12 @@ class HostBackend:
         else:
             kernel, read_teachers = _general_rows, _teachers_view(teachers)
         batch = (bits_view(student), read_teachers, weights, labels, params)
-        kernel(*batch, compute, bits_view(grad), d_rows, ce_rows)
+        read_grad = bits_view(grad)
+        kernel(*batch, compute, read_grad, d_rows, ce_rows)
         soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, factor)
         # Any NaN or infinite row makes a part non-finite (0 * inf is NaN too).
         if compute == np.float32 and not (math.isfinite(soft) and math.isfinite(hard)):
-            _rows_again_in_float64(*batch, bits_view(grad), d_rows, ce_rows)
+            _rows_again_in_float64(*batch, read_grad, d_rows, ce_rows)
             soft, hard = _kernels().reduce_rows(d_rows, ce_rows, divisor, alpha, factor)
         per_row = arithmetic_dtype(dtype)
         return _reduced(options, per_row, alpha, factor, d_rows, ce_rows, soft, hard, grad, want_grad)

@@ -246,6 +246,12 @@ def _widened(arrays, i, wide):
     ([1, C] for a 2-D array, [K, 1, C] for teachers; float32), filled, and 0."""
 
 
+@njit(inline="always")
+def _widen_into(row, out):
+    for j in range(row.shape[0]):
+        out[j] = _value_of(row[j])
+
+
 @overload(_widened)
 def _widened_overload(arrays, i, wide):
     if not _holds_bits(arrays):
@@ -253,20 +259,14 @@ def _widened_overload(arrays, i, wide):
     if isinstance(arrays, types.Array) and arrays.ndim == 2:
 
         def widen_row(arrays, i, wide):
-            row = arrays[i]
-            out = wide[0]
-            for j in range(row.shape[0]):
-                out[j] = _value_of(row[j])
+            _widen_into(arrays[i], wide[0])
             return wide, 0
 
         return widen_row
 
     def widen_teachers(arrays, i, wide):
         for k in range(len(arrays)):
-            row = arrays[k][i]
-            out = wide[k, 0]
-            for j in range(row.shape[0]):
-                out[j] = _value_of(row[j])
+            _widen_into(arrays[k][i], wide[k, 0])
         return wide, 0
 
     return widen_teachers
