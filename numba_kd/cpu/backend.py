@@ -17,9 +17,12 @@ import numpy as np
 from numba_kd import _math, _runtime, _signatures, _validate
 from numba_kd._arrays import (
     arithmetic_dtype,
+    as_library_array,
     bits_view,
     check_output,
+    dlpack_device,
     flatten_arrays,
+    host_from_dlpack,
     host_has_nonfinite,
     is_device_array,
 )
@@ -143,6 +146,11 @@ class HostBackend:
             return x
         if is_device_array(x):
             return _to_host(x)
+        where = dlpack_device(x)
+        if where == "cpu":
+            return host_from_dlpack(x)  # torch, JAX, ...: a view, bfloat16 included
+        if where is not None:
+            raise TypeError(f"it lives on DLPack device type {where}, which numba_kd does not read")
         return np.asarray(x)
 
     def cast(self, arr: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
@@ -182,10 +190,19 @@ class HostBackend:
     def output(self, out: object, shape: tuple[int, ...], dtype: np.dtype, inputs: list) -> np.ndarray:
         """A caller's ``out=`` array, checked: a writable C-contiguous NumPy array of
         this shape and dtype that shares no memory with the inputs."""
-        if not isinstance(out, np.ndarray) or is_device_array(out):
-            raise TypeError(f"out must be a NumPy array for host inputs, got {type(out).__name__}")
+        if not isinstance(out, np.ndarray) and dlpack_device(out) == "cpu":
+            try:
+                out = host_from_dlpack(out)  # a torch or JAX CPU array, written in place
+            except TypeError as exc:
+                raise TypeError(f"out cannot be written: {exc}") from None
+        elif not isinstance(out, np.ndarray) or is_device_array(out):
+            raise TypeError(
+                f"out must be a NumPy array or a CPU DLPack tensor for host inputs, got {type(out).__name__}"
+            )
         check_output(out, shape, dtype)
-        if not out.flags.c_contiguous or not out.flags.writeable:
+        if not out.flags.writeable:
+            raise ValueError("out is read-only (JAX arrays are immutable: use a NumPy or torch array)")
+        if not out.flags.c_contiguous:
             raise ValueError("out must be a writable C-contiguous array")
         for x in flatten_arrays(inputs):
             if np.may_share_memory(out, x):
@@ -259,8 +276,8 @@ class HostBackend:
         per_row = arithmetic_dtype(dtype)
         return _reduced(options, per_row, alpha, factor, d_rows, ce_rows, soft, hard, grad, want_grad)
 
-    def wrap(self, out: np.ndarray, like: object) -> np.ndarray:
-        return out
+    def wrap(self, out: np.ndarray, like: object) -> Any:
+        return as_library_array(out, like)
 
 
 HOST = HostBackend()

@@ -278,10 +278,26 @@ class CudaBackend:
         if _arrays.is_device_array(x):
             if simulating():
                 return x
+            if not hasattr(x, "__cuda_array_interface__"):
+                x = self._from_dlpack(x)
             # The kernels run on the inputs' stream, so no synchronization is needed.
             return cuda.as_cuda_array(x, sync=False)
         # Explicit device="cuda" with host data: the caller asked for the copy.
         return cuda.to_device(np.ascontiguousarray(np.asarray(x)), stream=self.stream)
+
+    def _from_dlpack(self, x):
+        """A CUDA tensor that only DLPack describes, exported for this backend's stream."""
+        if self.stream == 0:
+            number = 1  # DLPack's name for the legacy default stream
+        else:
+            handle = self.stream.handle
+            number = int(getattr(handle, "value", handle))
+        exported = _arrays.cuda_dlpack_interface(x, number)
+        if exported.bfloat16:
+            raise TypeError(
+                "it has dtype bfloat16, which the CUDA kernels do not read: cast it to float32 first"
+            )
+        return exported
 
     def cast(self, arr, dtype: np.dtype, name: str):
         raise TypeError(
