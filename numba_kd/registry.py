@@ -669,6 +669,32 @@ def _torch_compiled(fn):
 # ---------------------------------------------------------------- JAX (input dtype)
 
 
+def jax_loss_function(options: dict[str, Any]):
+    """The mean loss of ``distillation_loss`` with these options, written in jax.numpy.
+
+    It is the jax.jit peer of the benchmarks and, under ``jax.grad``, the tests'
+    JAX oracle for gradients (temperature TEMPERATURE, alpha ALPHA).
+
+    Parameters
+    ----------
+    options : dict of str to Any
+        Loss options, as in LOSS_OPTIONS (see ``torch_loss_function``).
+
+    Returns
+    -------
+    callable
+        ``loss(s, t, y, w)`` for student logits s [B, C], stacked teachers
+        t [K, B, C], labels y [B] and normalized weights w [K], all JAX
+        arrays: a 0-d array.
+
+    Raises
+    ------
+    ImportError
+        JAX is not installed.
+    """
+    return _jax_loss_fn(options)
+
+
 def _jax_loss_fn(options: dict[str, Any]):
     import jax
     import jax.numpy as jnp
