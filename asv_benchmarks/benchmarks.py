@@ -13,7 +13,7 @@ SHAPES = [(8192, 1000), (512, 32000)]
 
 
 class Operations:
-    params = (list(OPERATIONS), [2, 4], SHAPES, ["float32", "float64"])
+    params = (list(OPERATIONS), [2, 4], SHAPES, ["float32", "float64", "bfloat16"])
     param_names = ["operation", "K", "shape", "dtype"]  # noqa: RUF012
     timeout = 300
 

@@ -62,7 +62,7 @@ class Row:
         C, the number of classes.
     n_teachers : int
         K, the number of teachers.
-    dtype : str, one of {"float32", "float64"}
+    dtype : str, one of {"float32", "float64", "float16", "bfloat16"}
         The logits' dtype.
     numba_kd_ms : float
         numba_kd's median time, in milliseconds.
@@ -282,7 +282,7 @@ def measure(
         The (rows, classes) shapes, B x C.
     n_teachers : int
         K, the number of teachers.
-    dtype : str, one of {"float32", "float64"}
+    dtype : str, one of {"float32", "float64", "float16", "bfloat16"}
         The logits' dtype.
     rounds : int
         The number of timing rounds, at least 1.
@@ -686,7 +686,7 @@ def run(args) -> int:
     ----------
     args : argparse.Namespace
         The parsed ``bench`` options: from_json, quick, repeats, operations,
-        shapes, no_peers, no_latency, dtype ({"float32", "float64"}), json
+        shapes, no_peers, no_latency, dtype ({"float32", "float64", "float16", "bfloat16"}), json
         and plot.
 
     Returns

@@ -148,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="print the table of a saved --json run (and with --plot, draw it) and exit",
     )
-    b.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="logits dtype")
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "float64", "float16", "bfloat16"],
+        default="float32",
+        help="logits dtype",
+    )
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     b.set_defaults(func=_bench)

@@ -114,7 +114,34 @@ def tolerance(dtype: Any, target: str = "cpu") -> Tolerance:
     >>> registry.tolerance("float32").loss
     1e-06
     """
-    return TOLERANCES[(np.dtype(dtype).name, target)]
+    return TOLERANCES[(logit_dtype(dtype).name, target)]
+
+
+def logit_dtype(dtype: Any) -> np.dtype:
+    """The NumPy dtype of a logits dtype name; "bfloat16" is ml_dtypes' type.
+
+    Parameters
+    ----------
+    dtype : numpy dtype or str
+        "float16", "bfloat16", "float32", "float64" or a NumPy dtype.
+
+    Returns
+    -------
+    numpy.dtype
+        The dtype.
+
+    Raises
+    ------
+    TypeError
+        "bfloat16" without ml_dtypes installed, or a name NumPy does not know.
+    """
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError("bfloat16 logits need ml_dtypes (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
 
 
 def synthetic_batch(
@@ -170,7 +197,7 @@ def synthetic_batch(
     ((4, 5), 2, dtype('float64'), (4,))
     """
     shape = (rows, classes)
-    dtype = np.dtype(dtype)
+    dtype = logit_dtype(dtype)
     work = np.dtype(np.float64) if dtype.itemsize > 4 else np.dtype(np.float32)
     scale = work.type(spread)
 
@@ -210,7 +237,7 @@ class Case:
         B, the number of rows.
     classes : int
         C, the number of classes.
-    dtype : {"float32", "float64", "float16"}, default "float32"
+    dtype : {"float32", "float64", "float16", "bfloat16"}, default "float32"
         The logits' dtype.
     seed : int, default 0
         The seed of the random generator.
@@ -325,7 +352,9 @@ class Operation:
         int
             ``arrays_moved(K) * B * C * itemsize``.
         """
-        return self.arrays_moved(case.n_teachers) * case.rows * case.classes * np.dtype(case.dtype).itemsize
+        return (
+            self.arrays_moved(case.n_teachers) * case.rows * case.classes * logit_dtype(case.dtype).itemsize
+        )
 
 
 def _distiller(weights):
@@ -552,12 +581,29 @@ def _log1m(x: float) -> float:
     return math.log1p(-x) if x < 1.0 else -math.inf
 
 
+def _torch_tensor(x: np.ndarray):
+    """A torch tensor sharing the memory of a contiguous NumPy array; bfloat16 through its bits."""
+    torch = _torch()
+    x = np.ascontiguousarray(x)
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def _numpy_of(tensor):
+    """A NumPy view of a CPU tensor; bfloat16 through its bits."""
+    torch = _torch()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(logit_dtype("bfloat16"))
+    return tensor.numpy()
+
+
 def _as_torch(student, teachers, labels, weights):
     torch = _torch()
-    s = torch.from_numpy(np.ascontiguousarray(student))
-    t = torch.stack([torch.from_numpy(np.ascontiguousarray(x)) for x in teachers])
+    s = _torch_tensor(student)
+    t = torch.stack([_torch_tensor(x) for x in teachers])
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    w = torch.from_numpy(reference.normalized_weights(weights).astype(student.dtype))
+    w = _torch_tensor(reference.normalized_weights(weights).astype(student.dtype))
     return s, t, y, w
 
 
@@ -573,7 +619,7 @@ def _torch_grad(options):
         s, t, y, w = _as_torch(*args)
         s = s.detach().requires_grad_(True)
         torch_loss_function(options)(s, t, y, w).backward()
-        return s.grad.numpy()
+        return _numpy_of(s.grad)
 
     return run
 
@@ -604,7 +650,7 @@ def _torch_compiled_grad(options):
         def run():
             x = s.detach().requires_grad_(True)
             fn(x, t, y, w).backward()
-            return x.grad.numpy()
+            return _numpy_of(x.grad)
 
         return run
 
@@ -613,7 +659,7 @@ def _torch_compiled_grad(options):
 
 def _torch_combine(*args):
     _, t, _, w = _as_torch(*args)
-    return torch_combine(t, w).numpy()
+    return _numpy_of(torch_combine(t, w))
 
 
 def torch_combine(t, w):
@@ -651,7 +697,7 @@ def _torch_probs_fn(eps):
 def _torch_probs(eps):
     def run(*args):
         _, t, _, w = _as_torch(*args)
-        return _torch_probs_fn(eps)(t, w).numpy()
+        return _numpy_of(_torch_probs_fn(eps)(t, w))
 
     return run
 
@@ -661,7 +707,7 @@ def _torch_compiled(fn):
         torch = _compile_cache()
         compiled = torch.compile(fn, dynamic=False)
         _, t, _, w = _as_torch(*args)
-        return lambda: compiled(t, w).numpy()
+        return lambda: _numpy_of(compiled(t, w))
 
     return build
 
@@ -1103,7 +1149,7 @@ def _torch_topk(tail, grad, compiled):
             return float(fn(*inputs))
         s = inputs[0].detach().requires_grad_(True)
         fn(s, *inputs[1:]).backward()
-        return s.grad.numpy()
+        return _numpy_of(s.grad)
 
     if not compiled:
         return lambda *args: run_once(torch_topk_loss_function(tail), _as_torch_topk(*args))

@@ -56,6 +56,31 @@ def test_operation_matches_jax(name):
     assert relative_error(op.numba_kd(*args), op.jax_jit(*args)()) <= TORCH_RTOL["float32"]
 
 
+# The bfloat16 bench rows: the operations without options, and the JSD.
+BFLOAT16_ROWS = [name for name in OPERATIONS if "[" not in name or name.endswith("[jsd]")]
+# torch computes these rows in bfloat16 arithmetic (8 significant bits per
+# operation, its softmax and autograd included); measured at most 1.3e-2 here.
+TORCH_BFLOAT16_RTOL = 4e-2
+
+
+@pytest.mark.parametrize("name", BFLOAT16_ROWS)
+def test_bfloat16_rows(name):
+    pytest.importorskip("ml_dtypes")
+    op = OPERATIONS[name]
+    args = Case(3, 17, 130, "bfloat16", seed=7).arrays(ignored=op.ignored)
+    assert args[0].dtype.name == "bfloat16"
+    tol = tolerance("bfloat16")
+    result = op.numba_kd(*args)
+    reference = op.numpy(*args)
+    assert relative_error(result, reference) <= (tol.loss if op.scalar else tol.array)
+    if not op.scalar:
+        assert result.dtype.name == "bfloat16"
+    if torch_available():
+        peer = op.torch(*args)
+        assert op.scalar or peer.dtype.name == "bfloat16"
+        assert relative_error(peer, reference) <= TORCH_BFLOAT16_RTOL
+
+
 def test_every_loss_option_is_a_row():
     for option in LOSS_OPTIONS:
         for operation in ("distillation_loss", "loss_and_grad"):
