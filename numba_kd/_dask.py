@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from numba_kd import _runtime, _validate
+from numba_kd import _arrays, _runtime, _validate
 from numba_kd._options import LossComponents
 
 try:
@@ -58,8 +58,15 @@ def _refuse_device_options(device: object, out: object = None) -> None:
 
 
 def _result_dtype(*dtypes: Any) -> np.dtype:
+    """The dtype of per-row losses: the arithmetic's (float32 unless an input is float64)."""
     dtype = np.result_type(*[np.dtype(d) for d in dtypes])
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _array_dtype(*dtypes: Any) -> np.dtype:
+    """The dtype of gradients and combines: the inputs' promoted dtype (16-bit floats stay)."""
+    dtype = np.result_type(*[np.dtype(d) for d in dtypes])
+    return dtype if dtype.kind == "f" or _arrays.is_bfloat16(dtype) else _result_dtype(dtype)
 
 
 def _cap_numba_threads() -> None:
@@ -92,7 +99,7 @@ def combine(call: Any, teachers: Any, device: object, out: object) -> Any:
     rows = arrays[0].chunks[0]
     arrays = _row_chunked(arrays, rows)
     index = _indices(arrays[0].ndim)
-    dtype = _result_dtype(*[a.dtype for a in arrays])
+    dtype = _array_dtype(*[a.dtype for a in arrays])
 
     def block(*blocks):
         _cap_numba_threads()
@@ -137,6 +144,8 @@ def loss(
     index = _indices(s.ndim)
     lead = index[:-1]
     dtype = _result_dtype(s.dtype, *[x.dtype for x in t])
+    grad_dtype = _array_dtype(s.dtype, *[x.dtype for x in t])
+    arithmetic_dtype = _arrays.arithmetic_dtype(grad_dtype)
     reduction = options.get("reduction", "mean")
     components = options.get("return_components", False)
     ignore_index = options.get("ignore_index")
@@ -159,9 +168,14 @@ def loss(
     def grad_block(sb, *rest):
         _cap_numba_threads()
         *tb, yb = rest
-        block_reduction = "none" if reduction == "none" else "sum"
-        _, grad = call(sb, list(tb), yb, True, **{**options, "reduction": block_reduction})
-        return grad
+        if reduction == "none":
+            return call(sb, list(tb), yb, True, **options)[1]
+        # The block's summed gradient is divided by the row count below: for 16-bit
+        # inputs it stays float32 until then (the student's float32 copy is exact and
+        # promotes the call), so that the result is rounded to 16 bits once.
+        if grad_dtype.itemsize == 2:
+            sb = sb.astype(np.float32)
+        return call(sb, list(tb), yb, True, **{**options, "reduction": "sum"})[1]
 
     if reduction == "none":
         stacked = da.blockwise(
@@ -182,9 +196,15 @@ def loss(
     value = LossComponents(*result) if components else result[0]
     if not want_grad:
         return value
+    block_dtype = grad_dtype if divisor is None else arithmetic_dtype
     grad = da.blockwise(
-        grad_block, index, *inputs, concatenate=True, dtype=dtype, meta=np.empty((0,) * s.ndim, dtype)
+        grad_block,
+        index,
+        *inputs,
+        concatenate=True,
+        dtype=block_dtype,
+        meta=np.empty((0,) * s.ndim, block_dtype),
     )
     if divisor is not None:
-        grad = (grad / divisor).astype(dtype)
+        grad = (grad / divisor).astype(grad_dtype)
     return value, grad

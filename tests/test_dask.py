@@ -227,3 +227,33 @@ def test_cluster_run_refuses_a_partial_it_did_not_write(client, batch, tmp_path)
     with pytest.raises(ValueError, match="is not a temporary output of numba-kd"):
         offline.soft_labels(paths, tmp_path / "soft.npy", overwrite=True, scheduler=client.scheduler.address)
     assert (tmp_path / "soft.npy.partial").read_text() == "user data"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bfloat16_blocks(client, batch, reduction):
+    """16-bit inputs: gradients and combines keep the input dtype, per-row losses are
+    float32, and a mean's gradient is rounded to 16 bits once, after the division."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    student, teachers, labels = (
+        batch[0].astype(ml_dtypes.bfloat16), [t.astype(ml_dtypes.bfloat16) for t in batch[1]], batch[2]
+    )  # fmt: skip
+    d = kd.EnsembleDistiller(WEIGHTS, 2.0)
+    ds, dt, dy = _dask(student, teachers, labels)
+    combined = d.combine_teachers(dt)
+    assert combined.dtype == student.dtype
+    np.testing.assert_array_equal(
+        combined.compute().view(np.uint16), d.combine_teachers(teachers).view(np.uint16)
+    )
+    kw = {"reduction": reduction, "ignore_index": -100, "divergence": "jsd"}
+    loss, grad = d.loss_and_grad(ds, dt, dy, 0.4, **kw)
+    assert grad.dtype == student.dtype
+    loss, grad = client.gather(client.compute([loss, grad]))
+    want_loss, want_grad = d.loss_and_grad(student, teachers, labels, 0.4, **kw)
+    assert grad.dtype == student.dtype
+    assert np.asarray(loss).dtype == (np.float32 if reduction == "none" else np.float64)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12 if reduction == "mean" else 0)
+    # The kernel scales by 1/N per element before its rounding; here the float32 sum
+    # is divided afterwards: the two roundings to bfloat16 differ by at most one ulp
+    # (2^-7 of an entry).
+    got, want = grad.astype(np.float64), want_grad.astype(np.float64)
+    assert np.all(np.abs(got - want) <= 2.0**-7 * np.abs(want))
