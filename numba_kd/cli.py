@@ -226,9 +226,9 @@ def _add_offline_commands(sub) -> None:
         formatter_class=_HelpFormatter,
         help="the ensemble distillation loss of a student over a dataset on disk",
         description=(
-            "alpha T^2 KL(p || softmax(s / T)) + (1 - alpha) CE(s, y), averaged over every row of the "
-            "dataset (p from the teachers as --combine says), streaming row chunks; prints the loss and its "
-            "soft and hard parts."
+            "alpha T^2 D(p, softmax(s / T)) + (1 - alpha) CE(s, y), averaged over the dataset's rows "
+            "(p from the teachers as --combine says, D as --divergence says), streaming row chunks; prints "
+            "the loss and its soft and hard parts."
         ),
     )
     loss.add_argument("student", metavar="STUDENT", help="student logits: .npy or .zarr, [N, C]")
@@ -252,6 +252,33 @@ def _add_offline_commands(sub) -> None:
         "--alpha", type=float, required=True, help="weight of the soft (distillation) term, in [0, 1]"
     )
     _add_ensemble_options(loss)
+    loss.add_argument(
+        "--divergence",
+        choices=["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"],
+        default="forward_kl",
+        help="KL(p || q), KL(q || p), JSD with --beta, total variation, or the skew KLs with --skew "
+        "(--topk: the first three)",
+    )
+    loss.add_argument("--beta", type=float, default=0.5, help="the JSD weight, in (0, 1)")
+    loss.add_argument("--skew", type=float, default=0.1, help="the skew KLs' lambda, in (0, 1]")
+    loss.add_argument(
+        "--no-t2-scaling",
+        dest="scale_by_t2",
+        action="store_false",
+        help="the soft term is alpha D instead of alpha T^2 D (the loss TRL and Liger-Kernel report)",
+    )
+    loss.add_argument(
+        "--teacher-weighting",
+        choices=["static", "confidence", "entropy"],
+        default="static",
+        help="per-row teacher weights (not with --topk)",
+    )
+    loss.add_argument(
+        "--ignore-index",
+        type=int,
+        metavar="LABEL",
+        help="rows with this label (e.g. -100) add nothing and do not count in the mean",
+    )
     loss.add_argument("--json", action="store_true", help="print one JSON object: loss, soft, hard, rows")
     loss.set_defaults(func=_loss)
 
@@ -343,7 +370,9 @@ def _loss(args: argparse.Namespace) -> int:
             raise ValueError("give TEACHER arrays or --topk FILE")
         options = dict(
             alpha=args.alpha, weights=args.weights, temperature=args.temperature,
-            combine=args.combine or "logits", chunk_rows=args.chunk_rows,
+            combine=args.combine or "logits", divergence=args.divergence, beta=args.beta, skew=args.skew,
+            scale_by_t2=args.scale_by_t2, teacher_weighting=args.teacher_weighting,
+            ignore_index=args.ignore_index, chunk_rows=args.chunk_rows,
         )  # fmt: skip
         result = offline.dataset_loss(
             args.student, args.teachers, args.labels, progress=not args.no_progress,
@@ -363,9 +392,12 @@ def _topk_loss(args: argparse.Namespace) -> dict:
         raise ValueError("--topk teachers mix as probabilities: --combine logits does not apply")
     if args.scheduler is not None:
         raise ValueError("--topk runs locally: --scheduler does not apply")
+    if args.teacher_weighting != "static":
+        raise ValueError("--topk teachers take their --weights as given: --teacher-weighting does not apply")
     return offline.dataset_topk_loss(
         args.student, args.topk, args.labels, alpha=args.alpha, weights=args.weights,
-        temperature=args.temperature, tail=args.tail, chunk_rows=args.chunk_rows,
+        temperature=args.temperature, tail=args.tail, divergence=args.divergence, beta=args.beta,
+        scale_by_t2=args.scale_by_t2, ignore_index=args.ignore_index, chunk_rows=args.chunk_rows,
         progress=not args.no_progress,
     )  # fmt: skip
 

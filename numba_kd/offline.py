@@ -815,6 +815,12 @@ def dataset_loss(
     weights: Sequence[float] | None = None,
     temperature: float = 1.0,
     combine: str = "logits",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    scale_by_t2: bool = True,
+    teacher_weighting: str = "static",
+    ignore_index: int | None = None,
     chunk_rows: int | None = None,
     progress: bool = False,
     scheduler: str | None = None,
@@ -822,7 +828,8 @@ def dataset_loss(
     """The ensemble distillation loss of a student over a dataset on disk.
 
     Per chunk the soft and hard parts are summed (reduction="sum"), then the
-    totals are divided once by the number of rows, as the in-memory mean does.
+    totals are divided once by the number of rows not ignored, as the
+    in-memory mean does.
 
     Parameters
     ----------
@@ -840,6 +847,19 @@ def dataset_loss(
         The softmax temperature T.
     combine : {"logits", "probs"}, default "logits"
         The target, as in EnsembleDistiller.distillation_loss.
+    divergence : str, default "forward_kl"
+        As in EnsembleDistiller.distillation_loss, with its ``beta`` (JSD)
+        and ``skew`` (skew KLs).
+    beta : float, default 0.5
+        The JSD weight.
+    skew : float, default 0.1
+        The skew KLs' lambda.
+    scale_by_t2 : bool, default True
+        Scale the soft term by T^2 (entrenar's convention).
+    teacher_weighting : {"static", "confidence", "entropy"}, default "static"
+        Per-row teacher weights, as in EnsembleDistiller.distillation_loss.
+    ignore_index : int, optional
+        Rows with this label add nothing and do not count in the mean.
     chunk_rows : int, optional
         Rows read per step; by default about 256 MB of input.
     progress : bool, default False
@@ -851,19 +871,28 @@ def dataset_loss(
     Returns
     -------
     dict
-        ``{"loss": float, "soft": float, "hard": float, "rows": int}``.
+        ``{"loss": float, "soft": float, "hard": float, "rows": int}``
+        (``rows``: the rows read, ignored ones included).
 
     Raises
     ------
     TypeError
-        Logits that are not floating point, or labels that are not integers.
+        Logits that are not floating point, labels that are not integers, or
+        an option of the wrong type.
     ValueError
-        Inputs that do not match, labels outside [0, C), or alpha outside [0, 1].
+        Inputs that do not match, labels outside [0, C), alpha outside [0, 1],
+        or an unknown option value.
     """
+    options = {
+        "combine": combine, "divergence": divergence, "beta": beta, "skew": skew,
+        "scale_by_t2": scale_by_t2, "teacher_weighting": teacher_weighting, "ignore_index": ignore_index,
+    }  # fmt: skip
+    # Checked before any file is opened.
+    _validate.loss_options(reduction="sum", return_components=True, check_finite=False, **options)
     if scheduler is not None:
         return _dataset_loss_on_cluster(
             student, teachers, labels, scheduler=scheduler, alpha=alpha, weights=weights,
-            temperature=temperature, combine=combine, chunk_rows=chunk_rows, progress=progress,
+            temperature=temperature, options=options, chunk_rows=chunk_rows, progress=progress,
         )  # fmt: skip
     _validate.some_teachers(len(teachers))
     s = open_input(student, "student")
@@ -881,30 +910,31 @@ def dataset_loss(
     inputs = _buffers([s, *arrays, y], min(rows_per_chunk, n_rows))
     warm_s, *warm_t, warm_y = _zero_rows(inputs)
     distiller.distillation_loss(
-        warm_s, warm_t, warm_y, alpha, reduction="sum", combine=combine, return_components=True
+        warm_s, warm_t, warm_y, alpha, reduction="sum", return_components=True, **options
     )
     bar = Progress(n_rows, bytes_per_row, progress, "loss")
     soft_total = 0.0
     hard_total = 0.0
+    counted = 0
     for start in range(0, n_rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_rows)
         block_s, *block_t, block_y = _read_rows([s, *arrays, y], start, stop, inputs)
         parts = distiller.distillation_loss(
-            block_s,
-            block_t,
-            block_y,
-            alpha,
-            reduction="sum",
-            combine=combine,
-            return_components=True,
+            block_s, block_t, block_y, alpha, reduction="sum", return_components=True, **options
         )
         soft_total += parts.soft
         hard_total += parts.hard
+        counted += _counted_rows(block_y, ignore_index)
         _release(s, y, *arrays)
         bar.update(stop - start)
     bar.close()
-    soft, hard = soft_total / n_rows, hard_total / n_rows
+    soft, hard = soft_total / max(counted, 1), hard_total / max(counted, 1)
     return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}
+
+
+def _counted_rows(labels: np.ndarray, ignore_index: int | None) -> int:
+    """The rows of a chunk that count in the mean: those whose label is not ignore_index."""
+    return len(labels) if ignore_index is None else int(np.count_nonzero(labels != ignore_index))
 
 
 # ---------------------------------------------------------------- on a dask.distributed cluster
@@ -1067,11 +1097,11 @@ def _dataset_loss_on_cluster(
     alpha: float,
     weights: Sequence[float] | None = None,
     temperature: float = 1.0,
-    combine: str = "logits",
+    options: dict,
     chunk_rows: int | None = None,
     progress: bool = False,
 ) -> dict[str, float | int]:
-    """``dataset_loss`` on a dask.distributed cluster."""
+    """``dataset_loss`` on a dask.distributed cluster (``options``: its loss options)."""
     _dask_modules()  # a clear ImportError without the dask extra
     local = [open_input(p, name) for p, name in [(student, "student")] + [
         (t, f"teachers[{k}]") for k, t in enumerate(teachers)
@@ -1086,7 +1116,7 @@ def _dataset_loss_on_cluster(
     s = open_rows(student, rows)
     t = [open_rows(p, rows) for p in teachers]
     y = open_rows(labels, rows)
-    parts = distiller.distillation_loss(s, t, y, alpha, combine=combine, return_components=True)
+    parts = distiller.distillation_loss(s, t, y, alpha, return_components=True, **options)
     with _client(scheduler) as client:
         loss_value, soft, hard = _run_on_cluster(client, list(parts), progress)
     return {"loss": float(loss_value), "soft": float(soft), "hard": float(hard), "rows": n_rows}
@@ -1244,6 +1274,9 @@ def dataset_topk_loss(
     temperature: float = 1.0,
     tail: str = "bucket",
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    scale_by_t2: bool = True,
+    ignore_index: int | None = None,
     chunk_rows: int | None = None,
     progress: bool = False,
 ) -> dict[str, float | int]:
@@ -1252,7 +1285,7 @@ def dataset_topk_loss(
     Streams row chunks of the student and labels and the same rows of the
     Parquet file (``numba-kd topk``); the teachers mix as probabilities, as
     for any TopK. Per chunk the parts are summed, then divided once by the
-    number of rows.
+    number of rows not ignored.
 
     Parameters
     ----------
@@ -1272,6 +1305,12 @@ def dataset_topk_loss(
         The tail rule.
     divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
         The divergence.
+    beta : float, default 0.5
+        The JSD weight.
+    scale_by_t2 : bool, default True
+        Scale the soft term by T^2 (entrenar's convention).
+    ignore_index : int, optional
+        Rows with this label add nothing and do not count in the mean.
     chunk_rows : int, optional
         Rows per step; by default about 256 MB of student logits.
     progress : bool, default False
@@ -1290,6 +1329,16 @@ def dataset_topk_loss(
     ImportError
         Without pyarrow.
     """
+    options = {
+        "divergence": divergence,
+        "beta": beta,
+        "scale_by_t2": scale_by_t2,
+        "ignore_index": ignore_index,
+    }
+    _validate.loss_options(
+        reduction="sum", combine="probs", teacher_weighting="static", return_components=True,
+        check_finite=False, **options,
+    )  # fmt: skip
     s = open_input(student, "student")
     n_rows, n_classes, _ = _check_logits([s], ["student"])
     file_rows, info = sparse.topk_file_info(topk_file)
@@ -1307,19 +1356,20 @@ def dataset_topk_loss(
     bar = Progress(n_rows, n_classes * np.dtype(s.dtype).itemsize, progress, "loss")
     soft_total = 0.0
     hard_total = 0.0
+    counted = 0
     for start, top in sparse.iter_topk(topk_file, rows_per_chunk, tail):
         stop = start + top.lead_shape[0]
         block_s, block_y = _read_rows([s, y], start, stop, inputs)
         parts = distiller.distillation_loss(
-            block_s, top, block_y, alpha, reduction="sum", combine="probs", divergence=divergence,
-            return_components=True,
-        )  # fmt: skip
+            block_s, top, block_y, alpha, reduction="sum", combine="probs", return_components=True, **options
+        )
         soft_total += parts.soft
         hard_total += parts.hard
+        counted += _counted_rows(block_y, ignore_index)
         _release(s, y)
         bar.update(stop - start)
     bar.close()
-    soft, hard = soft_total / n_rows, hard_total / n_rows
+    soft, hard = soft_total / max(counted, 1), hard_total / max(counted, 1)
     return {"loss": soft + hard, "soft": soft, "hard": hard, "rows": n_rows}
 
 

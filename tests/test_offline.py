@@ -172,6 +172,43 @@ def test_dataset_loss_equals_the_in_memory_loss(data):
         assert abs(got[key] - value) <= 1e-12 * abs(value), key
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"divergence": "jsd", "beta": 0.3, "combine": "probs"},
+        {"divergence": "skew_reverse_kl", "skew": 0.2, "teacher_weighting": "entropy"},
+        {"divergence": "tvd", "scale_by_t2": False, "teacher_weighting": "confidence"},
+        {"divergence": "reverse_kl", "ignore_index": -100},
+    ],
+    ids=["jsd-probs", "skew-entropy", "tvd-no-t2", "ignore_index"],
+)
+def test_dataset_loss_options_equal_the_in_memory_loss(data, options):
+    labels = data["labels"].copy()
+    if "ignore_index" in options:
+        labels[::7] = -100
+        np.save(data["labels_path"], labels)
+    got = offline.dataset_loss(
+        data["student_path"], data["paths"], data["labels_path"], alpha=0.3, weights=WEIGHTS, temperature=2.0,
+        chunk_rows=64, **options,
+    )  # fmt: skip
+    d = kd.EnsembleDistiller(WEIGHTS, 2.0)
+    expected = d.distillation_loss(
+        data["student"], data["teachers"], labels, 0.3, return_components=True, **options
+    )
+    assert got["rows"] == ROWS
+    for key, value in zip(("loss", "soft", "hard"), expected, strict=True):
+        assert abs(got[key] - value) <= 1e-12 * abs(value), key
+
+
+def test_dataset_loss_checks_options_before_reading(data):
+    with pytest.raises(ValueError, match=r"divergence"):
+        offline.dataset_loss("missing.npy", ["missing.npy"], "missing.npy", alpha=0.3, divergence="kl")
+    with pytest.raises(ValueError, match=r"beta"):
+        offline.dataset_topk_loss(
+            "missing.npy", "missing.parquet", "missing.npy", alpha=0.3, divergence="jsd", beta=1.5
+        )
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "numba_kd", *args], capture_output=True, text=True, timeout=600
@@ -196,6 +233,19 @@ def test_cli_soft_labels_and_loss(data):
         data["student"], data["teachers"], data["labels"], 0.3
     )
     assert abs(result["loss"] - expected) <= 1e-12 * expected
+    labels = data["labels"].copy()
+    labels[::5] = -1
+    np.save(data["labels_path"], labels)
+    flags = ["--divergence", "skew_forward_kl", "--skew", "0.3", "--no-t2-scaling", "--ignore-index", "-1"]
+    run = _cli(
+        "loss", data["student_path"], *data["paths"], "--labels", data["labels_path"], *options, *flags
+    )
+    assert run.returncode == 0, run.stderr
+    expected = kd.EnsembleDistiller(WEIGHTS, 2.0).distillation_loss(
+        data["student"], data["teachers"], labels, 0.3, divergence="skew_forward_kl", skew=0.3,
+        scale_by_t2=False, ignore_index=-1,
+    )  # fmt: skip
+    assert abs(json.loads(run.stdout)["loss"] - expected) <= 1e-12 * expected
     run = _cli("soft-labels", *data["paths"], "--out", str(out))
     assert run.returncode == 2 and "exists" in run.stderr
 
@@ -207,7 +257,9 @@ def test_cli_help_documents_every_option():
                    "--resume", "--overwrite", "--scheduler", "--no-progress"):  # fmt: skip
         assert option in run.stdout, option
     run = _cli("loss", "--help")
-    for option in ("--labels", "--alpha", "--weights", "--temperature", "--combine", "--json", "--scheduler"):
+    for option in ("--labels", "--alpha", "--weights", "--temperature", "--combine", "--json", "--scheduler",
+                   "--divergence", "--beta", "--skew", "--no-t2-scaling", "--teacher-weighting",
+                   "--ignore-index"):  # fmt: skip
         assert option in run.stdout, option
 
 
