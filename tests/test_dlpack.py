@@ -176,7 +176,7 @@ def test_jax_arrays_give_jax_results(jnp, kind):
 
 def test_jax_arrays_cannot_be_out(jnp):
     s, t, y = _batch()
-    with pytest.raises(ValueError, match=r"out is read-only"):
+    with pytest.raises(ValueError, match=r"out must be writable; this one is read-only"):
         DISTILLER.loss_and_grad(s, t, y, 0.4, out=jnp.zeros((B, C), jnp.float32))
 
 

@@ -201,7 +201,10 @@ class HostBackend:
             )
         check_output(out, shape, dtype)
         if not out.flags.writeable:
-            raise ValueError("out is read-only (JAX arrays are immutable: use a NumPy or torch array)")
+            raise ValueError(
+                "out must be writable; this one is read-only "
+                "(JAX arrays are immutable: use a NumPy or torch array)"
+            )
         if not out.flags.c_contiguous:
             raise ValueError("out must be a writable C-contiguous array")
         for x in flatten_arrays(inputs):
