@@ -36,14 +36,34 @@ def arithmetic_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def bits_view(arr: Any) -> Any:
-    """``arr`` as the CPU kernels read it: 16-bit floats as their bits (a view), others as they are."""
-    if not isinstance(arr, np.ndarray):
+    """``arr`` (a NumPy or device array) as the kernels read it: 16-bit floats as their
+    bits (a view), others as they are."""
+    dtype = getattr(arr, "dtype", None)
+    if not isinstance(dtype, np.dtype):
         return arr
-    if arr.dtype == _FLOAT16:
+    if dtype == _FLOAT16:
         return arr.view(np.int16)
-    if is_bfloat16(arr.dtype):
+    if is_bfloat16(dtype):
         return arr.view(np.uint16)
     return arr
+
+
+def bfloat16_dtype() -> np.dtype:
+    """NumPy's bfloat16 dtype (ml_dtypes.bfloat16), for bfloat16 tensors of other libraries."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(
+            "reading a bfloat16 tensor needs ml_dtypes (pip install ml_dtypes), NumPy's bfloat16 type"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def names_bfloat16(x: object) -> bool:
+    """Whether ``x`` (an array of another library) says its dtype is bfloat16: its
+    ``__cuda_array_interface__`` can only say "<V2" (torch), the type string of any
+    2-byte record."""
+    return str(getattr(x, "dtype", "")).rsplit(".", 1)[-1] == "bfloat16"
 
 
 def is_device_array(x: object) -> bool:
@@ -194,13 +214,7 @@ def host_from_dlpack(x: Any) -> np.ndarray:
         raise TypeError(str(exc)) from None
     if not exported.bfloat16:
         raise TypeError(str(refusal)) from None
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise TypeError(
-            "reading a bfloat16 DLPack tensor needs ml_dtypes (pip install ml_dtypes), NumPy's bfloat16 type"
-        ) from None
-    return np.asarray(exported).view(ml_dtypes.bfloat16)
+    return np.asarray(exported).view(bfloat16_dtype())
 
 
 def cuda_dlpack_interface(x: Any, stream: int) -> _Exported:

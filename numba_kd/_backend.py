@@ -21,8 +21,6 @@ class Backend(Protocol):
 
     #: "cpu" or "cuda".
     target: str
-    #: Whether the kernels read float16 and bfloat16 arrays (as they are, without a copy).
-    reads_sixteen_bit: bool
 
     def asarray(self, x: object) -> Any:
         """``x`` as an array of this target (a copy only where the caller forced the target)."""

@@ -403,9 +403,9 @@ def nonfinite_probe(row):
 def anchored_ensemble_logit(teachers, weights, i, j, anchor):
     """sum_k w_k (t_k[i, j] - anchor), weights summing to 1: z_ij - anchor, with an offset
     common to the teachers (and to the anchor) removed before it can round."""
-    z = weights[0] * (teachers[0][i, j] - anchor)
+    z = weights[0] * (logit_at(teachers[0], i, j) - anchor)
     for k in range(1, weights.shape[0]):
-        z += weights[k] * (teachers[k][i, j] - anchor)
+        z += weights[k] * (logit_at(teachers[k], i, j) - anchor)
     return z
 
 
@@ -417,9 +417,9 @@ def ensemble_logit(teachers, weights, i, j):
     ``teachers[k]`` is a 2-D array in both cases, so one source serves both.
     """
     # Starting from the first product (not 0.0) keeps z in the weights' type.
-    z = weights[0] * teachers[0][i, j]
+    z = weights[0] * logit_at(teachers[0], i, j)
     for k in range(1, weights.shape[0]):
-        z += weights[k] * teachers[k][i, j]
+        z += weights[k] * logit_at(teachers[k], i, j)
     return z
 
 
@@ -647,6 +647,27 @@ def f16_from_f32(x):
     special = _F16_NAN if a > _F32_EXPONENT else _F16_INF
     result = special if a >= _F16_OVERFLOW_BITS else (small if a < _F16_NORMAL_BITS else normal)
     return np.int16(result | sign)
+
+
+def widen(x):
+    """The float value of one logit: a float as it is; 16-bit bits widened to float32
+    (uint16 holds bfloat16, int16 float16).  Typed by the CPU overload below; the CUDA
+    kernels put the device's version in its place (numba_kd.cuda.kernels)."""
+
+
+@overload(widen)
+def _widen_cpu(x):
+    if x == types.uint16:
+        return lambda x: f32_from_bf16(x)
+    if x == types.int16:
+        return lambda x: f32_from_f16(x)
+    return lambda x: x
+
+
+@njit(inline="always")
+def logit_at(logits, i, j):
+    """``logits[i, j]`` as a float (see widen): how the kernels read a logit."""
+    return widen(logits[i, j])
 
 
 # ---------------------------------------------------------------------------

@@ -122,11 +122,6 @@ def logits(backend, x: object, name: str, ndim: int | tuple[int, ...] = 2):
         raise ValueError(f"{name} must be a {expected} array, got shape {shape}")
     if shape[-1] == 0:
         raise ValueError(f"{name} must have at least one class, got shape {shape}")
-    if _arrays.is_sixteen_bit(target) and not backend.reads_sixteen_bit:
-        raise TypeError(
-            f"{name} has dtype {target}, which the {backend.target.upper()} kernels do not read: "
-            "cast it to float32 first"
-        )
     # Casts only non-native byte order; other arrays pass as they are.
     return arr if np.dtype(arr.dtype) == target else backend.cast(arr, target, name)
 

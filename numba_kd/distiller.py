@@ -30,8 +30,8 @@ __all__ = ["MAX_TEMPERATURE", "DistillationLoss", "EnsembleDistiller"]
 # _documented(), so that the loss methods of both classes cannot drift apart.
 _DOC_BLOCKS = {
     "student": """student : array_like, shape [B, C] or [B, S, C]
-    Student logits: float16, bfloat16 (ml_dtypes, torch or JAX; CPU only),
-    float32 or float64; 16-bit logits compute as float32. NumPy arrays, CUDA
+    Student logits: float16, bfloat16 (ml_dtypes, torch or JAX), float32 or
+    float64; 16-bit logits compute as float32. NumPy arrays, CUDA
     device arrays (CuPy, numba, torch), DLPack arrays (torch, JAX) or dask
     arrays; results live where they do, in the student's library.""",
     "teachers": """teachers : list of K arrays [B, C] or [B, S, C], or one array [K, B, C] or [K, B, S, C]

@@ -69,8 +69,8 @@ def distillation_loss(
         The loss: an ``EnsembleDistiller`` with ``alpha``, or a
         ``DistillationLoss`` (one teacher), which carries its own alpha.
     student : torch.Tensor, shape [B, C] or [B, S, C]
-        Student logits on the CPU or a CUDA device: float16, bfloat16 (CPU
-        only), float32 or float64.
+        Student logits on the CPU or a CUDA device: float16, bfloat16, float32
+        or float64.
     teachers : list of tensors, one stacked tensor, or TopK
         Teacher logits (one tensor for a ``DistillationLoss``), as the
         distiller takes them. They receive no gradient.

@@ -139,7 +139,6 @@ class HostBackend:
     """NumPy arrays, CPU kernels."""
 
     target = "cpu"
-    reads_sixteen_bit = True
 
     def asarray(self, x: object) -> np.ndarray:
         if type(x) is np.ndarray:

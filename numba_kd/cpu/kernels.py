@@ -47,8 +47,6 @@ from numba_kd._math import (
     entropy_log_weight,
     exp_like,
     f16_from_f32,
-    f32_from_bf16,
-    f32_from_f16,
     forward_kl_grad,
     jsd_grad,
     jsd_log_ratios,
@@ -83,6 +81,7 @@ from numba_kd._math import (
     tvd_class,
     uniform_jsd_class,
     weighted_log_prob,
+    widen,
 )
 from numba_kd._runtime import DISK_CACHE
 from numba_kd._signatures import reads
@@ -191,19 +190,6 @@ def _holds_bits(arrays) -> bool:
     return dtype in (types.uint16, types.int16)
 
 
-def _value_of(x):
-    """The float value of an array element: a float as it is, 16-bit bits widened to float32."""
-
-
-@overload(_value_of)
-def _value_of_overload(x):
-    if x == types.uint16:
-        return lambda x: f32_from_bf16(x)
-    if x == types.int16:
-        return lambda x: f32_from_f16(x)
-    return lambda x: x
-
-
 def _put(row, j, value):
     """row[j] = value, rounded to the row's 16-bit type where it holds bits."""
 
@@ -249,7 +235,7 @@ def _widened(arrays, i, wide):
 @njit(inline="always")
 def _widen_into(row, out):
     for j in range(row.shape[0]):
-        out[j] = _value_of(row[j])
+        out[j] = widen(row[j])
 
 
 @overload(_widened)
@@ -374,12 +360,12 @@ def _ensemble_chunk(teachers, weights, i, start, stop, z, out):
     first = teachers[0][i, start:stop]
     w = as_type_of(weights[0], like)
     for j in range(acc.shape[0]):
-        acc[j] = w * _value_of(first[j])
+        acc[j] = w * widen(first[j])
     for k in range(1, weights.shape[0]):
         t = teachers[k][i, start:stop]
         w = as_type_of(weights[k], like)
         for j in range(acc.shape[0]):
-            acc[j] += w * _value_of(t[j])
+            acc[j] += w * widen(t[j])
     for j in range(acc.shape[0]):
         _put(out, j, acc[j])
 

@@ -40,6 +40,9 @@ def simulating() -> bool:
 
 
 def kernels_for(dtype: np.dtype):
+    """The kernels whose arithmetic is in ``dtype``'s arithmetic dtype (float32 for
+    16-bit floats and for their bits, which the kernels widen as they read them)."""
+    dtype = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
     kernels = _KERNELS.get(dtype.name)
     if kernels is None:
         kernels = _KERNELS[dtype.name] = make_kernels(numba.from_dtype(dtype))
@@ -84,7 +87,11 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
     """Host values with the types of every CUDA kernel parameter, by name: the PTX
     tests compile each kernel for these.  ``layout`` applies to the inputs: "C",
     "A" (strided), or "mixed" (a contiguous student and labels, strided teachers:
-    each array's layout is part of the signature)."""
+    each array's layout is part of the signature).  ``dtype`` uint16 or int16 stands
+    for bfloat16 or float16 logits, which the kernels read as these bits (results
+    then come in the same 16-bit type, everything else in float32)."""
+    logit_dtype = dtype
+    dtype = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
     scalar = dtype.type(1.0)
     label_dtype = LABEL_DTYPES[0] if label_dtype is None else label_dtype
 
@@ -97,14 +104,14 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
     teacher_layout = "A" if layout == "mixed" else layout
     layout = "C" if layout == "mixed" else layout
     if kind == "list":
-        teachers = tuple(array((2, 3), dtype, teacher_layout) for _ in range(n_teachers))
+        teachers = tuple(array((2, 3), logit_dtype, teacher_layout) for _ in range(n_teachers))
     else:
-        teachers = array((n_teachers or 2, 2, 3), dtype, teacher_layout)
+        teachers = array((n_teachers or 2, 2, 3), logit_dtype, teacher_layout)
     code = np.int64(0)
     values = {
         "teachers": teachers,
-        "student": array((2, 3), dtype, layout),
-        "x": array((2, 3), dtype, layout),
+        "student": array((2, 3), logit_dtype, layout),
+        "x": array((2, 3), logit_dtype, layout),
         "labels": array((2,), label_dtype, layout),
         "params": DeviceLossParams(code, scalar, scalar, code, code, code, scalar, scalar, True),
         "scratch": (matrix,) * 3,
@@ -123,8 +130,9 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
         "class_map": np.zeros((2, 3), np.int32),
         "bad_labels": array((1,), np.int32),
     }
-    for name in ("lse", "out", "grad"):
-        values[name] = matrix
+    values["lse"] = matrix
+    for name in ("out", "grad"):
+        values[name] = array((2, 3), logit_dtype)
     for name in ("weights", "log_weights", "kl_rows", "ce_rows", "d_rows", "divisor", "loss", "soft", "hard",
                  "results"):  # fmt: skip
         values[name] = vector
@@ -169,6 +177,14 @@ def kernel_signatures():
         else:
             yield "topk_rows", dtype, "A", "none", None, LABEL_DTYPES[0]
         yield "scale_rows", dtype, "C", "none", None, None
+    # 16-bit logits (their bits: uint16 bfloat16, int16 float16) change only how the
+    # kernels read logits and write results: each kernel that does, once.
+    for bits in (np.dtype(np.uint16), np.dtype(np.int16)):
+        for op in ("combine_logits", "teacher_lse", "mix_probabilities"):
+            yield op, bits, "C", "list", 3, None
+        yield "loss_rows", bits, "C", "list", 3, LABEL_DTYPES[1]
+        yield "general_rows", bits, "C", "stacked", None, LABEL_DTYPES[1]
+        yield "count_nonfinite", bits, "A", "none", None, None
 
 
 def signature(op: str, dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype) -> tuple:
@@ -179,10 +195,24 @@ def signature(op: str, dtype: np.dtype, layout: str, kind: str, n_teachers: int 
     return _signatures.types_of(function, args, host=False)
 
 
+# Kernel parameters that hold logits (or results shaped like them): 16-bit floats go
+# to the kernels as their bits (_arrays.bits_view), widened and rounded there.
+_LOGIT_PARAMETERS = frozenset({"student", "teachers", "x", "out", "grad"})
+
+
+def _as_read(name: str, value: Any) -> Any:
+    if name not in _LOGIT_PARAMETERS:
+        return value
+    if isinstance(value, tuple):
+        return tuple(_arrays.bits_view(v) for v in value)
+    return _arrays.bits_view(value)
+
+
 def _launch(op: str, dtype: np.dtype, griddim, blockdim, stream, **arguments: Any) -> None:
-    """Launch kernel ``op`` (of the kernels accumulating in ``dtype``) on its
-    arguments by parameter name, compiling its specialization on first use."""
+    """Launch kernel ``op`` (of the kernels accumulating in ``dtype``'s arithmetic
+    dtype) on its arguments by parameter name, compiling its specialization on first use."""
     dispatcher = getattr(kernels_for(dtype), op)
+    arguments = {name: _as_read(name, value) for name, value in arguments.items()}
     args = _signatures.bind(dispatcher.py_func, arguments)
     key = (op, "cuda", dtype.name, _signatures.signature_key(args))
 
@@ -269,19 +299,21 @@ class CudaBackend:
     """Array handling and kernel launches for inputs on a CUDA device."""
 
     target = "cuda"
-    reads_sixteen_bit = False
 
     def __init__(self, stream) -> None:
         self.stream = stream
 
     def asarray(self, x):
         if _arrays.is_device_array(x):
-            if simulating():
-                return x
+            if simulating() or getattr(x, "__cuda_ndarray__", False):
+                return x  # a numba device array: its dtype may be bfloat16, which its interface cannot name
             if not hasattr(x, "__cuda_array_interface__"):
-                x = self._from_dlpack(x)
+                return self._from_dlpack(x)
             # The kernels run on the inputs' stream, so no synchronization is needed.
-            return cuda.as_cuda_array(x, sync=False)
+            arr = cuda.as_cuda_array(x, sync=False)
+            if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and _arrays.names_bfloat16(x):
+                arr = arr.view(_arrays.bfloat16_dtype())  # torch's interface spells bfloat16 "<V2"
+            return arr
         # Explicit device="cuda" with host data: the caller asked for the copy.
         return cuda.to_device(np.ascontiguousarray(np.asarray(x)), stream=self.stream)
 
@@ -293,16 +325,13 @@ class CudaBackend:
             handle = self.stream.handle
             number = int(getattr(handle, "value", handle))
         exported = _arrays.cuda_dlpack_interface(x, number)
-        if exported.bfloat16:
-            raise TypeError(
-                "it has dtype bfloat16, which the CUDA kernels do not read: cast it to float32 first"
-            )
-        return exported
+        arr = cuda.as_cuda_array(exported, sync=False)
+        return arr.view(_arrays.bfloat16_dtype()) if exported.bfloat16 else arr
 
     def cast(self, arr, dtype: np.dtype, name: str):
         raise TypeError(
             f"{name} has dtype {arr.dtype} but the CUDA kernels need {dtype} here; "
-            "cast on the device first (CUDA inputs must be float32 or float64 and share one dtype)"
+            "cast on the device first (CUDA inputs share one dtype: float16, bfloat16, float32 or float64)"
         )
 
     def merge_rows(self, arrays: list[tuple[str, Any]]) -> None:
@@ -363,7 +392,7 @@ class CudaBackend:
     # ------------------------------------------------------------ operations
 
     def combine_logits(self, teachers, weights: np.ndarray, out) -> None:
-        dtype = np.dtype(out.dtype)
+        dtype = _arrays.arithmetic_dtype(np.dtype(out.dtype))
         grid, block = elementwise_config(out.shape[0] * out.shape[1])
         weights = self.vector(weights, dtype)
         _launch(
@@ -373,7 +402,7 @@ class CudaBackend:
     def combine_probabilities(
         self, teachers, weights: np.ndarray, temperature: float, eps: float, out
     ) -> None:
-        dtype = np.dtype(out.dtype)
+        dtype = _arrays.arithmetic_dtype(np.dtype(out.dtype))
         n_rows = out.shape[0]
         if n_rows == 0:
             return
@@ -401,7 +430,8 @@ class CudaBackend:
         device: with a synchronizing result an out-of-range label raises ValueError;
         a device scalar becomes NaN instead.
         """
-        dtype = np.dtype(student.dtype)
+        logit_dtype = np.dtype(student.dtype)
+        dtype = _arrays.arithmetic_dtype(logit_dtype)  # of the arithmetic and of every result but grad
         if dtype == np.float32 and temperature > FLOAT32_MAX_TEMPERATURE:
             raise ValueError(
                 f"temperature {temperature} is above {FLOAT32_MAX_TEMPERATURE}, where the float32 CUDA "
@@ -434,7 +464,9 @@ class CudaBackend:
             if grad_out is not None:
                 grad = grad_out
             else:
-                grad = self.empty((n_rows, n_classes) if want_grad else (1, 1), dtype)
+                grad = (
+                    self.empty((n_rows, n_classes), logit_dtype) if want_grad else self.empty((1, 1), dtype)
+                )
             params = DeviceLossParams(
                 np.int64(options.ignore_code), scalar(1.0 / temperature), scalar(options.mixture_weight),
                 *(np.int64(c) for c in options.codes), scalar(alpha * options.soft_factor(temperature)),
@@ -482,7 +514,7 @@ class CudaBackend:
         copied to the device: they are C / k times smaller than the student.
         """
         student = rows["student"]
-        dtype = np.dtype(student.dtype)
+        dtype = _arrays.arithmetic_dtype(np.dtype(student.dtype))
         n_rows, n_classes = student.shape
         n_teachers, _, per_teacher = top.indices.shape
         grid, block = row_config(n_rows, n_classes)
@@ -524,12 +556,15 @@ class CudaBackend:
         """Return ``out`` as the array type of ``like`` when that type can wrap
         CUDA memory without a copy (CuPy, torch), else as a numba device array."""
         module = type(like).__module__.split(".")[0]
-        if module == "cupy":
+        bfloat16 = _arrays.is_bfloat16(np.dtype(out.dtype))
+        if module == "cupy" and not bfloat16:  # CuPy has no bfloat16
             import cupy
 
             return cupy.asarray(out)
         if module == "torch":
             import torch
 
+            if bfloat16:  # through its bits: an interface can only call bfloat16 "<V2"
+                return torch.as_tensor(out.view(np.int16), device="cuda").view(torch.bfloat16)
             return torch.as_tensor(out, device="cuda")
         return out

@@ -21,7 +21,9 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import numba
+import numpy as np
 from numba import cuda, njit
+from numba.extending import intrinsic
 
 from numba_kd import _math
 from numba_kd._runtime import DISK_CACHE
@@ -47,9 +49,89 @@ def _device_log1p(x, like):
     return math.log1p(x)
 
 
+def _widen_simulated(x):
+    """_math.widen under the simulator, whose array elements are NumPy scalars."""
+    if isinstance(x, np.uint16):
+        return _m.f32_from_bf16(x)
+    if isinstance(x, np.int16):
+        return _m.f32_from_f16(x)
+    return x
+
+
+def _narrow_simulated(value, like):
+    """``value`` rounded to the 16-bit type whose bits the array ``like`` holds (uint16:
+    bfloat16, int16: float16); as it is for float arrays (the store converts)."""
+    if like.dtype == np.uint16:
+        return _m.bf16_from_f32(value)
+    if like.dtype == np.int16:
+        return _m.f16_from_f32(value)
+    return value
+
+
+# Compiled kernels dispatch on the numba type instead.  CUDA-target overloads would
+# need a GPU to compile (their implementations are device functions compiled for the
+# current device); intrinsics compile anywhere, so the PTX tests cover them.
+_WIDEN_FORMULAS = {numba.types.uint16: _math.f32_from_bf16, numba.types.int16: _math.f32_from_f16}
+_NARROW_FORMULAS = {numba.types.uint16: _math.bf16_from_f32, numba.types.int16: _math.f16_from_f32}
+
+
+def _as_it_is(context, builder, signature, args):
+    return args[0]
+
+
+@intrinsic
+def _widen_compiled(typingctx, x):
+    formula = _WIDEN_FORMULAS.get(x)
+    if formula is None:
+        return x(x), _as_it_is
+
+    def codegen(context, builder, signature, args):
+        return context.compile_internal(builder, formula.py_func, signature, args)
+
+    return numba.types.float32(x), codegen
+
+
+@intrinsic
+def _narrow_compiled(typingctx, value, like):
+    formula = _NARROW_FORMULAS.get(getattr(like, "dtype", None))
+    if formula is None:
+        return value(value, like), _as_it_is
+
+    def codegen(context, builder, signature, args):
+        rounding = signature.return_type(signature.args[0])
+        return context.compile_internal(builder, formula.py_func, rounding, args[:1])
+
+    return like.dtype(value, like), codegen
+
+
+_widen = _widen_simulated if SIMULATOR else _widen_compiled
+_narrow = _narrow_simulated if SIMULATOR else _narrow_compiled
+
+
+@device_helper
+def _store(logits, i, j, value):
+    """logits[i, j] = value, rounded to nearest even where ``logits`` holds 16-bit bits."""
+    logits[i, j] = _narrow(value, logits)
+
+
+def _f32_from_bits_simulated(bits):
+    return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
+
+
+def _bits_from_f32_simulated(value):
+    return np.float32(value).view(np.int32)
+
+
 # The CPU's vectorizable float32 exp and log are CPU overloads; on the device the
 # formulas call the libdevice functions (float32 for float32 arguments) instead.
+# 16-bit logits are widened by the device's dispatch on their type; the simulator,
+# which cannot run numba intrinsics, reinterprets bits with NumPy.
 _DEVICE_PRIMITIVES = {"exp_like": _device_exp, "log_like": _device_log, "log1p_like": _device_log1p}
+_DEVICE_DISPATCH = {"widen": _widen}
+_SIMULATED_INTRINSICS = {
+    "_f32_from_bits": _f32_from_bits_simulated,
+    "_bits_from_f32": _bits_from_f32_simulated,
+}
 
 
 def _device_math(module) -> types.ModuleType:
@@ -60,6 +142,9 @@ def _device_math(module) -> types.ModuleType:
     namespace = dict(vars(module))
     for name, fn in _DEVICE_PRIMITIVES.items():
         namespace[name] = device_helper(fn)
+    namespace.update(_DEVICE_DISPATCH)
+    if SIMULATOR:
+        namespace.update(_SIMULATED_INTRINSICS)
     for name, obj in vars(module).items():
         py_func = getattr(obj, "py_func", None)
         if py_func is not None and py_func.__module__ == module.__name__:
@@ -171,16 +256,17 @@ def _target_log_prob(teachers, scratch, r, i, j, total, inv_t, combine, target_s
     m_a, ls_a = target_stats
     n_teachers = row_w.shape[1]
     if combine == 0:
-        z = row_w[r, 0] / total * teachers[0][i, j]
+        z = row_w[r, 0] / total * _m.logit_at(teachers[0], i, j)
         for k in range(1, n_teachers):
-            z += row_w[r, k] / total * teachers[k][i, j]
+            z += row_w[r, k] / total * _m.logit_at(teachers[k], i, j)
         return (z * inv_t - m_a) - ls_a
     m = neg_inf
     s = one - one
     for k in range(n_teachers):
         w = row_w[r, k] / total
         if w > 0:
-            term = _m.weighted_log_prob(math.log(w), teachers[k][i, j] * inv_t, m_t[r, k], ls_t[r, k])
+            a = _m.logit_at(teachers[k], i, j) * inv_t
+            term = _m.weighted_log_prob(math.log(w), a, m_t[r, k], ls_t[r, k])
             m, s = _m.online_lse_step(m, s, term, one)
     return _m.lse_from_stats(m, s)
 
@@ -196,7 +282,7 @@ def make_kernels(acc) -> SimpleNamespace:
         for flat in range(start, n_rows * n_classes, step):
             i = flat // n_classes
             j = flat - i * n_classes
-            out[i, j] = _m.ensemble_logit(teachers, weights, i, j)
+            _store(out, i, j, _m.ensemble_logit(teachers, weights, i, j))
 
     @cuda.jit(cache=DISK_CACHE)
     def teacher_lse(teachers, inv_t, lse):
@@ -223,7 +309,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 i = pair - k * n_rows
                 t = teachers[k]
                 for j in range(tx, n_classes, threads_per_row):
-                    x = t[i, j]
+                    x = _m.logit_at(t, i, j)
                     m, s = _m.online_lse_step(m, s, x * inv_t, one)
                     nonfinite += x * acc(0.0)
             sm_m[base + tx] = m
@@ -249,8 +335,8 @@ def make_kernels(acc) -> SimpleNamespace:
             if eps > 0:
                 p = acc(0.0)
                 for k in range(n_teachers):
-                    p += weights[k] * math.exp(teachers[k][i, j] * inv_t - lse[k, i])
-                out[i, j] = _m.tempered_log(p, eps, temperature) + nonfinite
+                    p += weights[k] * math.exp(_m.logit_at(teachers[k], i, j) * inv_t - lse[k, i])
+                _store(out, i, j, _m.tempered_log(p, eps, temperature) + nonfinite)
             else:
                 # Exact log-mixture: logsumexp over the teachers with positive weight.
                 zero = acc(0.0)
@@ -259,10 +345,10 @@ def make_kernels(acc) -> SimpleNamespace:
                 for k in range(n_teachers):
                     if weights[k] > 0:
                         term = _m.weighted_log_prob(
-                            log_weights[k], teachers[k][i, j] * inv_t, lse[k, i], zero
+                            log_weights[k], _m.logit_at(teachers[k], i, j) * inv_t, lse[k, i], zero
                         )
                         m, s = _m.online_lse_step(m, s, term, acc(1.0))
-                out[i, j] = temperature * _m.lse_from_stats(m, s) + nonfinite
+                _store(out, i, j, temperature * _m.lse_from_stats(m, s) + nonfinite)
 
     @cuda.jit(cache=DISK_CACHE)
     def loss_rows(student, teachers, weights, labels, inv_t, kl_rows, ce_rows, bad_labels):
@@ -295,11 +381,11 @@ def make_kernels(acc) -> SimpleNamespace:
             if i < n_rows:
                 # Anchors (each row's first logit) take a constant shift of the
                 # teachers or of the student out of every sum.
-                anchor_t = teachers[0][i, 0]
-                anchor_s = student[i, 0]
+                anchor_t = _m.logit_at(teachers[0], i, 0)
+                anchor_s = _m.logit_at(student, i, 0)
                 for j in range(tx, n_classes, threads_per_row):
                     a = _m.anchored_ensemble_logit(teachers, weights, i, j, anchor_t) * inv_t
-                    x = student[i, j]
+                    x = _m.logit_at(student, i, j)
                     b = (x - anchor_s) * inv_t
                     m_a, s_a, w_a = _m.online_weighted_step(m_a, s_a, w_a, a, a - b, one)
                     m_b, s_b = _m.online_lse_step(m_b, s_b, b, one)
@@ -327,7 +413,8 @@ def make_kernels(acc) -> SimpleNamespace:
                     cuda.atomic.add(bad_labels, 0, 1)
                     ce_rows[i] = acc(math.nan)
                 else:
-                    ce_rows[i] = _m.cross_entropy(sm_ms[base], student[i, y], math.log(sm_ss[base]))
+                    x_y = _m.logit_at(student, i, y)
+                    ce_rows[i] = _m.cross_entropy(sm_ms[base], x_y, math.log(sm_ss[base]))
 
     @cuda.jit(cache=DISK_CACHE)
     def reduce_loss(kl_rows, ce_rows, soft_factor, alpha, divisor, results):
@@ -406,9 +493,9 @@ def make_kernels(acc) -> SimpleNamespace:
             # Non-finite inputs in the row: its loss and gradient become NaN.
             nonfinite = zero
             for j in range(tx, n_classes, tpr):
-                nonfinite += student[i, j] * zero
+                nonfinite += _m.logit_at(student, i, j) * zero
                 for k in range(n_teachers):
-                    nonfinite += teachers[k][i, j] * zero
+                    nonfinite += _m.logit_at(teachers[k], i, j) * zero
             sm_x[slot] = nonfinite
             _tree_reduce(sm_x, base, tx, tpr, False)
             finite = sm_x[base] == zero
@@ -430,7 +517,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     m = acc(_m.NEG_INF)
                     s = zero
                     for j in range(tx, n_classes, tpr):
-                        m, s = _m.online_lse_step(m, s, t[i, j] * scale, one)
+                        m, s = _m.online_lse_step(m, s, _m.logit_at(t, i, j) * scale, one)
                     sm_m[slot] = m
                     sm_s[slot] = s
                     _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
@@ -438,11 +525,11 @@ def make_kernels(acc) -> SimpleNamespace:
                     ls = math.log(sm_s[base])
                     if weighting == 1:
                         if valid and in_range:
-                            w = _m.confidence_log_weight(w, t[i, y_safe] - m, ls)
+                            w = _m.confidence_log_weight(w, _m.logit_at(t, i, y_safe) - m, ls)
                     else:
                         su = zero
                         for j in range(tx, n_classes, tpr):
-                            d = t[i, j] * inv_t - m
+                            d = _m.logit_at(t, i, j) * inv_t - m
                             su += math.exp(d - ls) * d
                         sm_x[slot] = su
                         _tree_reduce(sm_x, base, tx, tpr, False)
@@ -481,7 +568,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 for j in range(tx, n_classes, tpr):
                     z = zero
                     for k in range(n_teachers):
-                        z += row_w[r, k] / total * teachers[k][i, j]
+                        z += row_w[r, k] / total * _m.logit_at(teachers[k], i, j)
                     m, s = _m.online_lse_step(m, s, z * inv_t, one)
                 sm_m[slot] = m
                 sm_s[slot] = s
@@ -494,7 +581,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     m = acc(_m.NEG_INF)
                     s = zero
                     for j in range(tx, n_classes, tpr):
-                        m, s = _m.online_lse_step(m, s, teachers[k][i, j] * inv_t, one)
+                        m, s = _m.online_lse_step(m, s, _m.logit_at(teachers[k], i, j) * inv_t, one)
                     sm_m[slot] = m
                     sm_s[slot] = s
                     _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
@@ -508,7 +595,7 @@ def make_kernels(acc) -> SimpleNamespace:
             m_s = acc(_m.NEG_INF)
             s_s = zero
             for j in range(tx, n_classes, tpr):
-                x = student[i, j]
+                x = _m.logit_at(student, i, j)
                 m_b, s_b = _m.online_lse_step(m_b, s_b, x * inv_t, one)
                 m_s, s_s = _m.online_lse_step(m_s, s_s, x, one)
             sm_m[slot] = m_b
@@ -530,7 +617,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 lp = _target_log_prob(
                     teachers, scratch, r, i, j, total, inv_t, combine, (m_a, ls_a), neg_inf, one
                 )
-                lq = (student[i, j] * inv_t - m_b) - ls_b
+                lq = (_m.logit_at(student, i, j) * inv_t - m_b) - ls_b
                 p = math.exp(lp)
                 q = math.exp(lq)
                 if divergence == 0:
@@ -558,7 +645,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 if not in_range and y != ignore_index:
                     cuda.atomic.add(bad_labels, 0, 1)
                 d_rows[i] = d if valid else zero
-                ce_rows[i] = _m.cross_entropy(m_s, student[i, y_safe], ls_s) if valid else zero
+                ce_rows[i] = _m.cross_entropy(m_s, _m.logit_at(student, i, y_safe), ls_s) if valid else zero
                 if bad:
                     d_rows[i] = acc(math.nan)
                     ce_rows[i] = acc(math.nan)
@@ -567,15 +654,15 @@ def make_kernels(acc) -> SimpleNamespace:
                 c_hard = one_m_alpha / divisor[0]
                 for j in range(tx, n_classes, tpr):
                     if bad:
-                        grad[i, j] = acc(math.nan)
+                        _store(grad, i, j, acc(math.nan))
                         continue
                     if not valid:
-                        grad[i, j] = zero
+                        _store(grad, i, j, zero)
                         continue
                     lp = _target_log_prob(
                         teachers, scratch, r, i, j, total, inv_t, combine, (m_a, ls_a), neg_inf, one
                     )
-                    lq = (student[i, j] * inv_t - m_b) - ls_b
+                    lq = (_m.logit_at(student, i, j) * inv_t - m_b) - ls_b
                     q = math.exp(lq)
                     if divergence == 0:
                         dd = _m.forward_kl_grad(math.exp(lp), q)
@@ -588,10 +675,10 @@ def make_kernels(acc) -> SimpleNamespace:
                     else:
                         _, q_slope = _m.mixture_class(divergence, math.exp(lp), q, lq - lp, mix, half)
                         dd = _m.mixture_grad(q, q_slope, qg)
-                    g = c_soft * dd * inv_t + c_hard * math.exp((student[i, j] - m_s) - ls_s)
+                    g = c_soft * dd * inv_t + c_hard * math.exp((_m.logit_at(student, i, j) - m_s) - ls_s)
                     if j == y_safe:
                         g -= c_hard
-                    grad[i, j] = g
+                    _store(grad, i, j, g)
 
     @cuda.jit(cache=DISK_CACHE)
     def clear_map(class_map):
@@ -715,7 +802,7 @@ def make_kernels(acc) -> SimpleNamespace:
             m = acc(_m.NEG_INF)
             probe = zero
             for j in range(tx, n_read, tpr):
-                x = student[i, j]
+                x = _m.logit_at(student, i, j)
                 m = max(m, x)
                 probe += x * zero
             sm_0[me] = m
@@ -731,7 +818,7 @@ def make_kernels(acc) -> SimpleNamespace:
             b_o = zero
             e_o = zero
             for j in range(tx, n_read, tpr):
-                dx = student[i, j] - m_s
+                dx = _m.logit_at(student, i, j) - m_s
                 b = dx * inv_t
                 q = math.exp(b)
                 s_b += q
@@ -766,7 +853,7 @@ def make_kernels(acc) -> SimpleNamespace:
             for position in range(tx, n_entries, tpr):
                 j = u_class[slot, position]
                 if j >= 0:
-                    log_q = (numba.float64(student[i, j]) - m_s64) * inv_t64 - log_sb
+                    log_q = (numba.float64(_m.logit_at(student, i, j)) - m_s64) * inv_t64 - log_sb
                     term, q_h = _m.topk_class_terms(divergence, u_p[slot, position] + p_out, log_q, beta)
                     d_u += term
                     qh_u += q_h
@@ -793,7 +880,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 qh_o = zero
                 for j in range(tx, n_read, tpr):
                     if class_map[slot, j] < 0:
-                        q = math.exp((student[i, j] - m_s) * inv_t) * inv_sb
+                        q = math.exp((_m.logit_at(student, i, j) - m_s) * inv_t) * inv_sb
                         term, h = _m.uniform_jsd_class(q, beta_p, one_m_beta, log_p_out, zero)
                         d_o += term
                         qh_o += q * h
@@ -819,7 +906,8 @@ def make_kernels(acc) -> SimpleNamespace:
                     ce_rows[i] = acc(math.nan)
                 elif valid:
                     d_rows[i] = d
-                    ce_rows[i] = _m.cross_entropy(m_s64, numba.float64(student[i, y_safe]), log_ss)
+                    x_y = numba.float64(_m.logit_at(student, i, y_safe))
+                    ce_rows[i] = _m.cross_entropy(m_s64, x_y, log_ss)
                 else:
                     d_rows[i] = zero
                     ce_rows[i] = zero
@@ -835,11 +923,11 @@ def make_kernels(acc) -> SimpleNamespace:
                 wide = math.isfinite(a + c + e) and not math.isfinite(a_c + c_c + e_c)
                 for j in range(tx, n_classes, tpr):
                     if bad:
-                        grad[i, j] = acc(math.nan)
+                        _store(grad, i, j, acc(math.nan))
                     elif not valid:
-                        grad[i, j] = zero
+                        _store(grad, i, j, zero)
                     elif class_map[slot, j] < 0:
-                        dx = student[i, j] - m_s
+                        dx = _m.logit_at(student, i, j) - m_s
                         q = math.exp(dx * inv_t) * inv_sb
                         r = q if unit else math.exp(dx - acc(log_ss))
                         if per_class_jsd:
@@ -850,17 +938,17 @@ def make_kernels(acc) -> SimpleNamespace:
                             g = acc(_m.topk_soft_grad(math.exp(b64 - log_sb), b64, a, c, e))
                         else:
                             g = _m.topk_soft_grad(q, dx * inv_t, a_c, c_c, e_c)
-                        grad[i, j] = soft * g + c_hard * r - (c_hard if j == y_safe else zero)
+                        _store(grad, i, j, soft * g + c_hard * r - (c_hard if j == y_safe else zero))
                 if valid and not bad:
                     for position in range(tx, n_entries, tpr):
                         j = u_class[slot, position]
                         if j >= 0:
-                            x64 = numba.float64(student[i, j]) - m_s64
+                            x64 = numba.float64(_m.logit_at(student, i, j)) - m_s64
                             g64 = _m.topk_class_grad(
                                 divergence, u_p[slot, position] + p_out, x64 * inv_t64 - log_sb, beta, d, qh
                             )
                             r64 = math.exp(x64 - log_ss) - (1.0 if j == y_safe else 0.0)
-                            grad[i, j] = numba.float64(soft) * g64 + numba.float64(c_hard) * r64
+                            _store(grad, i, j, numba.float64(soft) * g64 + numba.float64(c_hard) * r64)
             cuda.syncthreads()
             for position in range(tx, n_entries, tpr):
                 j = u_class[slot, position]
@@ -874,7 +962,7 @@ def make_kernels(acc) -> SimpleNamespace:
         n_rows, n_classes = x.shape
         for flat in range(cuda.grid(1), n_rows * n_classes, cuda.gridsize(1)):
             i = flat // n_classes
-            if not x[i, flat - i * n_classes] * acc(0.0) == acc(0.0):
+            if not _m.logit_at(x, i, flat - i * n_classes) * acc(0.0) == acc(0.0):
                 cuda.atomic.add(counter, 0, 1)
 
     @cuda.jit(cache=DISK_CACHE)

@@ -151,20 +151,10 @@ def test_mixed_host_and_device_inputs_raise(rng):
         d.combine_teachers([cuda.to_device(teachers[0]), teachers[1]])
 
 
-def test_sixteen_bit_device_arrays_raise(rng):
-    student, teachers, labels = make_batch(rng, 2, 5, 7, np.float16)
-    d = kd.EnsembleDistiller.uniform(2, temperature=2.0)
-    on_device = [cuda.to_device(t) for t in teachers]
-    with pytest.raises(TypeError, match="student has dtype float16, which the CUDA kernels do not read"):
-        d.distillation_loss(cuda.to_device(student), on_device, cuda.to_device(labels), 0.5)
-    with pytest.raises(TypeError, match=r"teachers\[0\] has dtype float16, which the CUDA kernels"):
-        d.combine_teachers(on_device)
-
-
 def test_mixed_dtypes_on_device_raise(rng):
     student, teachers, labels = make_batch(rng, 2, 5, 7, np.float32)
     d = kd.EnsembleDistiller.uniform(2, temperature=2.0)
-    with pytest.raises(TypeError, match="CUDA inputs must be float32 or float64 and share one dtype"):
+    with pytest.raises(TypeError, match="CUDA inputs share one dtype"):
         d.distillation_loss(
             cuda.to_device(student.astype(np.float64)),
             to_device_teachers(teachers, False),
