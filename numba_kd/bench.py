@@ -193,6 +193,11 @@ def interleaved(
     Each implementation is first called once to warm up (and compile). Then,
     in every round, each one in turn is timed right after a copy of
     ``n_bytes``, so that a drift of a shared machine hits all of them alike.
+    Each round starts one implementation further down the list, so that each
+    follows every other equally often: a library's worker threads can still
+    hold the cores after its call returns (XLA's, after a bfloat16 jax.jit call,
+    halved the speed of the next call on two cores), which a fixed order would
+    charge to the same implementation every round.
 
     Parameters
     ----------
@@ -215,10 +220,13 @@ def interleaved(
     for fn in implementations.values():
         fn()  # warm-up (and compilation)
     results = {name: Timings() for name in implementations}
+    names = list(implementations)
     for r in range(rounds):
-        for name, fn in implementations.items():
+        first = r % len(names)
+        for name in names[first:] + names[:first]:
             if limited and r >= limited.get(name, rounds):
                 continue
+            fn = implementations[name]
             results[name].copies.append(_timed(lambda: np.copyto(dst, src)))
             results[name].calls.append(_timed(fn))
     return results
