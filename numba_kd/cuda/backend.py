@@ -14,7 +14,7 @@ import numpy as np
 from numba import cuda
 
 from numba_kd import _arrays, _options, _runtime, _signatures, _validate
-from numba_kd._options import SparseTeachers
+from numba_kd._options import SparseTeachers, compute_dtype
 from numba_kd.cuda.kernels import (
     BLOCK_THREADS,
     TOPK_MAP_BYTES,
@@ -30,9 +30,6 @@ MAX_BLOCKS = 65535
 
 _KERNELS: dict[str, Any] = {}
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-# float32 losses accumulate in float32 on the device: above this temperature the
-# soft term (a difference of log-sums that agree to about 1/T^2) is lost.
-FLOAT32_MAX_TEMPERATURE = _options.FAST_MAX_TEMPERATURE
 
 
 def simulating() -> bool:
@@ -89,9 +86,16 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
     "A" (strided), or "mixed" (a contiguous student and labels, strided teachers:
     each array's layout is part of the signature).  ``dtype`` uint16 or int16 stands
     for bfloat16 or float16 logits, which the kernels read as these bits (results
-    then come in the same 16-bit type, everything else in float32)."""
+    then come in the same 16-bit type, everything else in float32).  Layout
+    "float32-logits": C-contiguous float32 logits (and per-row results) read by
+    the kernels of arithmetic ``dtype`` (float64), as at temperatures where float32
+    arithmetic would lose the loss."""
     logit_dtype = dtype
     dtype = np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+    row_dtype = dtype
+    if layout == "float32-logits":
+        logit_dtype = row_dtype = np.dtype(np.float32)
+        layout = "C"
     scalar = dtype.type(1.0)
     label_dtype = LABEL_DTYPES[0] if label_dtype is None else label_dtype
 
@@ -133,9 +137,10 @@ def stand_ins(dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, l
     values["lse"] = matrix
     for name in ("out", "grad"):
         values[name] = array((2, 3), logit_dtype)
-    for name in ("weights", "log_weights", "kl_rows", "ce_rows", "d_rows", "divisor", "loss", "soft", "hard",
-                 "results"):  # fmt: skip
+    for name in ("weights", "log_weights", "kl_rows", "ce_rows", "d_rows", "divisor", "results"):
         values[name] = vector
+    for name in ("loss", "soft", "hard"):
+        values[name] = array((3,), row_dtype)
     for name in ("inv_t", "temperature", "eps", "alpha", "alpha_t2", "one_m_alpha", "soft_factor"):
         values[name] = scalar
     return values
@@ -185,6 +190,12 @@ def kernel_signatures():
         yield "loss_rows", bits, "C", "list", 3, LABEL_DTYPES[1]
         yield "general_rows", bits, "C", "stacked", None, LABEL_DTYPES[1]
         yield "count_nonfinite", bits, "A", "none", None, None
+    # float32 logits outside float32's temperature range run the float64 kernels.
+    for op, kind, label_dtype in (
+        ("loss_rows", "list", LABEL_DTYPES[0]), ("general_rows", "stacked", LABEL_DTYPES[1]),
+        ("scale_rows", "none", None),
+    ):  # fmt: skip
+        yield op, np.dtype(np.float64), "float32-logits", kind, 3 if kind == "list" else None, label_dtype
 
 
 def signature(op: str, dtype: np.dtype, layout: str, kind: str, n_teachers: int | None, label_dtype) -> tuple:
@@ -431,12 +442,12 @@ class CudaBackend:
         a device scalar becomes NaN instead.
         """
         logit_dtype = np.dtype(student.dtype)
-        dtype = _arrays.arithmetic_dtype(logit_dtype)  # of the arithmetic and of every result but grad
-        if dtype == np.float32 and temperature > FLOAT32_MAX_TEMPERATURE:
-            raise ValueError(
-                f"temperature {temperature} is above {FLOAT32_MAX_TEMPERATURE}, where the float32 CUDA "
-                "kernels (which accumulate in float32) lose the soft term's precision: use float64 inputs"
-            )
+        # As on the CPU: float32 (and 16-bit) logits compute in float32 for temperatures
+        # in [FLOAT32_MIN_TEMPERATURE, FAST_MAX_TEMPERATURE]; outside, where float32 would
+        # lose the soft term's digits (large T) or overflow (tiny T), the float64 kernels
+        # read them.  Per-row results keep the logits' arithmetic dtype.
+        dtype = compute_dtype(logit_dtype, temperature)
+        row_dtype = _arrays.arithmetic_dtype(logit_dtype)
         scalar = dtype.type
         n_rows, n_classes = student.shape
         n_teachers = len(weights)
@@ -477,7 +488,7 @@ class CudaBackend:
                 ce_rows=ce_rows, bad_labels=bad_labels,
             )  # fmt: skip
             if sparse:
-                self._topk_rows(teachers, weights, temperature, options.beta, rows)
+                self._topk_rows(teachers, weights, temperature, options.beta, rows, dtype)
             else:
                 scratch = tuple(self.empty((n_rows, n_teachers), dtype) for _ in range(3))
                 _launch(
@@ -485,7 +496,7 @@ class CudaBackend:
                     scratch=scratch, **rows,
                 )  # fmt: skip
         if options.reduction == "none":
-            loss, soft, hard = (self.empty((n_rows,), dtype) for _ in range(3))
+            loss, soft, hard = (self.empty((n_rows,), row_dtype) for _ in range(3))
             egrid, eblock = elementwise_config(n_rows)
             _launch(
                 "scale_rows", dtype, egrid, eblock, self.stream, d_rows=d_rows, ce_rows=ce_rows,
@@ -507,14 +518,14 @@ class CudaBackend:
         return float(values[0]), float(values[1]), float(values[2]), grad if want_grad else None
 
     def _topk_rows(self, top: SparseTeachers, weights: np.ndarray, temperature: float, beta: float,
-                   rows: dict) -> None:  # fmt: skip
-        """Launch topk_rows over ``rows`` (the arguments it shares with general_rows).
+                   rows: dict, dtype: np.dtype) -> None:  # fmt: skip
+        """Launch topk_rows (the kernels of arithmetic ``dtype``) over ``rows`` (the
+        arguments it shares with general_rows).
 
         The teachers' K N k entries (host arrays, checked by numba_kd.sparse) are
         copied to the device: they are C / k times smaller than the student.
         """
         student = rows["student"]
-        dtype = _arrays.arithmetic_dtype(np.dtype(student.dtype))
         n_rows, n_classes = student.shape
         n_teachers, _, per_teacher = top.indices.shape
         grid, block = row_config(n_rows, n_classes)

@@ -274,6 +274,13 @@ def _target_log_prob(teachers, scratch, r, i, j, total, inv_t, combine, target_s
 def make_kernels(acc) -> SimpleNamespace:
     """The kernels for accumulation type ``acc`` (numba.float32 or numba.float64)."""
 
+    @device_helper
+    def logit(logits, i, j):
+        """logits[i, j] in the accumulation type: 16-bit bits widened, and float32 logits
+        read by the float64 kernels (temperatures outside float32's range) as float64,
+        so that no arithmetic between two logits rounds to float32."""
+        return acc(_m.logit_at(logits, i, j))
+
     @cuda.jit(cache=DISK_CACHE)
     def combine_logits(teachers, weights, out):
         n_rows, n_classes = out.shape
@@ -309,7 +316,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 i = pair - k * n_rows
                 t = teachers[k]
                 for j in range(tx, n_classes, threads_per_row):
-                    x = _m.logit_at(t, i, j)
+                    x = logit(t, i, j)
                     m, s = _m.online_lse_step(m, s, x * inv_t, one)
                     nonfinite += x * acc(0.0)
             sm_m[base + tx] = m
@@ -335,7 +342,7 @@ def make_kernels(acc) -> SimpleNamespace:
             if eps > 0:
                 p = acc(0.0)
                 for k in range(n_teachers):
-                    p += weights[k] * math.exp(_m.logit_at(teachers[k], i, j) * inv_t - lse[k, i])
+                    p += weights[k] * math.exp(logit(teachers[k], i, j) * inv_t - lse[k, i])
                 _store(out, i, j, _m.tempered_log(p, eps, temperature) + nonfinite)
             else:
                 # Exact log-mixture: logsumexp over the teachers with positive weight.
@@ -345,7 +352,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 for k in range(n_teachers):
                     if weights[k] > 0:
                         term = _m.weighted_log_prob(
-                            log_weights[k], _m.logit_at(teachers[k], i, j) * inv_t, lse[k, i], zero
+                            log_weights[k], logit(teachers[k], i, j) * inv_t, lse[k, i], zero
                         )
                         m, s = _m.online_lse_step(m, s, term, acc(1.0))
                 _store(out, i, j, temperature * _m.lse_from_stats(m, s) + nonfinite)
@@ -381,11 +388,11 @@ def make_kernels(acc) -> SimpleNamespace:
             if i < n_rows:
                 # Anchors (each row's first logit) take a constant shift of the
                 # teachers or of the student out of every sum.
-                anchor_t = _m.logit_at(teachers[0], i, 0)
-                anchor_s = _m.logit_at(student, i, 0)
+                anchor_t = logit(teachers[0], i, 0)
+                anchor_s = logit(student, i, 0)
                 for j in range(tx, n_classes, threads_per_row):
                     a = _m.anchored_ensemble_logit(teachers, weights, i, j, anchor_t) * inv_t
-                    x = _m.logit_at(student, i, j)
+                    x = logit(student, i, j)
                     b = (x - anchor_s) * inv_t
                     m_a, s_a, w_a = _m.online_weighted_step(m_a, s_a, w_a, a, a - b, one)
                     m_b, s_b = _m.online_lse_step(m_b, s_b, b, one)
@@ -413,7 +420,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     cuda.atomic.add(bad_labels, 0, 1)
                     ce_rows[i] = acc(math.nan)
                 else:
-                    x_y = _m.logit_at(student, i, y)
+                    x_y = logit(student, i, y)
                     ce_rows[i] = _m.cross_entropy(sm_ms[base], x_y, math.log(sm_ss[base]))
 
     @cuda.jit(cache=DISK_CACHE)
@@ -493,9 +500,9 @@ def make_kernels(acc) -> SimpleNamespace:
             # Non-finite inputs in the row: its loss and gradient become NaN.
             nonfinite = zero
             for j in range(tx, n_classes, tpr):
-                nonfinite += _m.logit_at(student, i, j) * zero
+                nonfinite += logit(student, i, j) * zero
                 for k in range(n_teachers):
-                    nonfinite += _m.logit_at(teachers[k], i, j) * zero
+                    nonfinite += logit(teachers[k], i, j) * zero
             sm_x[slot] = nonfinite
             _tree_reduce(sm_x, base, tx, tpr, False)
             finite = sm_x[base] == zero
@@ -517,7 +524,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     m = acc(_m.NEG_INF)
                     s = zero
                     for j in range(tx, n_classes, tpr):
-                        m, s = _m.online_lse_step(m, s, _m.logit_at(t, i, j) * scale, one)
+                        m, s = _m.online_lse_step(m, s, logit(t, i, j) * scale, one)
                     sm_m[slot] = m
                     sm_s[slot] = s
                     _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
@@ -525,11 +532,11 @@ def make_kernels(acc) -> SimpleNamespace:
                     ls = math.log(sm_s[base])
                     if weighting == 1:
                         if valid and in_range:
-                            w = _m.confidence_log_weight(w, _m.logit_at(t, i, y_safe) - m, ls)
+                            w = _m.confidence_log_weight(w, logit(t, i, y_safe) - m, ls)
                     else:
                         su = zero
                         for j in range(tx, n_classes, tpr):
-                            d = _m.logit_at(t, i, j) * inv_t - m
+                            d = logit(t, i, j) * inv_t - m
                             su += math.exp(d - ls) * d
                         sm_x[slot] = su
                         _tree_reduce(sm_x, base, tx, tpr, False)
@@ -568,7 +575,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 for j in range(tx, n_classes, tpr):
                     z = zero
                     for k in range(n_teachers):
-                        z += row_w[r, k] / total * _m.logit_at(teachers[k], i, j)
+                        z += row_w[r, k] / total * logit(teachers[k], i, j)
                     m, s = _m.online_lse_step(m, s, z * inv_t, one)
                 sm_m[slot] = m
                 sm_s[slot] = s
@@ -581,7 +588,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     m = acc(_m.NEG_INF)
                     s = zero
                     for j in range(tx, n_classes, tpr):
-                        m, s = _m.online_lse_step(m, s, _m.logit_at(teachers[k], i, j) * inv_t, one)
+                        m, s = _m.online_lse_step(m, s, logit(teachers[k], i, j) * inv_t, one)
                     sm_m[slot] = m
                     sm_s[slot] = s
                     _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
@@ -595,7 +602,7 @@ def make_kernels(acc) -> SimpleNamespace:
             m_s = acc(_m.NEG_INF)
             s_s = zero
             for j in range(tx, n_classes, tpr):
-                x = _m.logit_at(student, i, j)
+                x = logit(student, i, j)
                 m_b, s_b = _m.online_lse_step(m_b, s_b, x * inv_t, one)
                 m_s, s_s = _m.online_lse_step(m_s, s_s, x, one)
             sm_m[slot] = m_b
@@ -617,7 +624,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 lp = _target_log_prob(
                     teachers, scratch, r, i, j, total, inv_t, combine, (m_a, ls_a), neg_inf, one
                 )
-                lq = (_m.logit_at(student, i, j) * inv_t - m_b) - ls_b
+                lq = (logit(student, i, j) * inv_t - m_b) - ls_b
                 p = math.exp(lp)
                 q = math.exp(lq)
                 if divergence == 0:
@@ -645,7 +652,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 if not in_range and y != ignore_index:
                     cuda.atomic.add(bad_labels, 0, 1)
                 d_rows[i] = d if valid else zero
-                ce_rows[i] = _m.cross_entropy(m_s, _m.logit_at(student, i, y_safe), ls_s) if valid else zero
+                ce_rows[i] = _m.cross_entropy(m_s, logit(student, i, y_safe), ls_s) if valid else zero
                 if bad:
                     d_rows[i] = acc(math.nan)
                     ce_rows[i] = acc(math.nan)
@@ -662,7 +669,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     lp = _target_log_prob(
                         teachers, scratch, r, i, j, total, inv_t, combine, (m_a, ls_a), neg_inf, one
                     )
-                    lq = (_m.logit_at(student, i, j) * inv_t - m_b) - ls_b
+                    lq = (logit(student, i, j) * inv_t - m_b) - ls_b
                     q = math.exp(lq)
                     if divergence == 0:
                         dd = _m.forward_kl_grad(math.exp(lp), q)
@@ -675,7 +682,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     else:
                         _, q_slope = _m.mixture_class(divergence, math.exp(lp), q, lq - lp, mix, half)
                         dd = _m.mixture_grad(q, q_slope, qg)
-                    g = c_soft * dd * inv_t + c_hard * math.exp((_m.logit_at(student, i, j) - m_s) - ls_s)
+                    g = c_soft * dd * inv_t + c_hard * math.exp((logit(student, i, j) - m_s) - ls_s)
                     if j == y_safe:
                         g -= c_hard
                     _store(grad, i, j, g)
@@ -802,7 +809,7 @@ def make_kernels(acc) -> SimpleNamespace:
             m = acc(_m.NEG_INF)
             probe = zero
             for j in range(tx, n_read, tpr):
-                x = _m.logit_at(student, i, j)
+                x = logit(student, i, j)
                 m = max(m, x)
                 probe += x * zero
             sm_0[me] = m
@@ -818,7 +825,7 @@ def make_kernels(acc) -> SimpleNamespace:
             b_o = zero
             e_o = zero
             for j in range(tx, n_read, tpr):
-                dx = _m.logit_at(student, i, j) - m_s
+                dx = logit(student, i, j) - m_s
                 b = dx * inv_t
                 q = math.exp(b)
                 s_b += q
@@ -853,7 +860,7 @@ def make_kernels(acc) -> SimpleNamespace:
             for position in range(tx, n_entries, tpr):
                 j = u_class[slot, position]
                 if j >= 0:
-                    log_q = (numba.float64(_m.logit_at(student, i, j)) - m_s64) * inv_t64 - log_sb
+                    log_q = (numba.float64(logit(student, i, j)) - m_s64) * inv_t64 - log_sb
                     term, q_h = _m.topk_class_terms(divergence, u_p[slot, position] + p_out, log_q, beta)
                     d_u += term
                     qh_u += q_h
@@ -880,7 +887,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 qh_o = zero
                 for j in range(tx, n_read, tpr):
                     if class_map[slot, j] < 0:
-                        q = math.exp((_m.logit_at(student, i, j) - m_s) * inv_t) * inv_sb
+                        q = math.exp((logit(student, i, j) - m_s) * inv_t) * inv_sb
                         term, h = _m.uniform_jsd_class(q, beta_p, one_m_beta, log_p_out, zero)
                         d_o += term
                         qh_o += q * h
@@ -906,7 +913,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     ce_rows[i] = acc(math.nan)
                 elif valid:
                     d_rows[i] = d
-                    x_y = numba.float64(_m.logit_at(student, i, y_safe))
+                    x_y = numba.float64(logit(student, i, y_safe))
                     ce_rows[i] = _m.cross_entropy(m_s64, x_y, log_ss)
                 else:
                     d_rows[i] = zero
@@ -927,7 +934,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     elif not valid:
                         _store(grad, i, j, zero)
                     elif class_map[slot, j] < 0:
-                        dx = _m.logit_at(student, i, j) - m_s
+                        dx = logit(student, i, j) - m_s
                         q = math.exp(dx * inv_t) * inv_sb
                         r = q if unit else math.exp(dx - acc(log_ss))
                         if per_class_jsd:
@@ -943,7 +950,7 @@ def make_kernels(acc) -> SimpleNamespace:
                     for position in range(tx, n_entries, tpr):
                         j = u_class[slot, position]
                         if j >= 0:
-                            x64 = numba.float64(_m.logit_at(student, i, j)) - m_s64
+                            x64 = numba.float64(logit(student, i, j)) - m_s64
                             g64 = _m.topk_class_grad(
                                 divergence, u_p[slot, position] + p_out, x64 * inv_t64 - log_sb, beta, d, qh
                             )
@@ -962,7 +969,7 @@ def make_kernels(acc) -> SimpleNamespace:
         n_rows, n_classes = x.shape
         for flat in range(cuda.grid(1), n_rows * n_classes, cuda.gridsize(1)):
             i = flat // n_classes
-            if not _m.logit_at(x, i, flat - i * n_classes) * acc(0.0) == acc(0.0):
+            if not logit(x, i, flat - i * n_classes) * acc(0.0) == acc(0.0):
                 cuda.atomic.add(counter, 0, 1)
 
     @cuda.jit(cache=DISK_CACHE)
