@@ -13,8 +13,9 @@ _ADAPTER_DECIDES = ("out", "device", "stream", "return_device_scalar", "return_c
 
 
 def loss_function(distiller: object, alpha: float | None, options: Mapping[str, Any]) -> Callable[..., Any]:
-    """``evaluate(student, teachers, labels, want_grad)``: the loss, or (loss, gradient),
-    of ``distiller`` with ``alpha`` and the loss ``options``.
+    """``evaluate(student, teachers, labels, want_grad, **placement)``: the loss, or
+    (loss, gradient), of ``distiller`` with ``alpha`` and the loss ``options``;
+    ``placement`` is what the adapter decides (``stream=`` for CUDA tensors).
 
     An ``EnsembleDistiller`` needs ``alpha``; a ``DistillationLoss`` carries its own
     and takes ``alpha=None``."""
@@ -26,18 +27,18 @@ def loss_function(distiller: object, alpha: float | None, options: Mapping[str, 
         if alpha is None:
             raise TypeError("alpha is required with an EnsembleDistiller")
 
-        def evaluate(student, teachers, labels, want_grad):
+        def evaluate(student, teachers, labels, want_grad, **placement):
             method = distiller.loss_and_grad if want_grad else distiller.distillation_loss
-            return method(student, teachers, labels, alpha, **options)
+            return method(student, teachers, labels, alpha, **options, **placement)
 
         return evaluate
     if isinstance(distiller, DistillationLoss):
         if alpha is not None:
             raise ValueError("alpha must be None with a DistillationLoss, which carries its own alpha")
 
-        def evaluate(student, teacher, labels, want_grad):
+        def evaluate(student, teacher, labels, want_grad, **placement):
             method = distiller.loss_and_grad if want_grad else distiller.forward
-            return method(student, teacher, labels, **options)
+            return method(student, teacher, labels, **options, **placement)
 
         return evaluate
     raise TypeError(

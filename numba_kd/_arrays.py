@@ -146,7 +146,10 @@ def dlpack_device(x: object) -> str | None:
     probe = getattr(x, "__dlpack_device__", None)
     if probe is None:
         return None
-    device_type = int(probe()[0])
+    try:
+        device_type = int(probe()[0])
+    except Exception as exc:  # a device DLPack has no number for (torch's "meta")
+        return f"unknown ({exc})"
     return _DLPACK_DEVICES.get(device_type, str(device_type))
 
 
@@ -178,10 +181,17 @@ def _export(x: Any, stream: int | None) -> _Exported:
         capsule = x.__dlpack__(**kwargs)
     if _capsule_name(capsule) == b"dltensor_versioned":
         managed = _DLManagedTensorVersioned.from_address(_capsule_pointer(capsule, b"dltensor_versioned"))
+        if managed.major > 1:
+            raise TypeError(
+                f"its DLPack version {managed.major}.{managed.minor} is newer than 1.x, which numba_kd reads"
+            )
         read_only = bool(managed.flags & _DLPACK_READ_ONLY)
     else:
         managed = _DLManagedTensor.from_address(_capsule_pointer(capsule, b"dltensor"))
-        read_only = False
+        # A capsule older than DLPack 1.0 cannot say whether its memory may be
+        # written (JAX's arrays, which are immutable, come so): read-only, as NumPy
+        # takes it.
+        read_only = True
     tensor = managed.dl_tensor
     code, bits, lanes = tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes
     typestr = _DLPACK_TYPES.get((code, bits)) if lanes == 1 else None

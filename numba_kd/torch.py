@@ -2,7 +2,8 @@
 
 ``distillation_loss`` returns a torch scalar (or per-row tensor) whose backward
 is the gradient ``loss_and_grad`` computed in the same pass, on the CPU or on
-the CUDA device where the tensors live.  Teachers receive no gradient.
+the CUDA device where the tensors live.  Teachers receive no gradient.  First
+derivatives only: a backward with ``create_graph=True`` raises.
 """
 
 from __future__ import annotations
@@ -40,14 +41,25 @@ class _DistillationLoss(torch.autograd.Function):
     def forward(ctx, student, teachers, labels, evaluate: Callable[..., Any], per_row: bool):
         s, t, y = student.detach(), _detached(teachers), _detached(labels)
         ctx.per_row = per_row
+        # torch's __cuda_array_interface__ names no stream: launch on torch's current
+        # one, which orders the kernels after the work that produced the inputs.
+        place = {"stream": torch.cuda.current_stream(s.device).cuda_stream} if s.is_cuda else {}
         if not ctx.needs_input_grad[0]:
-            return _loss_tensor(evaluate(s, t, y, False), student)
-        loss, grad = evaluate(s, t, y, True)
+            return _loss_tensor(evaluate(s, t, y, False, **place), student)
+        loss, grad = evaluate(s, t, y, True, **place)
         ctx.save_for_backward(torch.as_tensor(grad, device=student.device))
         return _loss_tensor(loss, student)
 
     @staticmethod
     def backward(ctx, upstream):
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved gradient is a constant to autograd, so any
+            # derivative of this gradient (a Hessian product, a gradient penalty) would
+            # silently lack the loss's second-order terms.
+            raise RuntimeError(
+                "numba_kd.torch gives first derivatives only: its gradient cannot be differentiated "
+                "again (create_graph=True)"
+            )
         (grad,) = ctx.saved_tensors
         scale = upstream.unsqueeze(-1) if ctx.per_row else upstream
         return (grad * scale).to(grad.dtype), None, None, None, None

@@ -114,6 +114,20 @@ def test_torch_gradcheck(torch, kt, case):
     assert torch.autograd.gradcheck(loss, (torch.from_numpy(s).requires_grad_(),), eps=1e-6, atol=1e-8)
 
 
+def test_torch_second_derivatives_are_refused(torch, kt):
+    """The backward is the gradient loss_and_grad computed, a constant to autograd: a
+    derivative of it (a Hessian product, a gradient penalty) would be silently wrong,
+    so asking for its graph raises."""
+    s, t, y = _batch(1)
+    student = torch.from_numpy(s).requires_grad_()
+    labels = torch.from_numpy(_labels(y, {}))
+    loss = kt.distillation_loss(DISTILLER, student, [torch.from_numpy(x) for x in t], labels, ALPHA)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, student, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, student)  # the first derivative, as before
+    assert grad.shape == student.shape
+
+
 def test_torch_one_teacher_3d_and_sixteen_bit(torch, kt):
     s, t, y = _batch(2)
     one = kd.DistillationLoss(T, 0.4)

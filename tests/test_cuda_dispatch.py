@@ -103,3 +103,11 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_cuda_out_that_requires_grad_is_refused_by_name():
+    pytest.importorskip("numba.cuda")
+    from numba_kd.cuda.backend import CudaBackend
+
+    with pytest.raises(TypeError, match=r"out is a tensor that requires grad: pass out\.detach\(\)"):
+        CudaBackend(0).output(FakeTensorRequiringGrad(), (2, 3), np.dtype(np.float32), [])

@@ -174,10 +174,20 @@ def test_jax_arrays_give_jax_results(jnp, kind):
     np.testing.assert_array_equal(np.asarray(got_grad).astype(np.float32), grad.astype(np.float32))
 
 
-def test_jax_arrays_cannot_be_out(jnp):
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+def test_jax_arrays_cannot_be_out(jnp, kind):
+    """JAX arrays are immutable; JAX exports them as DLPack capsules older than 1.0,
+    which cannot say so, and which are therefore read only (bfloat16 ones too, which
+    NumPy's DLPack reader does not see)."""
     s, t, y = _batch()
+    ours = ml_dtypes.bfloat16 if kind == "bfloat16" else np.float32
+    s, t = s.astype(ours), [x.astype(ours) for x in t]
+    out = jnp.zeros((B, C), kind)
     with pytest.raises(ValueError, match=r"out must be writable; this one is read-only"):
-        DISTILLER.loss_and_grad(s, t, y, 0.4, out=jnp.zeros((B, C), jnp.float32))
+        DISTILLER.loss_and_grad(s, t, y, 0.4, out=out)
+    with pytest.raises(ValueError, match=r"out must be writable; this one is read-only"):
+        DISTILLER.combine_teachers(t, out=out)
+    assert not np.asarray(out).astype(np.float32).any()
 
 
 # --- where DLPack tensors go, without their libraries ----------------------------------
@@ -197,6 +207,21 @@ def test_other_devices_are_refused_by_name():
     s, t, y = _batch()
     with pytest.raises(TypeError, match=r"teachers\[0\] cannot be read as an array: .*DLPack device type 10"):
         DISTILLER.distillation_loss(s, [OnDevice(10), t[1]], y, 0.4)
+
+
+class NoDeviceNumber(OnDevice):
+    """Like a torch "meta" tensor: __dlpack_device__ raises."""
+
+    def __dlpack_device__(self):
+        raise ValueError("Unknown device type meta for Dlpack")
+
+
+def test_a_device_dlpack_cannot_name_is_refused_by_name():
+    _, t, y = _batch()
+    with pytest.raises(
+        TypeError, match=r"student cannot be read as an array: .*unknown \(Unknown device type meta"
+    ):
+        DISTILLER.distillation_loss(NoDeviceNumber(1), t, y, 0.4)
 
 
 def test_detection_imports_no_array_library():

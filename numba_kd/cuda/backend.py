@@ -319,7 +319,7 @@ class CudaBackend:
             if simulating() or getattr(x, "__cuda_ndarray__", False):
                 return x  # a numba device array: its dtype may be bfloat16, which its interface cannot name
             if not hasattr(x, "__cuda_array_interface__"):
-                return self._from_dlpack(x)
+                return self._from_dlpack(x)[0]
             # The kernels run on the inputs' stream, so no synchronization is needed.
             arr = cuda.as_cuda_array(x, sync=False)
             if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and _arrays.names_bfloat16(x):
@@ -329,15 +329,15 @@ class CudaBackend:
         return cuda.to_device(np.ascontiguousarray(np.asarray(x)), stream=self.stream)
 
     def _from_dlpack(self, x):
-        """A CUDA tensor that only DLPack describes, exported for this backend's stream."""
-        if self.stream == 0:
-            number = 1  # DLPack's name for the legacy default stream
-        else:
-            handle = self.stream.handle
-            number = int(getattr(handle, "value", handle))
-        exported = _arrays.cuda_dlpack_interface(x, number)
+        """(array, read-only) of a CUDA tensor that only DLPack describes, exported for
+        this backend's stream (the default stream is DLPack's stream 1)."""
+        handle = 0 if self.stream == 0 else self.stream.handle
+        number = int(getattr(handle, "value", handle) or 0)  # a ctypes NULL handle's value is None
+        exported = _arrays.cuda_dlpack_interface(x, number or 1)
         arr = cuda.as_cuda_array(exported, sync=False)
-        return arr.view(_arrays.bfloat16_dtype()) if exported.bfloat16 else arr
+        if exported.bfloat16:
+            arr = arr.view(_arrays.bfloat16_dtype())
+        return arr, bool(exported.interface["data"][1])
 
     def cast(self, arr, dtype: np.dtype, name: str):
         raise TypeError(
@@ -388,7 +388,18 @@ class CudaBackend:
         dtype, no memory shared with the inputs."""
         if not _arrays.is_device_array(out):
             raise TypeError(f"out must be a CUDA device array for CUDA inputs, got {type(out).__name__}")
-        arr = self.asarray(out)
+        try:
+            face = out.__cuda_array_interface__
+        except AttributeError:
+            face = None
+        except RuntimeError:  # torch
+            raise TypeError("out is a tensor that requires grad: pass out.detach()") from None
+        if face is None and not simulating() and not getattr(out, "__cuda_ndarray__", False):
+            arr, read_only = self._from_dlpack(out)
+        else:
+            arr, read_only = self.asarray(out), bool(face and face["data"][1])
+        if read_only:
+            raise ValueError("out must be writable; this one is read-only")
         _arrays.check_output(arr, shape, dtype)
         if not _signatures.is_c_contiguous(arr):
             raise ValueError("out must be a writable C-contiguous array")
