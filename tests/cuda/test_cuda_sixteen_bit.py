@@ -159,3 +159,19 @@ def test_torch_sixteen_bit_cuda_tensors(rng, kind):
     assert isinstance(grad, torch.Tensor) and grad.dtype == getattr(torch, kind) and grad.is_cuda
     host = grad.cpu().view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(host, _bits(grad32.copy_to_host(), dtype))
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_topk_teachers_with_a_sixteen_bit_student(rng, dtype):
+    """The sparse kernel reads a 16-bit student as the dense ones do."""
+    student, teachers, labels = _batch(rng, dtype)
+    logits = np.stack([t.astype(np.float64) for t in teachers])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    indices = np.argsort(-logits, axis=-1)[..., :4]
+    top = kd.TopK(indices, np.take_along_axis(log_p, indices, axis=-1).astype(np.float32), tail="uniform")
+    s, y = cuda.to_device(student), cuda.to_device(labels)
+    s32 = cuda.to_device(student.astype(np.float32))
+    loss, grad = DISTILLER.loss_and_grad(s, top, y, 0.4, combine="probs", divergence="jsd")
+    loss32, grad32 = DISTILLER.loss_and_grad(s32, top, y, 0.4, combine="probs", divergence="jsd")
+    assert loss == loss32
+    np.testing.assert_array_equal(grad.copy_to_host().view(np.uint16), _bits(grad32.copy_to_host(), dtype))
