@@ -42,7 +42,8 @@ def real(value: object, name: str) -> float:
 
 
 # The CPU kernels keep about 1e-16 T relative precision at large T (kl_from_sums,
-# jsd_term_near); the CUDA kernels still form the soft term as a difference of
+# jsd_term_near); the CUDA kernels do for the forward and reverse KL of the logit
+# combine, but form the other divergences' soft term as a difference of
 # log-sum-exps that agree to about 1/T^2 of their size, with about 1e-16 T^2
 # relative error: 1e-4 here, and no correct digits left much above.
 MAX_TEMPERATURE = 1e6

@@ -160,6 +160,10 @@ _m = _device_math(_math)
 
 # Threads per block; the shared arrays of the row reductions have this size.
 BLOCK_THREADS = 256
+# Above this temperature the forward and reverse KL of a logit-combine row come from
+# kl_from_sums (the CPU kernels' FLAT_TEMPERATURE; float32 kernels never see it:
+# float32 logits run the float64 kernels there).
+FLAT_TEMPERATURE = 16.0
 
 
 class DeviceLossParams(NamedTuple):
@@ -492,6 +496,7 @@ def make_kernels(acc) -> SimpleNamespace:
         zero = acc(0.0)
         neg_inf = acc(_m.NEG_INF)
         half = one / (one + one)
+        flat_temperature = acc(FLAT_TEMPERATURE)
         # The JSD's or a skew KL's mixture m = w_p p + w_q q (JSD: w_p = beta).
         mix = _m.mixture_weights(divergence, beta, one, neg_inf)
         _, one_m_beta, log_beta, log_1m_beta = mix
@@ -569,6 +574,7 @@ def make_kernels(acc) -> SimpleNamespace:
             # Target statistics: lse(z / T) for the logit combine, lse(t_k / T) per teacher for probs.
             m_a = zero
             ls_a = zero
+            s_a = one
             if combine == 0:
                 m = acc(_m.NEG_INF)
                 s = zero
@@ -581,7 +587,8 @@ def make_kernels(acc) -> SimpleNamespace:
                 sm_s[slot] = s
                 _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
                 m_a = sm_m[base]
-                ls_a = math.log(sm_s[base])
+                s_a = sm_s[base]
+                ls_a = math.log(s_a)
                 cuda.syncthreads()
             else:
                 for k in range(n_teachers):
@@ -609,7 +616,8 @@ def make_kernels(acc) -> SimpleNamespace:
             sm_s[slot] = s_b
             _tree_merge_lse(sm_m, sm_s, base, tx, tpr)
             m_b = sm_m[base]
-            ls_b = math.log(sm_s[base])
+            s_b = sm_s[base]
+            ls_b = math.log(s_b)
             cuda.syncthreads()
             sm_m[slot] = m_s
             sm_s[slot] = s_s
@@ -648,6 +656,36 @@ def make_kernels(acc) -> SimpleNamespace:
             # sum_j q_j dD/dq_j; the JSD's sweep summed q log(q / m).
             qg = one_m_beta * sm_x[base] if divergence == 2 else sm_x[base]
             cuda.syncthreads()
+            if combine == 0 and divergence < 2 and inv_t * flat_temperature < one:
+                # Large T: log S_a and log S_b agree to many digits, and the KL, about
+                # 1/T^2 of them, is taken from sums of expm1 of the log-ratios instead
+                # of their difference (_math.kl_from_sums, as on the CPU).
+                w_sum = zero
+                u_sum = zero
+                for j in range(tx, n_classes, tpr):
+                    z = zero
+                    for k in range(n_teachers):
+                        z += row_w[r, k] / total * logit(teachers[k], i, j)
+                    ell = z * inv_t - m_a
+                    b = logit(student, i, j) * inv_t - m_b
+                    if divergence == 0:
+                        w_sum += math.exp(ell) * (ell - b)
+                        u_sum += math.exp(b) * math.expm1(ell - b)
+                    else:
+                        w_sum += math.exp(b) * (b - ell)
+                        u_sum += math.exp(ell) * math.expm1(b - ell)
+                sm_s[slot] = w_sum
+                sm_x[slot] = u_sum
+                _tree_reduce(sm_s, base, tx, tpr, False)
+                _tree_reduce(sm_x, base, tx, tpr, False)
+                w_sum = sm_s[base]
+                u_sum = sm_x[base]
+                cuda.syncthreads()
+                if math.isfinite(u_sum):  # a row far from flat keeps the difference
+                    if divergence == 0:
+                        d = _m.kl_from_sums(s_a, w_sum, s_b, u_sum)
+                    else:
+                        d = _m.kl_from_sums(s_b, w_sum, s_a, u_sum)
             if tx == 0 and i_raw < n_rows:
                 if not in_range and y != ignore_index:
                     cuda.atomic.add(bad_labels, 0, 1)

@@ -140,6 +140,22 @@ def test_sizes_and_bounds(rng):
         assert np.isfinite(got) and abs(got - expected) <= 1e-6 * abs(expected), options
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_large_temperatures_keep_their_digits(rng, divergence):
+    """Above T = 16 the KL of a logit-combine row comes from sums of expm1 of the
+    log-ratios, as on the CPU, whose error against 50-digit mpmath is about 1e-16 T
+    (tests/test_hostile.py): the difference of log-sums it replaces lost about
+    1e-16 T^2 (5e-8 relative at T = 1e5)."""
+    student, teachers, labels = make_batch(rng, 3, 4, 37, np.float64)
+    for temperature in (1e3, 1e5, 1e6):
+        d = kd.EnsembleDistiller([1.0, 2.0, 0.5], temperature)
+        cpu_loss, cpu_grad = d.loss_and_grad(student, teachers, labels, ALPHA, divergence=divergence)
+        loss, grad = d.loss_and_grad(*_device(student, teachers, labels), ALPHA, divergence=divergence)
+        bound = 4e-16 * temperature
+        assert abs(loss - cpu_loss) <= bound * abs(cpu_loss), (temperature, loss, cpu_loss)
+        np.testing.assert_allclose(grad.copy_to_host(), cpu_grad, rtol=0, atol=bound * np.abs(cpu_grad).max())
+
+
 @pytest.mark.parametrize("temperature, scale", [(100.0, 1.0), (1e5, 1.0), (1e-7, 1e32)])
 def test_float32_logits_outside_float32_temperatures(rng, temperature, scale):
     """Outside [1e-6, 16] float32 logits run the float64 kernels (float32 arithmetic
