@@ -30,6 +30,10 @@ WEIGHTINGS = ("static", "confidence", "entropy")
 COMBINE_LOGITS, COMBINE_PROBS = 0, 1
 FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_FORWARD_KL, SKEW_REVERSE_KL = 0, 1, 2, 3, 4, 5
 STATIC, CONFIDENCE, ENTROPY = 0, 1, 2
+# Above this temperature a row's forward or reverse KL is taken from kl_from_sums (one
+# expm1 per element more), which keeps its digits where the rows are nearly uniform;
+# float32 arithmetic (T <= 16) never takes it.
+FLAT_TEMPERATURE = 16.0
 # Tail rules of sparse top-k teachers (numba_kd.sparse.TopK).
 TAILS = ("renormalize", "bucket", "uniform")
 RENORMALIZE, BUCKET, UNIFORM = 0, 1, 2

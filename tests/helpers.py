@@ -72,3 +72,8 @@ def check_recompiles_a_damaged_cache(code: str, cache_dir, pattern: str, damage:
     assert second.stdout == first.stdout
     assert second.stderr.count("is unreadable") == 1, second.stderr
     return files, second.stderr
+
+
+def option_ids(options: dict) -> str:
+    """A test id for a dict of loss options: "key=value,..." or "default"."""
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"

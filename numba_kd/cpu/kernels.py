@@ -31,6 +31,7 @@ from numba_kd._math import (
     COMBINE_PROBS,
     CONFIDENCE,
     ENTROPY,
+    FLAT_TEMPERATURE,
     FORWARD_KL,
     JSD,
     NEG_INF,
@@ -86,10 +87,6 @@ from numba_kd._math import (
 from numba_kd._runtime import DISK_CACHE
 from numba_kd._signatures import reads
 
-# Above this temperature the KL of a row is computed from kl_from_sums (one expm1
-# per element more), which keeps its digits where the rows are nearly uniform; the
-# float32 path (T <= 16) never takes it.
-FLAT_TEMPERATURE = 16.0
 # Most rows per parallel work item: a block allocates its scratch rows once.
 ROWS_PER_BLOCK = 16
 FASTMATH = {"reassoc", "contract"}

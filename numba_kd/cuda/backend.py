@@ -316,17 +316,25 @@ class CudaBackend:
 
     def asarray(self, x):
         if _arrays.is_device_array(x):
-            if simulating() or getattr(x, "__cuda_ndarray__", False):
-                return x  # a numba device array: its dtype may be bfloat16, which its interface cannot name
-            if not hasattr(x, "__cuda_array_interface__"):
-                return self._from_dlpack(x)[0]
-            # The kernels run on the inputs' stream, so no synchronization is needed.
-            arr = cuda.as_cuda_array(x, sync=False)
-            if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and _arrays.names_bfloat16(x):
-                arr = arr.view(_arrays.bfloat16_dtype())  # torch's interface spells bfloat16 "<V2"
-            return arr
+            return self._device_array(x)[0]
         # Explicit device="cuda" with host data: the caller asked for the copy.
         return cuda.to_device(np.ascontiguousarray(np.asarray(x)), stream=self.stream)
+
+    def _device_array(self, x):
+        """(numba device array, read-only) of a device array ``x``: through its
+        ``__cuda_array_interface__``, or through DLPack where only that describes it."""
+        if simulating() or getattr(x, "__cuda_ndarray__", False):
+            # A numba device array as it is: its dtype may be bfloat16, which its interface cannot name.
+            return x, False
+        try:
+            face = x.__cuda_array_interface__
+        except AttributeError:
+            return self._from_dlpack(x)
+        # The kernels run on the inputs' stream, so no synchronization is needed.
+        arr = cuda.as_cuda_array(x, sync=False)
+        if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and _arrays.names_bfloat16(x):
+            arr = arr.view(_arrays.bfloat16_dtype())  # torch's interface spells bfloat16 "<V2"
+        return arr, bool(face["data"][1])
 
     def _from_dlpack(self, x):
         """(array, read-only) of a CUDA tensor that only DLPack describes, exported for
@@ -389,15 +397,9 @@ class CudaBackend:
         if not _arrays.is_device_array(out):
             raise TypeError(f"out must be a CUDA device array for CUDA inputs, got {type(out).__name__}")
         try:
-            face = out.__cuda_array_interface__
-        except AttributeError:
-            face = None
+            arr, read_only = self._device_array(out)
         except RuntimeError:  # torch
             raise TypeError("out is a tensor that requires grad: pass out.detach()") from None
-        if face is None and not simulating() and not getattr(out, "__cuda_ndarray__", False):
-            arr, read_only = self._from_dlpack(out)
-        else:
-            arr, read_only = self.asarray(out), bool(face and face["data"][1])
         if read_only:
             raise ValueError("out must be writable; this one is read-only")
         _arrays.check_output(arr, shape, dtype)

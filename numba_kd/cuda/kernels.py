@@ -160,10 +160,6 @@ _m = _device_math(_math)
 
 # Threads per block; the shared arrays of the row reductions have this size.
 BLOCK_THREADS = 256
-# Above this temperature the forward and reverse KL of a logit-combine row come from
-# kl_from_sums (the CPU kernels' FLAT_TEMPERATURE; float32 kernels never see it:
-# float32 logits run the float64 kernels there).
-FLAT_TEMPERATURE = 16.0
 
 
 class DeviceLossParams(NamedTuple):
@@ -249,6 +245,16 @@ def _group_row(labels, i_raw, n_classes, ignore_index):
 
 
 @device_helper
+def _row_ensemble_logit(teachers, row_w, r, i, j, total):
+    """z_ij = sum_k w_k t_k[i, j] with row r of the per-row teacher weights (over their
+    sum ``total``), in the weights' type."""
+    z = row_w[r, 0] / total * _m.logit_at(teachers[0], i, j)
+    for k in range(1, row_w.shape[1]):
+        z += row_w[r, k] / total * _m.logit_at(teachers[k], i, j)
+    return z
+
+
+@device_helper
 def _target_log_prob(teachers, scratch, r, i, j, total, inv_t, combine, target_stats, neg_inf, one):
     """log p_j of row i: logit combine (lse(z / T) = m_a + ls_a, ``target_stats``) or
     the log-mixture of the teachers (lse(t_k / T) = m_t + ls_t; ``scratch`` holds the
@@ -260,10 +266,7 @@ def _target_log_prob(teachers, scratch, r, i, j, total, inv_t, combine, target_s
     m_a, ls_a = target_stats
     n_teachers = row_w.shape[1]
     if combine == 0:
-        z = row_w[r, 0] / total * _m.logit_at(teachers[0], i, j)
-        for k in range(1, n_teachers):
-            z += row_w[r, k] / total * _m.logit_at(teachers[k], i, j)
-        return (z * inv_t - m_a) - ls_a
+        return (_row_ensemble_logit(teachers, row_w, r, i, j, total) * inv_t - m_a) - ls_a
     m = neg_inf
     s = one - one
     for k in range(n_teachers):
@@ -496,7 +499,7 @@ def make_kernels(acc) -> SimpleNamespace:
         zero = acc(0.0)
         neg_inf = acc(_m.NEG_INF)
         half = one / (one + one)
-        flat_temperature = acc(FLAT_TEMPERATURE)
+        flat_temperature = acc(_m.FLAT_TEMPERATURE)
         # The JSD's or a skew KL's mixture m = w_p p + w_q q (JSD: w_p = beta).
         mix = _m.mixture_weights(divergence, beta, one, neg_inf)
         _, one_m_beta, log_beta, log_1m_beta = mix
@@ -579,9 +582,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 m = acc(_m.NEG_INF)
                 s = zero
                 for j in range(tx, n_classes, tpr):
-                    z = zero
-                    for k in range(n_teachers):
-                        z += row_w[r, k] / total * logit(teachers[k], i, j)
+                    z = _row_ensemble_logit(teachers, row_w, r, i, j, total)
                     m, s = _m.online_lse_step(m, s, z * inv_t, one)
                 sm_m[slot] = m
                 sm_s[slot] = s
@@ -663,10 +664,7 @@ def make_kernels(acc) -> SimpleNamespace:
                 w_sum = zero
                 u_sum = zero
                 for j in range(tx, n_classes, tpr):
-                    z = zero
-                    for k in range(n_teachers):
-                        z += row_w[r, k] / total * logit(teachers[k], i, j)
-                    ell = z * inv_t - m_a
+                    ell = _row_ensemble_logit(teachers, row_w, r, i, j, total) * inv_t - m_a
                     b = logit(student, i, j) * inv_t - m_b
                     if divergence == 0:
                         w_sum += math.exp(ell) * (ell - b)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from helpers import make_batch
+from helpers import make_batch, option_ids
 from numba import cuda
 
 import numba_kd as kd
@@ -55,9 +55,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
-@pytest.mark.parametrize(
-    "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
-)
+@pytest.mark.parametrize("options", OPTIONS, ids=option_ids)
 def test_losses_compute_as_float32(rng, dtype, options):
     student, teachers, labels = _batch(rng, dtype)
     if options.get("ignore_index") is not None:
